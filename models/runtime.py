@@ -1,0 +1,152 @@
+"""An exported CMC model through onnxruntime: no torch.
+
+``Runtime(ref)`` resolves a model reference, verifies the card, opens one session per view (the CUDA
+provider when a GPU is usable, else the CPU provider, without error spam), turns decoded images or arrays
+into each view's input exactly as training did (decode, resize by the card's rule, scale to [0, 1];
+the view transform itself is inside the graph) and embeds batches.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .artifact import resolve
+from .card import Card, load_card
+from .imageio import ImageError, decode_depth, decode_image, fit_image
+
+LOG = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """Input that does not fit a view: the message names the problem (HTTP 4xx)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def gpu_usable() -> bool:
+    """CUDA provider present *and* a GPU device node visible: onnxruntime-gpu lists the provider even where it
+    cannot load, then logs an error before falling back, so we do not ask for it there."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/dev/nvidiactl").exists() or Path("/dev/dxg").exists()
+
+
+def providers(device: str = "auto") -> list[str]:
+    if device == "cpu" or (device == "auto" and not gpu_usable()):
+        return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def to_source(view: dict, items: list, image_size: int, max_pixels: int = 40_000_000) -> np.ndarray:
+    """Decoded inputs of one view -> the float32 batch its graph takes.
+
+    rgb views: bytes (PNG/JPEG/WebP) or uint8 (H, W, 3) arrays -> (N, 3, S, S) in [0, 1];
+    depth views: bytes (16-bit PNG) or uint16 (H, W) arrays -> (N, 1, S, S) in [0, 1];
+    vector views: numbers (D,) -> (N, D), finite."""
+    if len(items) == 0:
+        raise InputError("empty list of inputs", "inputs")
+    src = view["source"]
+    if src == "vector":
+        dim = int(view["channels"])
+        try:
+            x = np.asarray(items, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise InputError(f"view {view['name']!r} takes vectors of {dim} numbers", "arrays") from None
+        if x.ndim != 2 or x.shape[1] != dim:
+            raise InputError(f"view {view['name']!r} takes vectors of length {dim}, got shape {list(x.shape)}", "arrays")
+        if not np.isfinite(x).all():
+            raise InputError("vectors contain NaN or inf", "arrays")
+        return x
+    out = np.empty((len(items), 3 if src == "rgb" else 1, image_size, image_size), np.float32)
+    for i, it in enumerate(items):
+        try:
+            if isinstance(it, (bytes, bytearray, memoryview)):
+                a = decode_image(bytes(it), max_pixels) if src == "rgb" else decode_depth(bytes(it), max_pixels)
+            else:
+                a = np.asarray(it)
+        except ImageError as e:
+            raise InputError(f"input {i}: {e}", "images") from None
+        if src == "rgb":
+            if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
+                raise InputError(f"input {i}: view {view['name']!r} takes RGB images", "images")
+            out[i] = fit_image(a, image_size).transpose(2, 0, 1) / np.float32(255.0)
+        else:
+            if a.ndim != 2 or a.dtype != np.uint16:
+                raise InputError(f"input {i}: view {view['name']!r} takes 16-bit depth maps", "images")
+            out[i, 0] = fit_image(a, image_size) / np.float32(65535.0)
+    return out
+
+
+class Runtime:
+    """The exported per-view encoders of one model, ready to embed."""
+
+    def __init__(self, ref: str | Path | None = None, device: str = "auto", intra_op_threads: int = 0,
+                 verify: bool = True):
+        self.path = resolve(ref)
+        self.card: Card = load_card(self.path, verify=verify)
+        self.providers = providers(device)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if intra_op_threads:
+            opts.intra_op_num_threads = intra_op_threads
+            opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.sessions = {v["name"]: ort.InferenceSession(str(self.path / v["file"]), opts, providers=self.providers)
+                         for v in self.card.views}
+        self.views = {v["name"]: v for v in self.card.views}
+        LOG.info("loaded %s (%s) with %s", self.path, ", ".join(self.views), self.sessions[next(iter(self.views))].get_providers()[0])
+
+    @property
+    def dim(self) -> int:
+        return self.card.feat_dim
+
+    @property
+    def image_size(self) -> int:
+        return self.card.image_size
+
+    @property
+    def fingerprint(self) -> str:
+        return self.card.fingerprint
+
+    def view(self, name: str) -> dict:
+        if name not in self.views:
+            raise InputError(f"unknown view {name!r}; this model has: {', '.join(self.views)}", "view")
+        return self.views[name]
+
+    def views_for_source(self, source: str) -> list[str]:
+        """Views whose input is ``source`` ('rgb', 'depth') or the vector view named ``source``."""
+        return [n for n, v in self.views.items() if v["source"] == source or (v["source"] == "vector" and n == source)]
+
+    def preprocess(self, view: str, items: list, max_pixels: int = 40_000_000) -> np.ndarray:
+        return to_source(self.view(view), items, self.image_size, max_pixels)
+
+    def embed(self, view: str, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """A preprocessed source batch (N, ...) float32 -> (N, D) float32 unit-norm embeddings."""
+        sess = self.sessions[self.view(view)["name"]]
+        name = sess.get_inputs()[0].name
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        outs = [sess.run(None, {name: x[lo:lo + batch_size]})[0] for lo in range(0, x.shape[0], batch_size)]
+        return np.concatenate(outs) if outs else np.zeros((0, self.dim), np.float32)
+
+    def embed_items(self, view: str, items: list, max_pixels: int = 40_000_000) -> np.ndarray:
+        """Decode + resize + embed: bytes / arrays of one view -> (N, D)."""
+        return self.embed(view, self.preprocess(view, items, max_pixels))
+
+    def embed_sources(self, view: str, sources: dict[str, np.ndarray]) -> np.ndarray:
+        """Embed a batch of a Dataset's raw sources (uint8 rgb (N,H,W,3), uint16 depth (N,H,W), vectors)."""
+        v = self.view(view)
+        key = v["source"] if v["source"] != "vector" else view
+        return self.embed(view, to_source(v, list(sources[key]), self.image_size))
+
+    def warmup(self) -> None:
+        for name, v in self.views.items():
+            shape = [1 if d is None else d for d in v["input"]["shape"]]
+            self.embed(name, np.random.default_rng(0).random(shape, dtype=np.float32))

@@ -1,0 +1,144 @@
+"""View transforms as torch modules: whole batches on the training device, exportable to ONNX.
+
+Each module maps a *source* batch (float32 NCHW RGB in [0, 1], depth in [0, 1], or (N, D) vectors) to the
+tensor its encoder sees. Training applies them on the device; export puts them inside the ONNX graph, so
+the server only decodes and resizes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .views import LAB_MEAN, LAB_STD, RGB_MEAN, RGB_STD, ViewSpec
+
+# sRGB (D65) -> XYZ, as in scikit-image
+_RGB2XYZ = (
+    (0.412453, 0.357580, 0.180423),
+    (0.212671, 0.715160, 0.072169),
+    (0.019334, 0.119193, 0.950227),
+)
+_D65_WHITE = (0.95047, 1.0, 1.08883)
+
+
+def rgb_to_lab(rgb: Tensor) -> Tensor:
+    """(N, 3, H, W) sRGB in [0, 1] -> (N, 3, H, W) CIE Lab (D65, 2 deg), L in [0, 100]."""
+    rgb = rgb.clamp(0.0, 1.0)
+    lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055).clamp_min(1e-12).pow(2.4), rgb / 12.92)
+    m = torch.tensor(_RGB2XYZ, dtype=rgb.dtype, device=rgb.device)
+    white = torch.tensor(_D65_WHITE, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    xyz = torch.einsum("ij,njhw->nihw", m, lin) / white
+    f = torch.where(xyz > 0.008856, xyz.clamp_min(1e-12).pow(1.0 / 3.0), 7.787 * xyz + 16.0 / 116.0)
+    fx, fy, fz = f[:, 0:1], f[:, 1:2], f[:, 2:3]
+    L = 116.0 * fy - 16.0
+    a = 500.0 * (fx - fy)
+    b = 200.0 * (fy - fz)
+    return torch.cat([L, a, b], dim=1)
+
+
+class Lab(nn.Module):
+    """RGB -> normalised Lab channels ``keep`` (L: [0], ab: [1, 2])."""
+
+    def __init__(self, keep: tuple[int, ...]):
+        super().__init__()
+        self.keep = keep
+        self.register_buffer("mean", torch.tensor([LAB_MEAN[i] for i in keep]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([LAB_STD[i] for i in keep]).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, rgb: Tensor) -> Tensor:
+        lab = rgb_to_lab(rgb)  # (N, 3, H, W)
+        lo, hi = self.keep[0], self.keep[-1] + 1
+        return (lab[:, lo:hi] - self.mean) / self.std
+
+
+class YCbCr(nn.Module):
+    """RGB -> normalised YCbCr (BT.601, full range) channels ``keep``, each mapped to about [-1, 1]."""
+
+    def __init__(self, keep: tuple[int, ...]):
+        super().__init__()
+        self.keep = keep
+        m = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+        off = torch.tensor([-0.5, 0.0, 0.0])
+        self.register_buffer("m", m[list(keep)], persistent=False)
+        self.register_buffer("off", off[list(keep)].view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, rgb: Tensor) -> Tensor:
+        return 2.0 * (torch.einsum("ij,njhw->nihw", self.m, rgb.clamp(0, 1)) + self.off)
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+class DepthStandardize(nn.Module):
+    """Depth in [0, 1] -> per-image standardised depth (N, 1, H, W): invariant to the camera's distance."""
+
+    def __init__(self, eps: float = 1e-2):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, d: Tensor) -> Tensor:
+        mu = d.mean(dim=(2, 3), keepdim=True)
+        sd = (d - mu).pow(2).mean(dim=(2, 3), keepdim=True).sqrt()
+        return (d - mu) / (sd + self.eps)
+
+
+class DepthToNormals(nn.Module):
+    """Depth in [0, 1] (N, 1, H, W) -> unit surface normals (N, 3, H, W), camera space (x right, y down, z to
+    the camera), by central differences. ``gain`` converts depth units per pixel into a slope: the scenes
+    generator's far plane spans about ``gain`` pixels."""
+
+    def __init__(self, gain: float = 64.0):
+        super().__init__()
+        self.gain = gain
+        kx = torch.tensor([[0.0, 0.0, 0.0], [-0.5, 0.0, 0.5], [0.0, 0.0, 0.0]]).view(1, 1, 3, 3)
+        self.register_buffer("kx", kx, persistent=False)
+        self.register_buffer("ky", kx.transpose(2, 3).contiguous(), persistent=False)
+
+    def forward(self, d: Tensor) -> Tensor:
+        p = F.pad(d, (1, 1, 1, 1), mode="replicate")
+        dx = F.conv2d(p, self.kx) * self.gain  # (N, 1, H, W)
+        dy = F.conv2d(p, self.ky) * self.gain
+        n = torch.cat([dx, dy, -torch.ones_like(d)], dim=1)  # depth grows away from the camera
+        n = -n / n.pow(2).sum(dim=1, keepdim=True).sqrt()
+        return n
+
+
+class VectorStandardize(nn.Module):
+    """(N, D) -> (x - mean) / std with per-feature statistics of the training data, kept as buffers so the
+    exported graph applies the same standardisation."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, x: Tensor) -> None:
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(x.std(0).clamp_min(1e-6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+def make_transform(spec: ViewSpec, image_size: int | None = None) -> nn.Module:
+    """The torch module of a view: source batch -> encoder input."""
+    if spec.source == "vector":
+        return VectorStandardize(spec.channels)
+    table = {
+        "L": lambda: Lab((0,)),
+        "ab": lambda: Lab((1, 2)),
+        "Y": lambda: YCbCr((0,)),
+        "CbCr": lambda: YCbCr((1, 2)),
+        "rgb": lambda: Normalize(RGB_MEAN, RGB_STD),
+        "depth": lambda: DepthStandardize(),
+        "normals": lambda: DepthToNormals(gain=float(image_size or 64)),
+    }
+    return table[spec.name]()

@@ -1,0 +1,158 @@
+"""One frozen config: CLI flags are derived from its fields; ``asdict(cfg)`` goes into the checkpoint,
+``metrics.jsonl``'s header and the model card. Nothing mutates it after parsing."""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A bad flag or config file: the CLI prints the message and exits 2."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- data and views
+    data: str = "scenes"  # data spec: scenes[:n=..,seed=..], cifar10:PATH, imagefolder:PATH, paired:PATH, npz:PATH
+    views: str = "L,ab,depth"  # comma-separated views; the first is the core view of --graph core
+    image_size: int = 0  # input size of image views; 0 = the data's native size (64 for scenes)
+    limit: int = 0  # use only the first N training samples (0 = all)
+    # --- model
+    arch: str = "resnet10"  # encoder of image views: alexnet, resnet10, resnet18, resnet34 (vector views use mlp)
+    width: float = 0.5  # channel width multiplier (0.5 = the paper's per-view "half" network)
+    feat_dim: int = 128  # embedding dimension shared by all views
+    # --- objective
+    tau: float = 0.07  # temperature of the critic exp(cos / tau)
+    graph: str = "full"  # core (first view against each other) or full (every pair)
+    negatives: str = "batch"  # batch (other samples of the global batch) or memory (momentum memory bank)
+    nce_k: int = 4096  # memory-bank negatives per anchor
+    nce_momentum: float = 0.5  # memory-bank momentum
+    # --- augmentation (applied to the source before it is split into views, so views stay aligned)
+    crop_min: float = 0.2  # random resized crop: smallest area fraction (0.08 for ResNets in the paper)
+    flip: bool = True  # random horizontal flip
+    # --- optimisation
+    epochs: int = 8  # passes over the training data
+    batch_size: int = 128  # global batch (split across ranks under torchrun)
+    optimizer: str = "adamw"  # adamw or sgd (the paper: sgd, lr 0.03, momentum 0.9)
+    lr: float = 2e-3  # peak learning rate (cosine decay after a linear warm-up)
+    warmup_steps: int = 50  # linear warm-up steps
+    momentum: float = 0.9  # sgd momentum
+    weight_decay: float = 1e-4  # weight decay
+    max_steps: int = 0  # stop after this many steps (0 = run all epochs); for smoke tests
+    seed: int = 0  # seed of initialisation, data order, augmentation and negatives
+    # --- runtime
+    device: str = "auto"  # auto (cuda when present, else cpu), cpu, cuda, cuda:1
+    amp: str = "auto"  # auto (bf16 autocast on cuda), bf16, off
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    out: str = "runs/default"  # run directory: checkpoint.pt, metrics.jsonl, export/
+    resume: bool = False  # continue from OUT/checkpoint.pt
+    # --- after training
+    export: bool = True  # export ONNX + card into OUT/export and the BentoML model store
+    index: bool = True  # build the default gallery index of held-out data (every view)
+    evaluate: bool = True  # kNN of held-out data against the same encoder at random initialisation
+
+    def validate(self) -> "Config":
+        checks = [
+            (self.graph in ("core", "full"), f"--graph must be core or full, not {self.graph!r}"),
+            (self.negatives in ("batch", "memory"), f"--negatives must be batch or memory, not {self.negatives!r}"),
+            (self.optimizer in ("adamw", "sgd"), f"--optimizer must be adamw or sgd, not {self.optimizer!r}"),
+            (self.amp in ("auto", "bf16", "off"), f"--amp must be auto, bf16 or off, not {self.amp!r}"),
+            (self.epochs >= 1, f"--epochs must be >= 1, not {self.epochs}"),
+            (self.batch_size >= 2, f"--batch-size must be >= 2, not {self.batch_size}"),
+            (self.tau > 0, f"--tau must be > 0, not {self.tau}"),
+            (self.lr > 0, f"--lr must be > 0, not {self.lr}"),
+            (0 < self.crop_min <= 1, f"--crop-min must be in (0, 1], not {self.crop_min}"),
+            (0 <= self.nce_momentum < 1, f"--nce-momentum must be in [0, 1), not {self.nce_momentum}"),
+            (self.nce_k >= 1, f"--nce-k must be >= 1, not {self.nce_k}"),
+            (self.image_size == 0 or 16 <= self.image_size <= 512, f"--image-size must be 0 or 16..512, not {self.image_size}"),
+            (self.width > 0, f"--width must be > 0, not {self.width}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        return self
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {s!r}")
+
+
+def _comments() -> dict[str, str]:
+    """Field comments from the source, used as flag help."""
+    import inspect
+    out = {}
+    for line in inspect.getsource(Config).splitlines():
+        line = line.strip()
+        if ":" in line and "#" in line and not line.startswith("#"):
+            out[line.split(":")[0].strip()] = line.split("#", 1)[1].strip()
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit code 2, no usage dump
+        self.exit(2, f"error: {message}\n")
+
+
+def build_parser(prog: str = "python -m train.pretrain") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Pretrain CMC encoders.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML or JSON file of config fields; flags override it")
+    helps = _comments()
+    for f in fields(Config):
+        typ = f.type if not isinstance(f.type, str) else eval(f.type)  # noqa: S307 - our own annotations
+        kw = {"default": None, "help": f"{helps.get(f.name, '')} (default: {f.default})"}
+        if typ is bool:
+            p.add_argument(_flag(f.name), type=_parse_bool, nargs="?", const=True, metavar="BOOL", **kw)
+        else:
+            p.add_argument(_flag(f.name), type=typ, **kw)
+    return p
+
+
+def load_file(path: str) -> dict:
+    fp = Path(path)
+    if not fp.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = fp.read_text()
+    try:
+        if fp.suffix in (".yaml", ".yml"):
+            import yaml
+            d = yaml.safe_load(text) or {}
+        else:
+            d = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error is the file's problem
+        raise ConfigError(f"cannot parse config file {path}: {e}".splitlines()[0]) from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of fields")
+    names = {f.name for f in fields(Config)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown field(s) in {path}: {', '.join(unknown)}")
+    return d
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    ns = build_parser().parse_args(argv)
+    values = load_file(ns.config) if ns.config else {}
+    values.update({k: v for k, v in vars(ns).items() if k != "config" and v is not None})
+    return Config(**values).validate()
+
+
+def from_dict(d: dict) -> Config:
+    names = {f.name for f in fields(Config)}
+    return Config(**{k: v for k, v in d.items() if k in names})
+
+
+def to_dict(cfg: Config) -> dict:
+    return asdict(cfg)
+
+
+assert all(f.default is not MISSING for f in fields(Config))

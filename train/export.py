@@ -1,0 +1,145 @@
+"""python -m train.export --run RUN_DIR [--out DIR]: one ONNX graph per view, with the view transform inside.
+
+Each graph takes the view's *source* as the server has it after decoding and resizing (float32 NCHW RGB or
+depth in [0, 1] at the card's size, or a raw vector) and outputs the L2-normalised embedding; the batch
+axis is dynamic. ``onnx.checker`` runs on every file and onnxruntime's output must equal torch's within
+1e-4 (max abs) on fresh random inputs, or the export fails. The card goes beside the files, and the
+artifact is saved into the BentoML model store as ``cmc:<version>``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from models.artifact import save_to_store
+from models.card import Card, CardError, git_commit, sha256_file
+from models.encoders import CMCModel
+from .config import ConfigError, from_dict
+
+LOG = logging.getLogger(__name__)
+OPSET = 17
+PARITY_ATOL = 1e-4
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def random_source(spec_input: dict, n: int, seed: int, view_model: nn.Module | None = None) -> np.ndarray:
+    """Fresh random inputs in the range the view takes (vectors at the scale of the training data)."""
+    rng = np.random.default_rng(seed)
+    shape = [n] + [int(d) for d in spec_input["shape"][1:]]
+    if spec_input["source"] == "vector" and view_model is not None:
+        t = view_model.transform
+        return (rng.standard_normal(shape) * t.std.numpy() + t.mean.numpy()).astype(np.float32)
+    return rng.random(shape, dtype=np.float32)
+
+
+class _Fused(nn.Module):
+    def __init__(self, model: CMCModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *xs):
+        return torch.cat([m(x) for m, x in zip(self.model.views.values(), xs)], dim=1)
+
+
+def _export_one(module: nn.Module, inputs: tuple, names: list[str], path: Path) -> None:
+    dyn = {n: {0: "batch"} for n in names} | {"embedding": {0: "batch"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, inputs, str(path), input_names=names, output_names=["embedding"],
+                          dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
+    onnx.checker.check_model(onnx.load(str(path)))
+
+
+def parity(module: nn.Module, path: Path, inputs: list[np.ndarray]) -> float:
+    """Max abs difference between torch and onnxruntime on ``inputs``."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {i.name: x for i, x in zip(sess.get_inputs(), inputs)}
+    got = sess.run(None, feed)[0]
+    with torch.no_grad():
+        want = module(*[torch.from_numpy(x) for x in inputs]).numpy()
+    return float(np.abs(got - want).max())
+
+
+def export_model(model: CMCModel, image_size: int, out: str | Path, cfg: dict, evaluation: dict | None = None,
+                 fused: bool = True) -> Card:
+    """Write ``<view>.onnx`` per view (+ ``fused.onnx``) and ``card.json`` into ``out``; check parity."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
+    views = []
+    for name, m in model.views.items():
+        spec = model.specs[name]
+        inp = spec.input_spec(image_size if spec.is_image else None)
+        path = out / f"{name}.onnx"
+        _export_one(m, (torch.from_numpy(random_source(inp, 2, 0, m)),), ["source"], path)
+        err = parity(m, path, [random_source(inp, 16, 1234, m)])
+        if err > PARITY_ATOL:
+            raise ExportError(f"{path}: onnxruntime differs from torch by {err:.2e} (> {PARITY_ATOL})")
+        LOG.info("exported %s (parity max abs %.1e)", path, err)
+        views.append(spec.to_dict() | {"file": path.name, "sha256": sha256_file(path), "input": inp,
+                                       "output": {"name": "embedding", "dim": int(cfg["feat_dim"])},
+                                       "parity_max_abs": err})
+    fused_entry = None
+    if fused:
+        f = _Fused(model).eval()
+        ins = [random_source(v["input"], 2, 0, model.views[v["name"]]) for v in views]
+        path = out / "fused.onnx"
+        _export_one(f, tuple(torch.from_numpy(x) for x in ins), [v["name"] for v in views], path)
+        err = parity(f, path, [random_source(v["input"], 8, 99, model.views[v["name"]]) for v in views])
+        if err > PARITY_ATOL:
+            raise ExportError(f"{path}: onnxruntime differs from torch by {err:.2e}")
+        fused_entry = {"file": path.name, "sha256": sha256_file(path), "views": [v["name"] for v in views],
+                       "dim": int(cfg["feat_dim"]) * len(views)}
+    card = Card(views=views, feat_dim=int(cfg["feat_dim"]), image_size=int(image_size), tau=float(cfg["tau"]),
+                loss={"graph": cfg["graph"], "negatives": cfg["negatives"], "nce_k": cfg["nce_k"],
+                      "nce_momentum": cfg["nce_momentum"], "form": "softmax"},
+                config=cfg, evaluation=evaluation or {}, data=cfg["data"], epochs=int(cfg["epochs"]),
+                seed=int(cfg["seed"]), commit=git_commit(), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                fused=fused_entry)
+    card.save(out)
+    return card
+
+
+def export_run(run: str | Path, out: str | Path | None = None, store: bool = True, evaluation: dict | None = None) -> tuple[Card, Path, str | None]:
+    """Export a run directory's checkpoint; returns (card, directory, BentoML tag or None)."""
+    from .evaluate import load_run
+    model, state = load_run(run)
+    out = Path(out) if out else Path(run) / "export"
+    cfg = state["config"]
+    card = export_model(model, state["image_size"], out, cfg, evaluation)
+    tag = save_to_store(out, card) if store else None
+    return card, out, tag
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.export", description="Export a run to ONNX + card.json.")
+    p.add_argument("--run", required=True, help="run directory of train.pretrain")
+    p.add_argument("--out", default=None, help="artifact directory (default: RUN/export)")
+    p.add_argument("--no-store", action="store_true", help="do not save into the BentoML model store")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        card, out, tag = export_run(a.run, a.out, store=not a.no_store)
+    except (ConfigError, CardError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {', '.join(card.view_names)} to {out}" + (f" and the BentoML model store as {tag}" if tag else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

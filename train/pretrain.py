@@ -1,0 +1,254 @@
+"""python -m train.pretrain: pretrain per-view CMC encoders, then evaluate, export and index.
+
+Single process on CPU or one GPU, or several processes under torchrun (DistributedDataParallel; each
+rank takes its slice of the same global batch, embeddings are gathered before the loss, and the memory
+bank is updated with the gathered batch on every rank, so ranks stay identical).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from models.data import DataError, Dataset
+from models.encoders import CMCModel, source_key
+from models.views import ViewError, ViewSpec
+from .config import Config, ConfigError, parse_args
+from .losses import MemoryBank, cmc_loss
+from .pipeline import DeviceData, augment, crop_params, epoch_order, step_generator
+from .setup import prepare
+
+LOG = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, an incompatible checkpoint)."""
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda[:N], not {name!r}")
+    return torch.device(name)
+
+
+class Dist:
+    """torchrun's environment, or a single process."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def init(self, device: torch.device) -> None:
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def gather(self, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Differentiable all-gather of every view's (n, D) -> (world * n, D), in rank order."""
+        if self.world == 1:
+            return z
+        from torch.distributed.nn.functional import all_gather
+        return {v: torch.cat(all_gather(t), dim=0) for v, t in z.items()}
+
+
+def lr_at(cfg: Config, step: int, total: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def build_model(cfg: Config, specs: list[ViewSpec], image_size: int, ds: Dataset | None = None) -> CMCModel:
+    torch.manual_seed(cfg.seed)
+    model = CMCModel(specs, cfg.arch, cfg.feat_dim, image_size, cfg.width)
+    if ds is not None:  # per-feature statistics of vector views, kept in the model (and the exported graph)
+        for s in specs:
+            if not s.is_image:
+                model.views[s.name].transform.fit(torch.from_numpy(ds.sources[s.name]).float())
+    return model
+
+
+def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, device: torch.device,
+          world: Dist | None = None) -> CMCModel:
+    """The training loop. Returns the trained (unwrapped) model; writes checkpoint.pt and metrics.jsonl."""
+    world = world or Dist()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    model = build_model(cfg, specs, image_size, ds).to(device)
+    use_cuda = device.type == "cuda"
+    if use_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    bank = None
+    if cfg.negatives == "memory":
+        bank = MemoryBank([s.name for s in specs], len(ds), cfg.feat_dim, cfg.nce_momentum, device, cfg.seed)
+    opt = make_optimizer(cfg, model)
+    steps_per_epoch = len(ds) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(ds)} training samples is fewer than one batch of {cfg.batch_size}: lower --batch-size")
+    total = steps_per_epoch * cfg.epochs
+    step = 0
+    if cfg.resume:
+        if not ckpt_path.is_file():
+            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if [s["name"] for s in state["views"]] != [s.name for s in specs]:
+            raise TrainingError(f"--resume: checkpoint views {[s['name'] for s in state['views']]} differ from --views")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if bank is not None and state.get("bank"):
+            bank.load_state_dict(state["bank"])
+        step = int(state["step"])
+        LOG.info("resumed from %s at step %d", ckpt_path, step)
+    if world.main:
+        _trim_metrics(metrics_path, step, cfg)
+
+    ddp_model: nn.Module = model
+    if world.world > 1:
+        if use_cuda:
+            ddp_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ddp_model = nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device.index] if use_cuda else None)
+    amp = cfg.amp == "bf16" or (cfg.amp == "auto" and use_cuda)
+    data = DeviceData(ds, specs, device, pin=use_cuda)
+    local_bs = cfg.batch_size // world.world
+    if local_bs * world.world != cfg.batch_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by {world.world} processes")
+
+    def checkpoint() -> None:
+        if world.main:
+            save_atomic({"config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "bank": bank.state_dict() if bank else None, "step": step, "views": [s.to_dict() for s in specs],
+                         "image_size": image_size, "data_info": {k: v for k, v in ds.info.items() if k != "skipped_files"},
+                         "n_train": len(ds)}, ckpt_path)
+
+    last = total if not cfg.max_steps else min(total, cfg.max_steps)
+    bar = tqdm(total=last, initial=step, desc="pretrain", disable=not world.main or step >= last, dynamic_ncols=True)
+    ddp_model.train()
+    t_last, n_since = time.perf_counter(), 0
+    try:
+        with open(metrics_path, "a") if world.main else open(os.devnull, "w") as mf:
+            while step < last:
+                epoch, i = divmod(step, steps_per_epoch)
+                order = epoch_order(len(ds), cfg.seed, epoch)
+                idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # the global batch
+                g = step_generator(cfg.seed, step)
+                theta = crop_params(cfg.batch_size, cfg.crop_min, cfg.flip, g)
+                lo, hi = world.rank * local_bs, (world.rank + 1) * local_bs
+                batch = augment(data.batch(idx[lo:hi]), theta[lo:hi])
+                if use_cuda:
+                    batch = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                             for k, v in batch.items()}
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(cfg, step, total)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    z = ddp_model(batch)
+                z = world.gather({v: t.float() for v, t in z.items()})  # (B, D) per view
+                if bank is not None:
+                    gidx = idx.to(device)
+                    targets, negs = bank.gather(gidx, bank.sample(gidx, cfg.nce_k, g))
+                    loss, stats = cmc_loss(z, cfg.tau, cfg.graph, targets, negs)
+                else:
+                    loss, stats = cmc_loss(z, cfg.tau, cfg.graph)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"loss is {loss.item()} at step {step} (epoch {epoch + 1}): stopping; "
+                                        f"lower --lr or check the data for extreme values")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if bank is not None:
+                    bank.update(z, idx.to(device))
+                step += 1
+                n_since += cfg.batch_size
+                now = time.perf_counter()
+                sps = n_since / max(now - t_last, 1e-9)
+                if world.main:
+                    rec = {"step": step, "epoch": epoch + 1, "lr": round(opt.param_groups[0]["lr"], 8),
+                           "samples_per_s": round(sps, 1), **{k: round(v, 6) for k, v in stats.items()}}
+                    mf.write(json.dumps(rec) + "\n")
+                    mi = sum(v for k, v in stats.items() if k.startswith("mi/")) / max(1, sum(k.startswith("mi/") for k in stats))
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{stats['loss']:.3f}", mi=f"{mi:.2f}", sps=f"{sps:.0f}")
+                    bar.update(1)
+                if now - t_last > 10:
+                    t_last, n_since = now, 0
+                if step % steps_per_epoch == 0 or step == last:
+                    mf.flush()
+                    checkpoint()
+    except KeyboardInterrupt:
+        checkpoint()
+        bar.close()
+        raise
+    bar.close()
+    return model
+
+
+def _trim_metrics(path: Path, step: int, cfg: Config) -> None:
+    """Keep metrics of steps <= ``step`` (a resumed run rewrites what came after its checkpoint); write the
+    header with the config on a fresh run."""
+    if step == 0 or not path.exists():
+        path.write_text(json.dumps({"type": "header", "config": asdict(cfg), "time": time.time()}) + "\n")
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    path.write_text("\n".join(keep) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = parse_args(argv)
+        world = Dist()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device = resolve_device(cfg.device, world.local_rank)
+        world.init(device)
+        ds, test, specs, image_size = prepare(cfg, progress=world.main)
+        model = train(cfg, ds, specs, image_size, device, world)
+    except (ConfigError, DataError, ViewError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: checkpoint saved in {cfg.out}; continue with --resume", file=sys.stderr)
+        return 130
+    if world.world > 1:
+        dist.barrier()
+        if not world.main:
+            dist.destroy_process_group()
+            return 0
+    from .finish import finish
+    code = finish(cfg, model, specs, image_size, test, device, ds)
+    if world.world > 1:
+        dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

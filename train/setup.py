@@ -1,0 +1,55 @@
+"""Load the data of a config and check it against the views: one place for the bad-input messages."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from models import data as datasets
+from models.data import DataError, Dataset
+from models.encoders import source_key
+from models.views import ViewError, ViewSpec, parse_views
+from .config import Config
+
+LOG = logging.getLogger(__name__)
+
+
+def vector_dims(ds: Dataset) -> dict[str, int]:
+    return {k: int(v.shape[1]) for k, v in ds.sources.items() if v.ndim == 2}
+
+
+def check_views(specs: list[ViewSpec], ds: Dataset, spec: str) -> None:
+    have = sorted(ds.sources)
+    for s in specs:
+        if source_key(s) not in ds.sources:
+            raise ViewError(f"view {s.name!r} needs a {s.source!r} source, but data {spec!r} provides only: "
+                            f"{', '.join(have)}")
+
+
+def native_size(ds: Dataset) -> int:
+    for k in ("rgb", "depth"):
+        if k in ds.sources:
+            return int(ds.sources[k].shape[1])
+    return 0
+
+
+def prepare(cfg: Config, progress: bool = True) -> tuple[Dataset, Dataset | None, list[ViewSpec], int]:
+    """(train set, held-out set or None, view specs, image size) of a config; DataError / ViewError otherwise."""
+    size = cfg.image_size or None
+    ds = datasets.load(cfg.data, "train", image_size=size, progress=progress)
+    if len(ds) == 0:
+        raise DataError(f"data {cfg.data!r} has no training samples")
+    if cfg.limit:
+        ds = ds.subset(np.arange(min(cfg.limit, len(ds))))
+    specs = parse_views(cfg.views, vector_dims(ds))
+    check_views(specs, ds, cfg.data)
+    try:
+        test = datasets.load(cfg.data, "test", image_size=size, progress=progress)
+        test = test if len(test) else None
+    except DataError as e:
+        LOG.warning("no held-out split: %s", e)
+        test = None
+    skipped = ds.info.get("skipped", 0)
+    if skipped:
+        LOG.warning("skipped %d unreadable file(s) in %s", skipped, cfg.data)
+    return ds, test, specs, cfg.image_size or native_size(ds)
