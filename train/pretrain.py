@@ -170,23 +170,10 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
                              for k, v in batch.items()}
                 for group in opt.param_groups:
                     group["lr"] = lr_at(cfg, step, total)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    z = ddp_model(batch)
-                z = world.gather({v: t.float() for v, t in z.items()})  # (B, D) per view
-                if bank is not None:
-                    gidx = idx.to(device)
-                    targets, negs = bank.gather(gidx, bank.sample(gidx, cfg.nce_k, g))
-                    loss, stats = cmc_loss(z, cfg.tau, cfg.graph, targets, negs)
-                else:
-                    loss, stats = cmc_loss(z, cfg.tau, cfg.graph)
+                loss, stats = train_step(ddp_model, opt, bank, batch, idx.to(device), cfg, world, g, amp)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"loss is {loss.item()} at step {step} (epoch {epoch + 1}): stopping; "
                                         f"lower --lr or check the data for extreme values")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if bank is not None:
-                    bank.update(z, idx.to(device))
                 step += 1
                 n_since += cfg.batch_size
                 now = time.perf_counter()
@@ -209,6 +196,28 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
         raise
     bar.close()
     return model
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, bank: MemoryBank | None, batch: dict[str, torch.Tensor],
+               idx: torch.Tensor, cfg: Config, world: Dist, g: torch.Generator, amp: bool) -> tuple[torch.Tensor, dict]:
+    """One optimisation step on a (local) batch of sources; ``idx`` are the *global* batch's sample indices.
+    A non-finite loss is returned before any parameter changes."""
+    with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=amp):
+        z = model(batch)
+    z = world.gather({v: t.float() for v, t in z.items()})  # (B, D) per view, the global batch
+    if bank is not None:
+        targets, negs = bank.gather(idx, bank.sample(idx, cfg.nce_k, g))
+        loss, stats = cmc_loss(z, cfg.tau, cfg.graph, targets, negs)
+    else:
+        loss, stats = cmc_loss(z, cfg.tau, cfg.graph)
+    if not torch.isfinite(loss):
+        return loss, stats
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if bank is not None:
+        bank.update(z, idx)
+    return loss, stats
 
 
 def _trim_metrics(path: Path, step: int, cfg: Config) -> None:

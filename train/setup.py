@@ -36,6 +36,8 @@ def native_size(ds: Dataset) -> int:
 def prepare(cfg: Config, progress: bool = True) -> tuple[Dataset, Dataset | None, list[ViewSpec], int]:
     """(train set, held-out set or None, view specs, image size) of a config; DataError / ViewError otherwise."""
     size = cfg.image_size or None
+    if datasets.parse_spec(cfg.data)[0] in ("scenes", "cifar10", "imagefolder"):
+        parse_views(cfg.views)  # image-only data: a bad view name fails before the data loads
     ds = datasets.load(cfg.data, "train", image_size=size, progress=progress)
     if len(ds) == 0:
         raise DataError(f"data {cfg.data!r} has no training samples")

@@ -1,0 +1,158 @@
+"""Torch-free image decoding, PNG encoding and THE resize rule shared by training, index and server.
+
+Everything here is numpy + pillow only, so the server can import it without torch.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+
+import numpy as np
+from PIL import Image
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageError(ValueError):
+    """Bytes that are not a usable image; the message names the problem."""
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Open and fully decode an image, checking its size from the header first."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageError(f"expected image bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ImageError("empty image data")
+    with warnings.catch_warnings():
+        # PIL's own bomb check warns above MAX_IMAGE_PIXELS; make it an error we control
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(bytes(data)))  # lazy: reads the header only
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageError(f"image too large (decompression bomb): {e}") from None
+        except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError...
+            raise ImageError(f"cannot identify image ({len(data)} bytes): {e}") from None
+        w, h = im.size
+        if w <= 0 or h <= 0:
+            raise ImageError(f"image has empty size {w}x{h}")
+        if w * h > max_pixels:
+            raise ImageError(f"image too large: {w}x{h} = {w * h} pixels > max_pixels={max_pixels}")
+        try:
+            im.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageError(f"image too large (decompression bomb): {e}") from None
+        except Exception as e:  # truncated / corrupt stream
+            raise ImageError(f"cannot decode {im.format or 'image'} {w}x{h}: {e}") from None
+    return im
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode any PIL-readable image to uint8 (H, W, 3) RGB.
+
+    Palette, grayscale, CMYK and alpha images are converted (alpha is dropped);
+    16-bit grayscale is scaled down to 8 bits. Raises ImageError on bad bytes or
+    more than ``max_pixels`` pixels (checked from the header before decoding).
+    """
+    im = _open(data, max_pixels)
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        g = np.asarray(im).astype(np.uint32)
+        if mode == "I":
+            g = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)
+        g8 = ((g + 128) // 257).astype(np.uint8)
+        return np.repeat(g8[:, :, None], 3, axis=2)
+    if mode == "F":
+        g = np.asarray(im, dtype=np.float32)
+        hi = float(g.max()) if g.size else 1.0
+        g8 = np.clip(g / (hi if hi > 255 else 255.0) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(g8[:, :, None], 3, axis=2)
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    arr = np.asarray(im, dtype=np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def decode_depth(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode a depth map to uint16 (H, W).
+
+    16-bit PNG ('I;16*' or 'I' modes) is taken as is (values clipped to 0..65535);
+    8-bit grayscale is scaled by 257 so 255 -> 65535. Anything else raises ImageError.
+    """
+    im = _open(data, max_pixels)
+    mode = im.mode
+    if mode.startswith("I;16"):
+        return np.asarray(im).astype(np.uint16)
+    if mode == "I":
+        a = np.asarray(im)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ImageError(f"depth values out of 16-bit range [{a.min()}, {a.max()}]")
+        return a.astype(np.uint16)
+    if mode == "L":
+        return np.asarray(im).astype(np.uint16) * np.uint16(257)
+    raise ImageError(f"depth must be a 16-bit or 8-bit grayscale image, got mode {mode!r}")
+
+
+def _resized_shape(h: int, w: int, size: int) -> tuple[int, int]:
+    """Shape after scaling so the shorter side is ``size``."""
+    if h <= w:
+        return size, max(size, int(round(w * size / h)))
+    return max(size, int(round(h * size / w))), size
+
+
+def _resize_channel_f(ch: np.ndarray, nh: int, nw: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(ch.astype(np.float32)).resize((nw, nh), Image.BILINEAR))
+
+
+def fit_image(img: np.ndarray, size: int) -> np.ndarray:
+    """THE resize rule: scale so the shorter side == ``size`` (PIL bilinear), then center-crop size x size.
+
+    uint8 (H, W, 3) or (H, W) is resized in PIL's 8-bit modes; uint16 (depth) and float
+    arrays are resized per channel in PIL's 'F' mode and rounded/clipped back to their dtype.
+    Returns the same dtype. An input already size x size is returned unchanged.
+    """
+    if img.ndim not in (2, 3):
+        raise ValueError(f"fit_image expects (H, W) or (H, W, C), got shape {img.shape}")
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    h, w = img.shape[:2]
+    if h == size and w == size:
+        return img
+    if h == 0 or w == 0:
+        raise ValueError(f"cannot resize empty image of shape {img.shape}")
+    nh, nw = _resized_shape(h, w, size)
+    if img.dtype == np.uint8 and (img.ndim == 2 or img.shape[2] in (1, 3, 4)):
+        src = img[:, :, 0] if img.ndim == 3 and img.shape[2] == 1 else img
+        out = np.asarray(Image.fromarray(np.ascontiguousarray(src)).resize((nw, nh), Image.BILINEAR))
+        if img.ndim == 3 and img.shape[2] == 1:
+            out = out[:, :, None]
+    else:
+        chans = [img] if img.ndim == 2 else [img[:, :, c] for c in range(img.shape[2])]
+        res = [_resize_channel_f(c, nh, nw) for c in chans]
+        out_f = res[0] if img.ndim == 2 else np.stack(res, axis=2)
+        if np.issubdtype(img.dtype, np.integer):
+            info = np.iinfo(img.dtype)
+            out = np.clip(np.rint(out_f), info.min, info.max).astype(img.dtype)
+        else:
+            out = out_f.astype(img.dtype)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return np.ascontiguousarray(out[top:top + size, left:left + size])
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    """uint8 (H, W, 3) RGB, uint8 (H, W) gray or uint16 (H, W) (16-bit PNG) -> PNG bytes."""
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype == np.uint8 and (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+        im = Image.fromarray(arr)
+    elif arr.dtype == np.uint16 and arr.ndim == 2:
+        im = Image.fromarray(arr)  # mode 'I;16' -> 16-bit grayscale PNG
+    else:
+        raise ValueError(f"encode_png expects uint8 (H,W[,3]) or uint16 (H,W), got {arr.dtype} {arr.shape}")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+

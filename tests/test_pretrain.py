@@ -1,0 +1,120 @@
+"""Training: a smoke run lowers the loss, resume equals an uninterrupted run, bad input exits 2 with one
+line, a non-finite loss names its step, and torchrun's first loss equals the single process's."""
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, make_npz, run_cli
+from train import losses as losses_mod
+from train import pretrain
+from train.config import Config
+from train.pipeline import DeviceData
+from train.setup import prepare
+
+SMALL = "scenes:n=64,size=32,seed=5,test_n=32"
+
+
+def small_cfg(tmp_path, **kw) -> Config:
+    base = dict(data=SMALL, views="L,ab,depth", arch="resnet10", width=0.25, batch_size=16, epochs=2, lr=3e-3,
+                warmup_steps=2, out=str(tmp_path / "run"), export=False, index=False, evaluate=False, threads=2)
+    return Config(**(base | kw)).validate()
+
+
+def metrics(run) -> list[dict]:
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()[1:]]
+
+
+def test_smoke_run_lowers_loss_on_a_fixed_batch(tmp_path):
+    cfg = small_cfg(tmp_path, data="scenes:n=16,size=32,seed=1,test_n=16", batch_size=8, epochs=40, crop_min=0.9,
+                    tau=0.2, flip=False)
+    ds, _, specs, size = prepare(cfg, progress=False)
+    fixed = DeviceData(ds, specs, torch.device("cpu")).batch(torch.arange(16))
+
+    def loss_of(model):
+        model.eval()
+        with torch.no_grad():
+            return float(losses_mod.cmc_loss(model(fixed), cfg.tau, cfg.graph)[0])
+
+    before = loss_of(pretrain.build_model(cfg, specs, size, ds))
+    after = loss_of(pretrain.train(cfg, ds, specs, size, torch.device("cpu")))
+    assert after < 0.7 * before, (before, after)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = small_cfg(tmp_path / "a", negatives="memory", nce_k=32)
+    ds, _, specs, size = prepare(full, progress=False)
+    pretrain.train(full, ds, specs, size, torch.device("cpu"))
+    part = replace(full, out=str(tmp_path / "b" / "run"), max_steps=3)
+    pretrain.train(part, ds, specs, size, torch.device("cpu"))
+    pretrain.train(replace(part, max_steps=0, resume=True), ds, specs, size, torch.device("cpu"))
+    a = [m["loss"] for m in metrics(tmp_path / "a" / "run")]
+    b = [m["loss"] for m in metrics(tmp_path / "b" / "run")]
+    assert len(a) == len(b) == 8
+    assert a == b  # bit-for-bit on the CPU: data order, augmentation, negatives and states are all restored
+
+
+def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
+    cfg = small_cfg(tmp_path, epochs=1)
+    ds, _, specs, size = prepare(cfg, progress=False)
+    real = losses_mod.cmc_loss
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        loss, stats = real(*a, **k)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), stats
+
+    monkeypatch.setattr(pretrain, "cmc_loss", flaky)
+    with pytest.raises(pretrain.TrainingError, match="loss is nan at step 2"):
+        pretrain.train(cfg, ds, specs, size, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "imagefolder:/no/such/dir"], "/no/such/dir"),
+    (["--data", SMALL, "--views", "L,XYZ"], "unknown view 'XYZ'"),
+    (["--data", "cifar10:{npz}", "--views", "L,depth"], "view 'depth' needs a 'depth' source"),
+    (["--data", "imagefolder:{empty}"], "no"),
+    (["--data", SMALL, "--graph", "star"], "--graph must be core or full"),
+    (["--epochs", "zero"], "--epochs"),
+    (["--data", "nosuchkind:x"], "nosuchkind"),
+    (["--config", "{badcfg}"], "unknown field"),
+])
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, message):
+    npz = tmp_path / "c.npz"
+    rng = np.random.default_rng(0)
+    np.savez(npz, x_train=rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8), y_train=np.zeros(20, np.int64),
+             x_test=rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8), y_test=np.zeros(4, np.int64))
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    (tmp_path / "bad.json").write_text('{"epochs": 1, "colour": "red"}')
+    args = [a.format(npz=npz, empty=tmp_path / "empty", badcfg=tmp_path / "bad.json") for a in args]
+    r = run_cli(["-m", "train.pretrain", *args, "--out", str(tmp_path / "run"), "--epochs", "1"]
+                if "--epochs" not in args else ["-m", "train.pretrain", *args, "--out", str(tmp_path / "run")], timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [l for l in r.stderr.splitlines() if l.strip() and not l.startswith(("INFO", "WARNING")) and "%|" not in l]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert message in lines[0]
+
+
+def test_torchrun_first_loss_equals_single_process(tmp_path):
+    if shutil.which("torchrun") is None and not (ROOT / ".venv").exists():
+        pass
+    npz = make_npz(tmp_path / "v.npz", n=256)
+    common = ["-m", "train.pretrain", "--data", f"npz:{npz}", "--views", "fa,fb", "--batch-size", "32", "--max-steps",
+              "2", "--negatives", "memory", "--nce-k", "16", "--export", "false", "--index", "false", "--evaluate", "false",
+              "--threads", "1"]
+    single = run_cli([*common, "--out", str(tmp_path / "one")], timeout=180)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+                     *common, "--out", str(tmp_path / "two")], timeout=300)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(a) == len(b) == 2
+    assert b[0]["loss"] == pytest.approx(a[0]["loss"], abs=1e-5)
+    # after one step the memory bank and the weights agree too, so the second loss does as well
+    assert b[1]["loss"] == pytest.approx(a[1]["loss"], abs=1e-4)
