@@ -1,0 +1,131 @@
+"""Export and the ONNX runtime: parity with torch on fresh inputs and on a real image file through both
+preprocessing paths, hash verification, the BentoML store, and a torch-free runtime import."""
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from models import data as datasets
+from models.card import CardError, load_card
+from models.encoders import CMCModel
+from models.imageio import encode_png
+from models.runtime import InputError, Runtime
+from models.views import parse_views
+from train.config import Config
+from train.export import export_model
+from train.pipeline import DeviceData
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    specs = parse_views("L,ab,depth,normals,feat", {"feat": 5})
+    model = CMCModel(specs, "resnet10", 32, 32, 0.25)
+    # non-trivial batch-norm statistics and vector standardisation, as after training
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model({"rgb": torch.rand(16, 3, 32, 32), "depth": torch.rand(16, 1, 32, 32), "feat": torch.randn(16, 5)})
+    model.views["feat"].transform.fit(torch.randn(100, 5) * 50 + 3)
+    model.eval()
+    out = tmp_path_factory.mktemp("artifact")
+    card = export_model(model, 32, out, asdict(Config(image_size=32, feat_dim=32, views="L,ab,depth,normals,feat")))
+    return model, out, card
+
+
+def test_card_records_views_hashes_and_parity(exported):
+    _, out, card = exported
+    raw = json.loads((out / "card.json").read_text())
+    assert [v["name"] for v in raw["views"]] == ["L", "ab", "depth", "normals", "feat"]
+    assert all(v["parity_max_abs"] <= 1e-4 for v in raw["views"])
+    assert raw["views"][0]["input"]["shape"] == [None, 3, 32, 32]
+    assert raw["views"][4]["input"]["shape"] == [None, 5]
+    assert raw["feat_dim"] == 32 and raw["tau"] == 0.07 and raw["fingerprint"] == card.fingerprint
+    assert load_card(out).fingerprint == card.fingerprint
+
+
+def test_onnx_equals_torch_on_fresh_inputs_every_view(exported):
+    model, out, _ = exported
+    rt = Runtime(out)
+    rng = np.random.default_rng(7)
+    for name in rt.views:
+        shape = [9] + rt.views[name]["input"]["shape"][1:]
+        x = rng.random(shape, dtype=np.float32) if name != "feat" else rng.standard_normal(shape).astype(np.float32) * 50
+        with torch.no_grad():
+            want = model.views[name](torch.from_numpy(x)).numpy()
+        got = rt.embed(name, x)
+        assert np.abs(got - want).max() <= 1e-4, name
+        assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+
+
+def test_same_image_file_same_embedding_torch_and_runtime(exported, tmp_path):
+    """A 50x40 PNG on disk: training reads it with the imagefolder reader (resize rule, uint8), the pipeline
+    scales it on the device and the torch model embeds it; the runtime decodes the file's bytes itself."""
+    model, out, _ = exported
+    img = (np.random.default_rng(3).random((40, 50, 3)) * 255).astype(np.uint8)
+    (tmp_path / "cls").mkdir()
+    path = tmp_path / "cls" / "photo.png"
+    path.write_bytes(encode_png(img))
+    ds = datasets.load(f"imagefolder:{tmp_path}", "train", image_size=32)
+    if len(ds) == 0:
+        ds = datasets.load(f"imagefolder:{tmp_path}", "test", image_size=32)
+    batch = DeviceData(ds, list(model.specs.values())[:2], torch.device("cpu")).batch(torch.arange(1))
+    rt = Runtime(out)
+    for view in ("L", "ab"):
+        with torch.no_grad():
+            want = model.views[view](batch["rgb"]).numpy()
+        got = rt.embed_items(view, [path.read_bytes()])
+        assert np.abs(got - want).max() <= 1e-4
+
+
+def test_tampered_file_is_a_clear_error(exported, tmp_path):
+    _, out, _ = exported
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with open(copy / "ab.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(CardError, match="ab.onnx has sha256"):
+        Runtime(copy)
+
+
+def test_runtime_input_errors(exported):
+    _, out, _ = exported
+    rt = Runtime(out)
+    with pytest.raises(InputError, match="unknown view"):
+        rt.embed_items("XYZ", [b"x"])
+    with pytest.raises(InputError, match="input 0"):
+        rt.embed_items("L", [b"not an image"])
+    with pytest.raises(InputError, match="length 5"):
+        rt.embed_items("feat", [[1, 2, 3]])
+    with pytest.raises(InputError, match="NaN"):
+        rt.embed_items("feat", [[1, 2, 3, 4, float("nan")]])
+    with pytest.raises(InputError, match="empty"):
+        rt.embed_items("L", [])
+
+
+def test_model_store_roundtrip(exported):
+    import bentoml
+    from models.artifact import resolve, save_to_store
+    _, out, card = exported
+    tag = save_to_store(out, card)
+    assert tag.startswith("cmc:")
+    assert any(str(m.tag) == tag for m in bentoml.models.list("cmc"))
+    assert load_card(resolve("cmc:latest")).fingerprint == card.fingerprint
+    with pytest.raises(CardError, match="no model 'nosuch:latest'"):
+        resolve("nosuch:latest")
+
+
+def test_runtime_and_serving_do_not_import_torch():
+    code = ("import sys, models.runtime, models.card, models.data, index.store, index.build\n"
+            "import importlib.util\n"
+            "if importlib.util.find_spec('serving.service'): import serving.service\n"
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.') or m.startswith('train')]\n"
+            "assert not bad, bad[:5]\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
