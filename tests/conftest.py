@@ -42,3 +42,28 @@ def make_npz(path: Path, n: int = 256, seed: int = 0) -> Path:
     b = (latent @ rng.standard_normal((6, 7))) * 0.001
     np.savez(path, fa=a.astype(np.float32), fb=b.astype(np.float32), y=y)
     return path
+
+
+TINY_DATA = "scenes:n=1536,size=32,seed=11,test_n=256"
+
+
+@pytest.fixture(scope="session")
+def trained_artifact(tmp_path_factory):
+    """A small model actually trained with CMC on scenes (L, ab, depth at 32 px; about a minute on 2 cores),
+    exported to ONNX. Shared by the index and server tests that need a real embedding space."""
+    from dataclasses import asdict
+
+    import torch
+
+    from train.config import Config
+    from train.export import export_model
+    from train.pretrain import train
+    from train.setup import prepare
+
+    root = tmp_path_factory.mktemp("trained")
+    cfg = Config(data=TINY_DATA, views="L,ab,depth", arch="resnet10", width=0.25, batch_size=64, epochs=5, lr=3e-3,
+                 warmup_steps=10, tau=0.1, out=str(root / "run"), export=False, index=False, evaluate=False).validate()
+    ds, test, specs, size = prepare(cfg, progress=False)
+    model = train(cfg, ds, specs, size, torch.device("cpu"))
+    card = export_model(model.eval(), size, root / "export", asdict(cfg), fused=False)
+    return {"dir": root / "export", "card": card, "model": model, "test": test, "data": TINY_DATA}
