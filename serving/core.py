@@ -1,0 +1,482 @@
+"""Everything the CMC service does, without BentoML specifics and without torch.
+
+:class:`Core` holds the ONNX runtime (``models.runtime``) and the index store (``index.store``) and answers the
+endpoints: decoding and validating inputs, cosine/critic/rank math, search/add/remove, and the mapping of every
+failure to an HTTP status with an ``{"error", "detail", "field"}`` body. The service file only delegates here.
+
+Adaptive batching: embeddings go through ``Core.embedder`` when the service installs one (a BentoML batchable
+endpoint that takes *rows*: ``"<view>|<base64 float32 tensor>"``, see :meth:`Core.encode_rows` and
+:meth:`Core.embed_rows`), else straight to onnxruntime, one call at a time.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import anyio
+import numpy as np
+
+from models.artifact import default_index_dir
+from models.card import CardError
+from models.runtime import InputError, Runtime
+
+from .schemas import STATUS, error_body
+
+LOG = logging.getLogger(__name__)
+
+
+def env_int(name: str, default: int) -> int:
+    v = os.environ.get(name, "").strip()
+    try:
+        return int(v) if v else default
+    except ValueError:
+        raise RuntimeError(f"environment variable {name}={v!r} is not an integer") from None
+
+
+def env_flag(name: str, default: bool) -> bool:
+    v = os.environ.get(name, "").strip().lower()
+    if not v:
+        return default
+    return v not in ("0", "false", "no", "off")
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+class Settings:
+    """Server settings from the environment (read once, at import of the service and at start)."""
+
+    def __init__(self) -> None:
+        self.workers = max(1, env_int("CMC_WORKERS", 1))
+        self.threads = env_int("CMC_THREADS", 0) or max(1, cpu_count() // self.workers)
+        self.batching = env_flag("CMC_BATCHING", True)
+        self.max_batch_size = max(2, env_int("CMC_MAX_BATCH_SIZE", 64))
+        self.max_latency_ms = max(1, env_int("CMC_MAX_LATENCY_MS", 3000))
+        self.max_items = max(1, env_int("CMC_MAX_ITEMS", 64))
+        self.max_pixels = max(1, env_int("CMC_MAX_PIXELS", 16_000_000))
+        self.max_k = max(1, env_int("CMC_MAX_K", 1000))
+        self.max_body_mb = max(1, env_int("CMC_MAX_BODY_MB", 32))
+        self.timeout_s = max(1, env_int("CMC_TIMEOUT_S", 60))
+        self.device = os.environ.get("CMC_DEVICE", "auto")
+        self.model = os.environ.get("CMC_MODEL") or None
+        self.index = os.environ.get("CMC_INDEX")
+        self.token = os.environ.get("CMC_API_TOKEN") or None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "token"} | {"auth": self.token is not None}
+
+
+class ApiError(Exception):
+    """A failure with an HTTP status: ``error`` is a short kind (a key of schemas.STATUS)."""
+
+    def __init__(self, error: str, detail: str, field: str | None = None, status: int | None = None):
+        super().__init__(detail)
+        self.error, self.detail, self.field = error, detail, field
+        self.status = status or STATUS.get(error, 400)
+
+    def body(self) -> dict:
+        return error_body(self.error, self.detail, self.field)
+
+
+def to_api_error(e: BaseException) -> ApiError | None:
+    """Known exceptions -> ApiError; None for a bug (500)."""
+    from index.store import StoreError
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, InputError):
+        return ApiError("invalid_input", str(e), e.field)
+    if isinstance(e, StoreError):
+        msg = str(e)
+        if "already exists" in msg or "duplicate key" in msg:
+            return ApiError("conflict", msg, "items")
+        if "unknown key" in msg:
+            return ApiError("not_found", msg, "keys")
+        if "readonly" in msg or "closed" in msg:
+            return ApiError("unavailable", msg, None)
+        return ApiError("bad_request", msg, None)
+    return None
+
+
+async def respond(coro: Awaitable[Any]) -> Any:
+    """Await an endpoint coroutine; errors become a JSON response with their status (never a crash)."""
+    from starlette.responses import JSONResponse
+    try:
+        return await coro
+    except Exception as e:  # noqa: BLE001 - everything becomes an answer
+        api = to_api_error(e)
+        if api is None:
+            if type(e).__name__ == "ServiceUnavailable":  # bentoml's dispatcher: waited past max latency
+                api = ApiError("unavailable", f"server overloaded: {e}", None)
+            else:
+                LOG.exception("unexpected error")
+                return JSONResponse(error_body("internal", f"{type(e).__name__}: {e}"), status_code=500)
+        return JSONResponse(api.body(), status_code=api.status)
+
+
+def b64decode(s: Any, field: str) -> bytes:
+    if not isinstance(s, str):
+        raise ApiError("invalid_input", f"{field} must be a base64 string, got {type(s).__name__}", field)
+    if s.startswith("data:") and "," in s[:200]:
+        s = s.split(",", 1)[1]
+    try:
+        return base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError("invalid_input", f"{field} is not valid base64: {e}", field) from None
+
+
+def _relabel(e: InputError, field: str) -> ApiError:
+    return ApiError("invalid_input", str(e), field)
+
+
+class Core:
+    def __init__(self, rt: Runtime, store: Any = None, settings: Settings | None = None,
+                 index_note: str = "no index configured"):
+        self.rt = rt
+        self.store = store
+        self.settings = settings or Settings()
+        self.index_note = index_note
+        self.tau = float(rt.card.tau)
+        self.embedder: Callable[[str, np.ndarray], Awaitable[np.ndarray]] | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._stats_lock = threading.Lock()
+        self.stats = {"batches": 0, "rows": 0, "max_batch": 0}
+        self._shapes = {n: tuple(int(d) for d in v["input"]["shape"][1:]) for n, v in rt.views.items()}
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, settings: Settings | None = None) -> "Core":
+        s = settings or Settings()
+        try:
+            rt = Runtime(s.model, device=s.device, intra_op_threads=s.threads)
+        except CardError as e:
+            raise RuntimeError(f"cannot load the model ({s.model or 'cmc:latest'}): {e}") from None
+        rt.warmup()
+        store, note = cls.open_index(s.index, rt.fingerprint)
+        core = cls(rt, store, s, note)
+        LOG.info("CMC core ready: model %s, %s, %d intra-op threads", rt.path, note, s.threads)
+        return core
+
+    @staticmethod
+    def open_index(ref: str | None, fingerprint: str) -> tuple[Any, str]:
+        """CMC_INDEX (a directory; '' or 'none' for none) or else the model's default index if it exists."""
+        from index.store import IndexStore, StoreError
+        if ref is not None and ref.strip().lower() in ("", "none", "off"):
+            return None, "index disabled (CMC_INDEX=none)"
+        path = Path(ref).expanduser() if ref else default_index_dir(fingerprint)
+        if not ref and not (path / "manifest.json").exists():
+            return None, f"no index: CMC_INDEX is unset and the model's default index {path} does not exist"
+        try:
+            return IndexStore.open(path, fingerprint=fingerprint), f"index {path}"
+        except StoreError as e:
+            if "already open for writing" not in str(e):
+                raise RuntimeError(f"cannot open the index {path}: {e}") from None
+            LOG.warning("index %s is open for writing by another worker; serving it read-only here", path)
+            return IndexStore.open(path, fingerprint=fingerprint, readonly=True), f"index {path} (read-only)"
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    # ------------------------------------------------------------------ embedding
+    _CODES = {"f4": (np.float32, 1.0), "u1": (np.uint8, 255.0), "u2": (np.uint16, 65535.0)}
+
+    def encode_rows(self, view: str, x: np.ndarray) -> list[str]:
+        """A preprocessed batch of one view -> rows ``"<view>|<code>|<base64>"`` for the batchable endpoint.
+
+        Image views travel as the uint8 / uint16 pixels they were scaled from (x = pixels / 255 or / 65535, so
+        the round trip is exact and 4x / 2x smaller than float32); vectors as float32."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        code = {"rgb": "u1", "depth": "u2"}.get(self.rt.views[view]["source"], "f4")
+        dtype, scale = self._CODES[code]
+        if code != "f4":
+            q = np.rint(x * np.float32(scale))
+            if np.array_equal(q / np.float32(scale), x):
+                x = q.astype(dtype)
+            else:
+                code = "f4"
+        return [f"{view}|{code}|{base64.b64encode(r.tobytes()).decode('ascii')}" for r in x]
+
+    def embed_rows(self, rows: list[str]) -> np.ndarray:
+        """The batched computation: rows of any views -> (N, D) embeddings in row order."""
+        n = len(rows)
+        out = np.empty((n, self.rt.dim), np.float32)
+        groups: dict[str, list[int]] = {}
+        arrays: list[np.ndarray] = []
+        for i, row in enumerate(rows):
+            view, code, data = (str(row).split("|", 2) + ["", ""])[:3]
+            shape = self._shapes.get(view)
+            if shape is None or code not in self._CODES:
+                raise InputError(f"row {i}: unknown view {view!r} or code {code!r}", "rows")
+            dtype, scale = self._CODES[code]
+            try:
+                a = np.frombuffer(base64.b64decode(data, validate=True), dtype)
+            except (binascii.Error, ValueError):
+                raise InputError(f"row {i}: not base64 of {code}", "rows") from None
+            if a.size != math.prod(shape):
+                raise InputError(f"row {i}: {a.size} values, view {view!r} takes {shape}", "rows")
+            a = a.reshape(shape)
+            arrays.append(a if code == "f4" else a.astype(np.float32) / np.float32(scale))
+            groups.setdefault(view, []).append(i)
+        for view, idx in groups.items():
+            out[idx] = self.rt.embed(view, np.stack([arrays[i] for i in idx]))
+        with self._stats_lock:
+            self.stats["batches"] += 1
+            self.stats["rows"] += n
+            self.stats["max_batch"] = max(self.stats["max_batch"], n)
+        return out
+
+    def batched(self, client: Callable[[], Any]) -> Callable[[str, np.ndarray], Awaitable[np.ndarray]]:
+        """An embedder through the service's own batchable endpoint ``embed_rows`` (``client()`` -> BentoML's
+        async client of this service, which exists only once the server has started). The self-call passes through
+        the service's own middleware: with CMC_API_TOKEN set, service.py gives BentoML's client the token."""
+
+        async def embed(view: str, x: np.ndarray) -> np.ndarray:
+            rows = self.encode_rows(view, x)
+            for attempt in range(2):
+                try:
+                    out = await client().embed_rows(rows=rows)
+                    return np.asarray(out, dtype=np.float32).reshape(len(x), self.rt.dim)
+                except Exception as e:  # noqa: BLE001
+                    # BentoML's in-process client recycles its aiohttp session every N requests and can reset a
+                    # request in flight: retry once, then embed directly (unbatched) rather than fail the request
+                    if not type(e).__module__.startswith("aiohttp"):
+                        raise
+                    LOG.warning("batched self-call failed (%s: %s); %s", type(e).__name__, e,
+                                "retrying" if attempt == 0 else "embedding directly")
+            return await self._direct(view, x)
+
+        return embed
+
+    async def _embed(self, view: str, x: np.ndarray) -> np.ndarray:
+        if self.embedder is not None:
+            return await self.embedder(view, x)
+        return await self._direct(view, x)
+
+    async def _direct(self, view: str, x: np.ndarray) -> np.ndarray:
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(1)
+        return await anyio.to_thread.run_sync(self.rt.embed, view, x, limiter=self._limiter)
+
+    def _check_count(self, items: Any, field: str, limit: int | None = None) -> list:
+        limit = limit or self.settings.max_items
+        if not isinstance(items, list):
+            raise ApiError("invalid_input", f"{field} must be a list", field)
+        if len(items) == 0:
+            raise ApiError("invalid_input", f"{field} is an empty list", field)
+        if len(items) > limit:
+            raise ApiError("too_large", f"{field} has {len(items)} entries; the limit is {limit} (CMC_MAX_ITEMS)",
+                           field)
+        return items
+
+    def _view(self, name: Any, field: str = "view") -> dict:
+        if not isinstance(name, str):
+            raise ApiError("invalid_input", f"{field} must be a string", field)
+        try:
+            return self.rt.view(name)
+        except InputError as e:
+            raise _relabel(e, field) from None
+
+    def prepare(self, view: str, images: list | None = None, arrays: list | None = None,
+                field: str = "") -> np.ndarray:
+        """Validated inputs of one view -> its preprocessed float32 batch (raises ApiError naming the field)."""
+        v = self._view(view, f"{field}view")
+        is_vec = v["source"] == "vector"
+        if images is not None and arrays is not None:
+            raise ApiError("invalid_input", "give either images or arrays, not both", f"{field}images")
+        if is_vec:
+            if images is not None:
+                raise ApiError("invalid_input", f"view {view!r} is a vector view: send arrays, not images",
+                               f"{field}images")
+            if arrays is None:
+                raise ApiError("invalid_input", f"view {view!r} takes arrays", f"{field}arrays")
+            self._check_count(arrays, f"{field}arrays")
+            items: list = arrays
+            fname = f"{field}arrays"
+        else:
+            if arrays is not None:
+                raise ApiError("invalid_input", f"view {view!r} takes {v['source']} images (base64), not arrays",
+                               f"{field}arrays")
+            if images is None:
+                raise ApiError("invalid_input", f"view {view!r} takes images (base64)", f"{field}images")
+            self._check_count(images, f"{field}images")
+            items = [it if isinstance(it, (bytes, bytearray)) else b64decode(it, f"{field}images[{i}]")
+                     for i, it in enumerate(images)]
+            fname = f"{field}images"
+        try:
+            return self.rt.preprocess(view, items, self.settings.max_pixels)
+        except InputError as e:
+            raise _relabel(e, fname) from None
+
+    async def embed_batch(self, view: str, images: list | None = None, arrays: list | None = None,
+                          field: str = "") -> np.ndarray:
+        x = await anyio.to_thread.run_sync(lambda: self.prepare(view, images, arrays, field))
+        return await self._embed(view, x)
+
+    async def embed_inputs(self, inputs: list, field: str) -> tuple[np.ndarray, list[str]]:
+        """``[{"view", "image"|"array"}]`` (dicts or schemas.Input) of mixed views -> (N, D), views."""
+        groups: dict[str, tuple[list[int], list, list]] = {}
+        views = []
+        for i, inp in enumerate(inputs):
+            d = inp.model_dump() if hasattr(inp, "model_dump") else inp
+            f = f"{field}[{i}]" if field.endswith("candidates") else field
+            if not isinstance(d, dict) or "view" not in d:
+                raise ApiError("invalid_input", f"{f} must be an object with a view and an image or an array", f)
+            view, image, array = d.get("view"), d.get("image"), d.get("array")
+            self._view(view, f"{f}.view")
+            if (image is None) == (array is None):
+                raise ApiError("invalid_input", f"{f} needs exactly one of image or array", f)
+            idx, ims, arrs = groups.setdefault(view, ([], [], []))
+            idx.append(i)
+            (ims if image is not None else arrs).append(image if image is not None else array)
+            views.append(view)
+        out = np.empty((len(inputs), self.rt.dim), np.float32)
+
+        async def one(view: str, idx: list[int], ims: list, arrs: list) -> None:
+            if ims and arrs:
+                raise ApiError("invalid_input", f"inputs of view {view!r} mix images and arrays", field)
+            out[idx] = await self.embed_batch(view, ims or None, arrs or None, field=f"{field}.")
+
+        await asyncio.gather(*(one(v, *g) for v, g in groups.items()))
+        return out, views
+
+    # ------------------------------------------------------------------ endpoints
+    async def embed(self, view: str, images: list | None = None, arrays: list | None = None) -> dict:
+        z = await self.embed_batch(view, images, arrays)
+        return {"view": view, "dim": int(z.shape[1]), "embeddings": z.tolist()}
+
+    async def embed_file(self, view: str, path: str | os.PathLike) -> dict:
+        data = await anyio.to_thread.run_sync(Path(path).read_bytes)
+        z = await self.embed_batch(view, [data])
+        return {"view": view, "dim": int(z.shape[1]), "embeddings": z.tolist()}
+
+    def critic(self, cos: np.ndarray) -> np.ndarray:
+        return np.exp(np.asarray(cos, np.float64) / self.tau)
+
+    async def similarity(self, a: Any = None, b: Any = None, query: Any = None,
+                         candidates: list | None = None) -> dict:
+        pair, rank = a is not None or b is not None, query is not None or candidates is not None
+        if pair == rank:
+            raise ApiError("invalid_input", "give either a and b (pair form) or query and candidates (rank form)",
+                           "a" if not pair else "query")
+        if pair:
+            if a is None or b is None:
+                raise ApiError("invalid_input", "the pair form needs both a and b", "b" if a is not None else "a")
+            (za, _), (zb, _) = await asyncio.gather(self.embed_inputs([a], "a"), self.embed_inputs([b], "b"))
+            cos = float(np.dot(za[0], zb[0]))
+            return {"cosine": cos, "critic": float(self.critic(cos)), "tau": self.tau}
+        if query is None:
+            raise ApiError("invalid_input", "the rank form needs a query", "query")
+        self._check_count(candidates, "candidates")
+        (zq, qv), (zc, cv) = await asyncio.gather(self.embed_inputs([query], "query"),
+                                                  self.embed_inputs(candidates, "candidates"))
+        scores = zc @ zq[0]
+        order = np.argsort(-scores, kind="stable")
+        crit = self.critic(scores)
+        return {"query_view": qv[0], "tau": self.tau,
+                "ranking": [{"index": int(i), "view": cv[i], "score": float(scores[i]), "critic": float(crit[i])}
+                            for i in order]}
+
+    def _need_store(self) -> Any:
+        if self.store is None:
+            raise ApiError("no_index", f"this server has no index ({self.index_note}); set CMC_INDEX to an index "
+                                       f"directory or build the default one with `python -m train.pretrain`", None)
+        return self.store
+
+    async def search(self, query: Any, target_view: str | None = None, k: int = 10) -> dict:
+        store = self._need_store()
+        if not isinstance(k, int) or isinstance(k, bool) or k <= 0 or k > self.settings.max_k:
+            raise ApiError("invalid_input", f"k must be an integer in 1..{self.settings.max_k} (CMC_MAX_K), got {k!r}",
+                           "k")
+        zq, qv = await self.embed_inputs([query], "query")
+        target = target_view or qv[0]
+        if target not in store.views:
+            raise ApiError("invalid_input", f"target_view {target!r} is not indexed; the index has views "
+                                            f"{sorted(store.views)}", "target_view")
+        hits = await anyio.to_thread.run_sync(lambda: store.search_items(zq, target, k))
+        return {"query_view": qv[0], "target_view": target, "k": k, "results": hits[0]}
+
+    async def index_add(self, items: list) -> dict:
+        store = self._need_store()
+        items = [it.model_dump() if hasattr(it, "model_dump") else it for it in self._check_count(items, "items")]
+        indexed = {v: (self.rt.views[v]["source"] if self.rt.views[v]["source"] != "vector" else v)
+                   for v in store.views if v in self.rt.views}
+        sources = set(indexed.values())
+        keys, metas, given = [], [], None
+        for i, it in enumerate(items):
+            if not isinstance(it, dict) or not isinstance(it.get("key"), str) or not it.get("key"):
+                raise ApiError("invalid_input", f"items[{i}] needs a non-empty string key", f"items[{i}].key")
+            inputs = it.get("inputs") or {}
+            if not isinstance(inputs, dict) or not inputs:
+                raise ApiError("invalid_input", f"items[{i}] has no inputs", f"items[{i}].inputs")
+            unknown = sorted(set(inputs) - sources)
+            if unknown:
+                raise ApiError("invalid_input", f"items[{i}].inputs has {unknown}; the indexed views take "
+                                                f"{sorted(sources)}", f"items[{i}].inputs.{unknown[0]}")
+            if given is None:
+                given = set(inputs)
+            elif set(inputs) != given:
+                raise ApiError("invalid_input", "all items of one request must give the same inputs",
+                               f"items[{i}].inputs")
+            keys.append(it["key"])
+            metas.append(it.get("metadata") or {})
+        views = [v for v, src in indexed.items() if src in given]
+
+        async def one(view: str) -> tuple[str, np.ndarray]:
+            src = indexed[view]
+            vals = [it["inputs"][src] for it in items]
+            if self.rt.views[view]["source"] == "vector":
+                return view, await self.embed_batch(view, arrays=vals, field=f"items.inputs.{src}.")
+            return view, await self.embed_batch(view, images=vals, field=f"items.inputs.{src}.")
+
+        vectors = dict(await asyncio.gather(*(one(v) for v in views)))
+        ids = await anyio.to_thread.run_sync(lambda: store.add(keys, vectors, metas))
+        return {"added": len(keys), "ids": [int(i) for i in ids], "views": sorted(vectors)}
+
+    async def index_remove(self, keys: list) -> dict:
+        store = self._need_store()
+        self._check_count(keys, "keys")
+        if not all(isinstance(k, str) and k for k in keys):
+            raise ApiError("invalid_input", "keys must be non-empty strings", "keys")
+        n = await anyio.to_thread.run_sync(lambda: store.remove(list(keys)))
+        return {"removed": int(n)}
+
+    def batch_stats(self) -> dict:
+        with self._stats_lock:
+            s = dict(self.stats)
+        s["mean_batch_size"] = s["rows"] / s["batches"] if s["batches"] else 0.0
+        return s
+
+    async def info(self) -> dict:
+        rt = self.rt
+        index: dict[str, Any] = {"available": self.store is not None, "note": self.index_note}
+        if self.store is not None:
+            index |= {"path": str(self.store.path), "views": dict(self.store.views),
+                      "counts": {v: int(self.store.count(v)) for v in self.store.views},
+                      "readonly": bool(getattr(self.store, "readonly", False))}
+        return {
+            "card": rt.card.to_dict(),
+            "fingerprint": rt.fingerprint,
+            "dim": rt.dim,
+            "image_size": rt.image_size,
+            "tau": self.tau,
+            "views": {n: {"source": v["source"], "channels": v.get("channels"), "input": v.get("input"),
+                          "description": v.get("description")} for n, v in rt.views.items()},
+            "providers": list(rt.providers),
+            "index": index,
+            "settings": self.settings.as_dict(),
+            "batching": {"enabled": self.embedder is not None, "max_batch_size": self.settings.max_batch_size,
+                         "max_latency_ms": self.settings.max_latency_ms} | self.batch_stats(),
+        }
+
