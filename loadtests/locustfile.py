@@ -54,7 +54,7 @@ class CMCUser(HttpUser):
         self.views = list(info["views"])
         self.rgb_views = [v for v, s in info["views"].items() if s["source"] == "rgb"] or self.views
         self.dim_ok = lambda e: len(e) == self.dim  # noqa: E731
-        self.has_index = bool(info.get("index"))
+        self.has_index = bool(info.get("index", {}).get("available"))
 
     def _post(self, name: str, body: dict, check) -> None:
         with self.client.post(name, json=body, headers=self.h, catch_response=True) as r:

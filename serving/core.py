@@ -4,9 +4,8 @@
 endpoints: decoding and validating inputs, cosine/critic/rank math, search/add/remove, and the mapping of every
 failure to an HTTP status with an ``{"error", "detail", "field"}`` body. The service file only delegates here.
 
-Adaptive batching: embeddings go through ``Core.embedder`` when the service installs one (a BentoML batchable
-endpoint that takes *rows*: ``"<view>|<base64 float32 tensor>"``, see :meth:`Core.encode_rows` and
-:meth:`Core.embed_rows`), else straight to onnxruntime, one call at a time.
+Adaptive batching: with CMC_BATCHING on (the default), embeddings go through a per-view in-process micro-batcher
+(:mod:`serving.batcher`), else straight to onnxruntime, one call at a time.
 """
 from __future__ import annotations
 
@@ -14,11 +13,9 @@ import asyncio
 import base64
 import binascii
 import logging
-import math
 import os
-import threading
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import anyio
 import numpy as np
@@ -27,6 +24,7 @@ from models.artifact import default_index_dir
 from models.card import CardError
 from models.runtime import InputError, Runtime
 
+from .batcher import MicroBatcher, Overloaded
 from .schemas import STATUS, error_body
 
 LOG = logging.getLogger(__name__)
@@ -147,11 +145,9 @@ class Core:
         self.settings = settings or Settings()
         self.index_note = index_note
         self.tau = float(rt.card.tau)
-        self.embedder: Callable[[str, np.ndarray], Awaitable[np.ndarray]] | None = None
         self._limiter: anyio.CapacityLimiter | None = None
-        self._stats_lock = threading.Lock()
-        self.stats = {"batches": 0, "rows": 0, "max_batch": 0}
-        self._shapes = {n: tuple(int(d) for d in v["input"]["shape"][1:]) for n, v in rt.views.items()}
+        self.batcher = MicroBatcher(rt.embed, self.settings.max_batch_size, self.settings.max_latency_ms) \
+            if self.settings.batching else None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -190,78 +186,12 @@ class Core:
             self.store = None
 
     # ------------------------------------------------------------------ embedding
-    _CODES = {"f4": (np.float32, 1.0), "u1": (np.uint8, 255.0), "u2": (np.uint16, 65535.0)}
-
-    def encode_rows(self, view: str, x: np.ndarray) -> list[str]:
-        """A preprocessed batch of one view -> rows ``"<view>|<code>|<base64>"`` for the batchable endpoint.
-
-        Image views travel as the uint8 / uint16 pixels they were scaled from (x = pixels / 255 or / 65535, so
-        the round trip is exact and 4x / 2x smaller than float32); vectors as float32."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        code = {"rgb": "u1", "depth": "u2"}.get(self.rt.views[view]["source"], "f4")
-        dtype, scale = self._CODES[code]
-        if code != "f4":
-            q = np.rint(x * np.float32(scale))
-            if np.array_equal(q / np.float32(scale), x):
-                x = q.astype(dtype)
-            else:
-                code = "f4"
-        return [f"{view}|{code}|{base64.b64encode(r.tobytes()).decode('ascii')}" for r in x]
-
-    def embed_rows(self, rows: list[str]) -> np.ndarray:
-        """The batched computation: rows of any views -> (N, D) embeddings in row order."""
-        n = len(rows)
-        out = np.empty((n, self.rt.dim), np.float32)
-        groups: dict[str, list[int]] = {}
-        arrays: list[np.ndarray] = []
-        for i, row in enumerate(rows):
-            view, code, data = (str(row).split("|", 2) + ["", ""])[:3]
-            shape = self._shapes.get(view)
-            if shape is None or code not in self._CODES:
-                raise InputError(f"row {i}: unknown view {view!r} or code {code!r}", "rows")
-            dtype, scale = self._CODES[code]
-            try:
-                a = np.frombuffer(base64.b64decode(data, validate=True), dtype)
-            except (binascii.Error, ValueError):
-                raise InputError(f"row {i}: not base64 of {code}", "rows") from None
-            if a.size != math.prod(shape):
-                raise InputError(f"row {i}: {a.size} values, view {view!r} takes {shape}", "rows")
-            a = a.reshape(shape)
-            arrays.append(a if code == "f4" else a.astype(np.float32) / np.float32(scale))
-            groups.setdefault(view, []).append(i)
-        for view, idx in groups.items():
-            out[idx] = self.rt.embed(view, np.stack([arrays[i] for i in idx]))
-        with self._stats_lock:
-            self.stats["batches"] += 1
-            self.stats["rows"] += n
-            self.stats["max_batch"] = max(self.stats["max_batch"], n)
-        return out
-
-    def batched(self, client: Callable[[], Any]) -> Callable[[str, np.ndarray], Awaitable[np.ndarray]]:
-        """An embedder through the service's own batchable endpoint ``embed_rows`` (``client()`` -> BentoML's
-        async client of this service, which exists only once the server has started). The self-call passes through
-        the service's own middleware: with CMC_API_TOKEN set, service.py gives BentoML's client the token."""
-
-        async def embed(view: str, x: np.ndarray) -> np.ndarray:
-            rows = self.encode_rows(view, x)
-            for attempt in range(2):
-                try:
-                    out = await client().embed_rows(rows=rows)
-                    return np.asarray(out, dtype=np.float32).reshape(len(x), self.rt.dim)
-                except Exception as e:  # noqa: BLE001
-                    # BentoML's in-process client recycles its aiohttp session every N requests and can reset a
-                    # request in flight: retry once, then embed directly (unbatched) rather than fail the request
-                    if not type(e).__module__.startswith("aiohttp"):
-                        raise
-                    LOG.warning("batched self-call failed (%s: %s); %s", type(e).__name__, e,
-                                "retrying" if attempt == 0 else "embedding directly")
-            return await self._direct(view, x)
-
-        return embed
-
     async def _embed(self, view: str, x: np.ndarray) -> np.ndarray:
-        if self.embedder is not None:
-            return await self.embedder(view, x)
+        if self.batcher is not None:
+            try:
+                return await self.batcher(view, x)
+            except Overloaded as e:
+                raise ApiError("unavailable", f"server overloaded: {e}", None) from None
         return await self._direct(view, x)
 
     async def _direct(self, view: str, x: np.ndarray) -> np.ndarray:
@@ -453,10 +383,9 @@ class Core:
         return {"removed": int(n)}
 
     def batch_stats(self) -> dict:
-        with self._stats_lock:
-            s = dict(self.stats)
-        s["mean_batch_size"] = s["rows"] / s["batches"] if s["batches"] else 0.0
-        return s
+        if self.batcher is None:
+            return {"batches": 0, "rows": 0, "max_batch": 0, "mean_batch_size": 0.0}
+        return self.batcher.snapshot()
 
     async def info(self) -> dict:
         rt = self.rt
@@ -476,7 +405,7 @@ class Core:
             "providers": list(rt.providers),
             "index": index,
             "settings": self.settings.as_dict(),
-            "batching": {"enabled": self.embedder is not None, "max_batch_size": self.settings.max_batch_size,
+            "batching": {"enabled": self.batcher is not None, "max_batch_size": self.settings.max_batch_size,
                          "max_latency_ms": self.settings.max_latency_ms} | self.batch_stats(),
         }
 

@@ -16,26 +16,19 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
 import bentoml  # noqa: E402
-import numpy as np  # noqa: E402
 
 from serving.auth import BearerAuth, BodyLimit, ErrorEnvelope  # noqa: E402
 from serving.core import Core, Settings, respond  # noqa: E402
 from serving.schemas import AddItem, Input  # noqa: E402
 
 SETTINGS = Settings()
-if SETTINGS.token:
-    # Adaptive batching calls this service's own batchable endpoint through BentoML's in-process client, which
-    # passes our auth middleware; that client sends BENTO_CLOUD_API_KEY as its bearer token.
-    os.environ.setdefault("BENTO_CLOUD_API_KEY", SETTINGS.token)
 
 
 @bentoml.service(name="cmc", workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s})
 class CMCService:
     def __init__(self) -> None:
         self.ready = False
-        self.core = Core.load(SETTINGS)  # model, warm-up, index
-        if SETTINGS.batching:
-            self.core.embedder = self.core.batched(lambda: self.to_async)
+        self.core = Core.load(SETTINGS)  # model, warm-up, index, batcher
         self.ready = True
 
     def __is_ready__(self) -> bool:
@@ -44,11 +37,6 @@ class CMCService:
     @bentoml.on_shutdown
     def close(self) -> None:
         self.core.close()
-
-    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
-    def embed_rows(self, rows: list[str]) -> np.ndarray:
-        """Internal (adaptive batching): preprocessed rows "<view>|<base64 float32>" -> embeddings."""
-        return self.core.embed_rows(rows)
 
     @bentoml.api
     async def embed(self, view: str, images: Optional[list[str]] = None,

@@ -1,4 +1,4 @@
-"""serving.core / serving.auth without a server: the math, the batching rows, the error mapping, the middleware."""
+"""serving.core / serving.auth without a server: the math, the micro-batcher, the error mapping, the middleware."""
 from __future__ import annotations
 
 import asyncio
@@ -39,15 +39,41 @@ def test_serving_does_not_import_torch():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_embed_rows_roundtrip_mixed_views(core):
+def test_micro_batcher_coalesces_concurrent_requests_exactly(core):
+    """32 concurrent requests of two views: fewer model calls than requests, results equal direct calls."""
+    import time
+
+    from serving.batcher import MicroBatcher, Overloaded
     rt = core.rt
-    xl = rt.preprocess("L", [core.ds.sources["rgb"][i] for i in range(3)])
-    xf = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
-    rows = core.encode_rows("L", xl[:2]) + core.encode_rows("fou", xf) + core.encode_rows("L", xl[2:])
-    z = core.embed_rows(rows)
-    assert np.abs(z[[0, 1, 4]] - rt.embed("L", xl)).max() < 1e-5
-    assert np.abs(z[[2, 3]] - rt.embed("fou", xf)).max() < 1e-5
-    assert core.batch_stats()["rows"] >= 5
+    xl = rt.preprocess("L", [core.ds.sources["rgb"][i] for i in range(16)])
+    xf = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    calls = []
+
+    def slow_embed(view, x):
+        calls.append(len(x))
+        time.sleep(0.02)  # a model call long enough for requests to queue behind it
+        return rt.embed(view, x)
+
+    b = MicroBatcher(slow_embed, max_batch=8, max_latency_ms=10_000)
+
+    async def go():
+        reqs = [b("L", xl[i:i + 1]) for i in range(16)] + [b("fou", xf[i:i + 1]) for i in range(16)]
+        return await asyncio.gather(*reqs)
+
+    out = run(go())
+    assert np.abs(np.concatenate(out[:16]) - rt.embed("L", xl)).max() < 1e-5
+    assert np.abs(np.concatenate(out[16:]) - rt.embed("fou", xf)).max() < 1e-5
+    assert sum(calls) == 32 and max(calls) <= 8 and len(calls) < 32
+    s = b.snapshot()
+    assert s["rows"] == 32 and s["batches"] == len(calls) and s["mean_batch_size"] > 1
+
+    tight = MicroBatcher(slow_embed, max_batch=1, max_latency_ms=1)
+
+    async def flood():
+        return await asyncio.gather(*[tight("L", xl[i:i + 1]) for i in range(6)], return_exceptions=True)
+
+    res = run(flood())
+    assert any(isinstance(r, Overloaded) for r in res) and isinstance(res[0], np.ndarray)
 
 
 def test_embed_and_similarity_math(core):
