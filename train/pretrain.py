@@ -65,7 +65,9 @@ class Dist:
         """Differentiable all-gather of every view's (n, D) -> (world * n, D), in rank order."""
         if self.world == 1:
             return z
-        from torch.distributed.nn.functional import all_gather
+        import warnings
+        from torch.distributed.nn.functional import all_gather  # differentiable: backward reduce-scatters
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
         return {v: torch.cat(all_gather(t), dim=0) for v, t in z.items()}
 
 
