@@ -37,10 +37,7 @@ lock, see the state as of opening, and never write.
 """
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
 import fcntl
-import hashlib
 import io
 import json
 import logging
@@ -50,17 +47,18 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import faiss
 import numpy as np
 
 from index import factory as fac
+from index.durable import _atomic_write, _fsync_path, _now, _pack, _RWLock, _sha256
+from index.viewindex import TOMBSTONE_REBUILD, _View  # noqa: F401 - re-exported
 
 LOG = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-TOMBSTONE_REBUILD = 0.2
 _VIEW_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items(id INTEGER PRIMARY KEY, key TEXT UNIQUE NOT NULL, metadata TEXT, views TEXT NOT NULL);
@@ -72,167 +70,6 @@ INSERT OR IGNORE INTO state VALUES ('next_id', 0), ('snapshot_seq', 0), ('prev_s
 
 class StoreError(ValueError):
     """A request or an index directory is invalid; the message names the problem."""
-
-
-class _RWLock:
-    """Writer-preferring readers-writer lock (not reentrant)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._waiting = 0
-
-    @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
-
-
-def _pack(arrays: dict[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-class _View:
-    def __init__(self, name: str, spec: dict[str, Any]) -> None:
-        self.name, self.dim, self.metric = name, int(spec["dim"]), spec.get("metric", "ip")
-        self.factory = fac.normalize_factory(spec["factory"])
-        self.params: dict[str, int] = dict(spec.get("search_params") or {})
-        self.index: faiss.Index = fac.make_index(self.factory, self.dim, self.metric)
-        if not self.index.is_trained:  # exact Flat until there is enough data to train on
-            self.index = fac.make_index("Flat", self.dim, self.metric)
-        self.loaded_seq = 0
-        self.cur_loc: str | None = None  # which file holds the manifest's current snapshot
-        self.tomb: set[int] = set()
-        self._sel: tuple[Any, Any] | None = None
-        self.pending = False
-
-    def refresh_state(self) -> None:
-        self.pending = (fac.needs_training(self.factory, self.dim, self.metric)
-                        and isinstance(fac.base_of(self.index), faiss.IndexFlat))
-        if self.pending:
-            self.threshold = fac.train_threshold(self.factory, self.dim, self.metric)
-        self.set_tomb(self.tomb)
-
-    def set_tomb(self, tomb: set[int]) -> None:
-        self.tomb = tomb
-        if tomb:
-            batch = faiss.IDSelectorBatch(np.fromiter(tomb, dtype=np.int64, count=len(tomb)))
-            self._sel = (faiss.IDSelectorNot(batch), batch)  # keep `batch` alive
-        else:
-            self._sel = None
-
-    @property
-    def sel(self) -> faiss.IDSelector | None:
-        return self._sel[0] if self._sel else None
-
-    @property
-    def count(self) -> int:
-        return int(self.index.ntotal) - len(self.tomb)
-
-    def ids(self) -> np.ndarray:
-        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
-
-    def add(self, ids: np.ndarray, x: np.ndarray) -> None:
-        self.index.add_with_ids(x, ids)
-        if self.pending and self.index.ntotal >= self.threshold:
-            self._train_and_switch()
-
-    def remove(self, ids: np.ndarray) -> None:
-        if fac.is_hnsw(self.index):
-            self.set_tomb(self.tomb | set(ids.tolist()))
-            if len(self.tomb) > TOMBSTONE_REBUILD * max(self.index.ntotal, 1):
-                self.rebuild()
-        else:
-            self.index.remove_ids(ids)
-
-    def _chunks(self, chunk: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        base, ids = fac.base_of(self.index), self.ids()
-        for s in range(0, len(ids), chunk):
-            e = min(s + chunk, len(ids))
-            yield ids[s:e], base.reconstruct_n(s, e - s)
-
-    def _train_and_switch(self) -> None:
-        n = int(self.index.ntotal)
-        size = min(n, fac.train_sample_size(self.factory, self.dim, self.metric))
-        pos = np.sort(np.random.default_rng(0).choice(n, size=size, replace=False))
-        sample = fac.base_of(self.index).reconstruct_batch(pos)  # (size, dim)
-        new = fac.make_index(self.factory, self.dim, self.metric)
-        t0 = time.perf_counter()
-        new.train(sample)
-        for ids, x in self._chunks():
-            new.add_with_ids(x, ids)
-        LOG.info("view %s: trained %s on %d of %d vectors in %.1fs", self.name, self.factory, size, n,
-                 time.perf_counter() - t0)
-        self.index, self.pending = new, False
-
-    def rebuild(self) -> None:
-        """Rebuild without tombstoned ids (HNSW)."""
-        new = fac.make_index(self.factory, self.dim, self.metric)
-        dead = np.fromiter(self.tomb, dtype=np.int64, count=len(self.tomb))
-        for ids, x in self._chunks():
-            keep = ~np.isin(ids, dead)
-            if keep.any():
-                new.add_with_ids(np.ascontiguousarray(x[keep]), ids[keep])
-        LOG.info("view %s: rebuilt without %d tombstones (%d live)", self.name, len(dead), new.ntotal)
-        self.index = new
-        self.set_tomb(set())
 
 
 class IndexStore:
