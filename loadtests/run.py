@@ -59,6 +59,25 @@ def stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def scratch_index(out: Path) -> dict:
+    """Load tests add items: serve a copy of the model's index (CMC_INDEX, else its default gallery) so that
+    the user's own index is left as it was. Returns the environment for the server."""
+    import shutil
+
+    from models.artifact import default_index_dir, resolve
+    from models.card import load_card
+    src = os.environ.get("CMC_INDEX")
+    if src and src.lower() in ("none", "off", ""):
+        return {}
+    src_path = Path(src).expanduser() if src else default_index_dir(load_card(resolve(None), verify=False).fingerprint)
+    if not (src_path / "manifest.json").exists():
+        return {}
+    dst = out / "index"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src_path, dst, ignore=shutil.ignore_patterns("LOCK"))
+    return {"CMC_INDEX": str(dst)}
+
+
 def rss_of_tree(pid: int) -> int:
     """Resident memory (bytes) of a process and its children."""
     import psutil
@@ -106,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if url is None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = start_server(port, out / "server.log")
+        proc = start_server(port, out / "server.log", scratch_index(out))
         print(f"started bentoml serve on {url} (log: {out / 'server.log'})")
     rss: list[tuple[float, int]] = []
     stop_flag = threading.Event()
