@@ -55,7 +55,7 @@ def retrieval_grid(model: CMCModel, ds: Dataset, query_view: str, gallery_view: 
                    n_queries: int = 8, k: int = 5, seed: int = 0) -> Path:
     """Queries in one view, their top-k items retrieved in another; the true match framed in green."""
     from .evaluate import extract
-    ds = ds.subset(np.arange(min(len(ds), 2000)))
+    ds = ds.subset(np.sort(np.random.default_rng(seed).permutation(len(ds))[:2000]))  # files may be sorted by class
     z = extract(model, ds)["embed"]
     q = np.random.default_rng(seed).choice(len(ds), n_queries, replace=False)
     top = (z[query_view][q] @ z[gallery_view].t()).topk(k, dim=1).indices.numpy()
