@@ -40,13 +40,13 @@ class DeviceData:
         out = {}
         for k, t in self.host.items():
             x = t[idx].to(self.device, non_blocking=True)
-            if k == "rgb":
-                x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, H, W)
+            if k == "rgb":  # reorder while still uint8 (4x less memory traffic), then one conversion
+                x = x.permute(0, 3, 1, 2).contiguous().float().div_(255.0)  # (N, 3, H, W)
             elif k == "depth":
                 x = x.unsqueeze(1).float().div_(65535.0)  # (N, 1, H, W)
             else:
                 x = x.float()  # (N, D)
-            out[k] = x.contiguous()
+            out[k] = x
         return out
 
 
@@ -72,7 +72,7 @@ def augment(batch: dict[str, Tensor], theta: Tensor) -> dict[str, Tensor]:
     imgs = [k for k in ("rgb", "depth") if k in batch]
     if not imgs:
         return batch
-    x = torch.cat([batch[k] for k in imgs], dim=1)  # (N, C_rgb + C_depth, H, W)
+    x = batch[imgs[0]] if len(imgs) == 1 else torch.cat([batch[k] for k in imgs], dim=1)  # (N, C_rgb + C_depth, H, W)
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
     y = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     out, c = dict(batch), 0
