@@ -82,7 +82,8 @@ def test_ann_recall(tmp_path, factory):
 def test_choose_factory():
     assert choose_factory(10_000, 128) == "IDMap2,Flat"
     assert choose_factory(500_000, 128).startswith("IVF") and choose_factory(500_000, 128).endswith(",Flat")
-    assert choose_factory(2_000_000, 128, 2048) == "IDMap2,HNSW32,Flat"
+    assert choose_factory(1_000_000, 128, 2048) == "IVF4096,Flat"
+    assert choose_factory(8_000_000, 128, 16384) == "IDMap2,HNSW32,Flat"
     assert ",PQ" in choose_factory(100_000_000, 128, 2048)
 
 
