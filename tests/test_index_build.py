@@ -61,3 +61,21 @@ def test_cli_build_search_evaluate(trained_artifact, tmp_path):
     assert e["pairs"]["L->ab"]["cmc"]["R@10"] > max(4 * e["pairs"]["L->ab"]["random"]["R@10"], 0.15)
     r = run_cli(["-m", "index.build", "--model", model, "--data", data, "--views", "L,nope", "--out", str(tmp_path / "j")])
     assert r.returncode == 2 and "unknown view 'nope'" in r.stderr
+
+
+def test_ann_search_parameters_are_tuned_to_recall(trained_artifact, tmp_path):
+    """An IVF gallery larger than the tuning sample: nprobe is tuned against exhaustive IVF search and
+    then reaches recall@10 >= 0.95 of it."""
+    rt = Runtime(trained_artifact["dir"])
+    test = trained_artifact["test"]
+    out = build_index(rt, test, ["ab"], tmp_path / "ivf", factory="IVF4,Flat", tune_sample=128, batch_size=64,
+                      progress=False)
+    store = IndexStore.open(out, readonly=True)
+    params = store.manifest["views"]["ab"]["search_params"]
+    assert set(params) == {"nprobe"} and 1 <= params["nprobe"] <= 4
+    xq = rt.embed_sources("ab", test.subset(np.arange(100)).sources)
+    exact = store.search(xq, "ab", 10, nprobe=4)[1]
+    tuned = store.search(xq, "ab", 10)[1]  # the stored default
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(tuned.tolist(), exact.tolist())])
+    assert recall >= 0.9, recall
+    store.close()
