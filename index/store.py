@@ -72,6 +72,18 @@ class StoreError(ValueError):
     """A request or an index directory is invalid; the message names the problem."""
 
 
+class DuplicateKeyError(StoreError):
+    """An added key is already stored, or repeats within the request."""
+
+
+class UnknownKeyError(StoreError):
+    """A key to remove is not stored."""
+
+
+class NotWritableError(StoreError):
+    """The store is open read-only, or closed."""
+
+
 class IndexStore:
     """See the module docstring. Construct with :meth:`create` or :meth:`open`."""
 
@@ -193,7 +205,7 @@ class IndexStore:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise StoreError(f"index at {self.path} is already open for writing by another writer "
+            raise NotWritableError(f"index at {self.path} is already open for writing by another writer "
                              "(only one writer per directory; open with readonly=True to search)") from None
         self._lock_fd = fd
 
@@ -279,7 +291,7 @@ class IndexStore:
     def snapshot(self) -> None:
         """Write every view atomically, commit the manifest, then prune WAL rows covered twice."""
         if self.readonly:
-            raise StoreError("index is open readonly; cannot snapshot")
+            raise NotWritableError("index is open readonly; cannot snapshot")
         with self._wmutex, self._rw.read():
             self._write_snapshot()
 
@@ -329,9 +341,9 @@ class IndexStore:
 
     def _writable(self) -> None:
         if self.readonly:
-            raise StoreError("index is open readonly")
+            raise NotWritableError("index is open readonly")
         if self._db is None:
-            raise StoreError("index is closed")
+            raise NotWritableError("index is closed")
 
     def _check_x(self, x: Any, view: str, n: int | None) -> np.ndarray:
         if view not in self._views:
@@ -357,7 +369,7 @@ class IndexStore:
         keys = list(keys)
         if len(set(keys)) != len(keys):
             dup = next(k for i, k in enumerate(keys) if k in keys[:i])
-            raise StoreError(f"duplicate key {dup!r} in the request")
+            raise DuplicateKeyError(f"duplicate key {dup!r} in the request")
         return keys
 
     def _rows_for(self, keys: list[str]) -> dict[str, tuple[int, str]]:
@@ -390,7 +402,7 @@ class IndexStore:
             with self._db_lock:
                 present = self._rows_for(keys)
                 if present:
-                    raise StoreError(f"key {next(k for k in keys if k in present)!r} already exists "
+                    raise DuplicateKeyError(f"key {next(k for k in keys if k in present)!r} already exists "
                                      f"({len(present)} of {n} keys already exist)")
                 start = self._state("next_id")
                 ids = np.arange(start, start + n, dtype=np.int64)
@@ -420,7 +432,7 @@ class IndexStore:
                 rows = self._rows_for(keys)
                 missing = [k for k in keys if k not in rows]
                 if missing:
-                    raise StoreError(f"unknown key {missing[0]!r} ({len(missing)} of {len(keys)} keys unknown); "
+                    raise UnknownKeyError(f"unknown key {missing[0]!r} ({len(missing)} of {len(keys)} keys unknown); "
                                      "nothing removed")
                 per_view: dict[str, list[int]] = {}
                 for k in keys:

@@ -11,53 +11,16 @@ import argparse
 import csv
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the project's packages import without installing
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, timeout: float = 180.0, proc: subprocess.Popen | None = None) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} was not ready within {timeout:.0f} s")
-
-
-def start_server(port: int, log: Path, env: dict | None = None) -> subprocess.Popen:
-    e = os.environ.copy() | {"BENTOML_DO_NOT_TRACK": "true"} | (env or {})
-    return subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--port", str(port), "--host", "127.0.0.1"],
-                            cwd=ROOT, env=e, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+from serving.launch import ServerProcess  # noqa: E402
 
 
 def scratch_index(out: Path) -> dict:
@@ -121,22 +84,26 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    proc = None
+    server = None
     url = a.url
     if url is None:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        proc = start_server(port, out / "server.log", scratch_index(out))
+        server = ServerProcess(scratch_index(out), out / "server.log")
+        url = server.url
         print(f"started bentoml serve on {url} (log: {out / 'server.log'})")
     rss: list[tuple[float, int]] = []
     stop_flag = threading.Event()
     try:
-        wait_ready(url, proc=proc)
-        if a.soak and proc is not None:
+        if server is not None:
+            try:
+                server.wait_ready()
+            except RuntimeError as e:
+                print(f"error: {str(e).splitlines()[0]} (log: {out / 'server.log'})", file=sys.stderr)
+                return 2
+        if a.soak and server is not None:
             def sample():
                 t0 = time.time()
                 while not stop_flag.wait(1.0):
-                    rss.append((time.time() - t0, rss_of_tree(proc.pid)))
+                    rss.append((time.time() - t0, rss_of_tree(server.proc.pid)))
             threading.Thread(target=sample, daemon=True).start()
         env = os.environ.copy() | {"PYTHONPATH": str(ROOT)} | ({"CMC_P99_MS": str(a.p99_ms)} if a.p99_ms else {})
         cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless",
@@ -146,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     finally:
         stop_flag.set()
-        if proc is not None:
-            stop(proc)
+        if server is not None:
+            server.stop()
     if not (out / "locust_stats.csv").exists():
         print(r.stdout[-3000:], r.stderr[-3000:], sep="\n", file=sys.stderr)
         return 2

@@ -121,10 +121,6 @@ class Runtime:
             raise InputError(f"unknown view {name!r}; this model has: {', '.join(self.views)}", "view")
         return self.views[name]
 
-    def views_for_source(self, source: str) -> list[str]:
-        """Views whose input is ``source`` ('rgb', 'depth') or the vector view named ``source``."""
-        return [n for n, v in self.views.items() if v["source"] == source or (v["source"] == "vector" and n == source)]
-
     def preprocess(self, view: str, items: list, max_pixels: int = 40_000_000) -> np.ndarray:
         return to_source(self.view(view), items, self.image_size, max_pixels)
 

@@ -16,8 +16,6 @@ import base64
 import io
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,14 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.launch import ServerProcess
+
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png64(size: int = 64, seed: int = 0) -> bytes:
@@ -43,41 +37,19 @@ def png64(size: int = 64, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-class Served:
+class Served(ServerProcess):
+    """The service on a free port with this benchmark's settings (no index; batching on or off)."""
+
     def __init__(self, model: str, batching: bool, token: str | None, extra_env: dict | None = None):
-        import httpx
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="cmc-bench-", suffix=".log", delete=False)
-        env = os.environ | {"CMC_MODEL": model, "CMC_INDEX": "none", "CMC_BATCHING": "1" if batching else "0",
-                            "PYTHONUNBUFFERED": "1"} | (extra_env or {})
+        env = {"CMC_MODEL": model, "CMC_INDEX": "none", "CMC_BATCHING": "1" if batching else "0"} | (extra_env or {})
         if token:
             env["CMC_API_TOKEN"] = token
-        self.proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "serving.service:CMCService",
-                                      "--host", "127.0.0.1", "--port", str(self.port)], cwd=ROOT, env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        t0 = time.time()
-        while time.time() - t0 < 180:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited; log: {self.log.name}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise SystemExit(f"server not ready; log: {self.log.name}")
-
-    def stop(self) -> None:
-        import signal
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        log = tempfile.NamedTemporaryFile(prefix="cmc-bench-", suffix=".log", delete=False).name
+        super().__init__(env, log)
+        try:
+            self.wait_ready()
+        except RuntimeError as e:
+            raise SystemExit(f"{e}\nlog: {log}") from None
 
 
 def latency(url: str, body: bytes, headers: dict, n: int) -> np.ndarray:

@@ -89,20 +89,19 @@ class ApiError(Exception):
 
 def to_api_error(e: BaseException) -> ApiError | None:
     """Known exceptions -> ApiError; None for a bug (500)."""
-    from index.store import StoreError
+    from index.store import DuplicateKeyError, NotWritableError, StoreError, UnknownKeyError
     if isinstance(e, ApiError):
         return e
     if isinstance(e, InputError):
         return ApiError("invalid_input", str(e), e.field)
+    if isinstance(e, DuplicateKeyError):
+        return ApiError("conflict", str(e), "items")
+    if isinstance(e, UnknownKeyError):
+        return ApiError("not_found", str(e), "keys")
+    if isinstance(e, NotWritableError):
+        return ApiError("unavailable", str(e), None)
     if isinstance(e, StoreError):
-        msg = str(e)
-        if "already exists" in msg or "duplicate key" in msg:
-            return ApiError("conflict", msg, "items")
-        if "unknown key" in msg:
-            return ApiError("not_found", msg, "keys")
-        if "readonly" in msg or "closed" in msg:
-            return ApiError("unavailable", msg, None)
-        return ApiError("bad_request", msg, None)
+        return ApiError("bad_request", str(e), None)
     return None
 
 
@@ -166,7 +165,7 @@ class Core:
     @staticmethod
     def open_index(ref: str | None, fingerprint: str) -> tuple[Any, str]:
         """CMC_INDEX (a directory; '' or 'none' for none) or else the model's default index if it exists."""
-        from index.store import IndexStore, StoreError
+        from index.store import IndexStore, NotWritableError, StoreError
         if ref is not None and ref.strip().lower() in ("", "none", "off"):
             return None, "index disabled (CMC_INDEX=none)"
         path = Path(ref).expanduser() if ref else default_index_dir(fingerprint)
@@ -174,11 +173,11 @@ class Core:
             return None, f"no index: CMC_INDEX is unset and the model's default index {path} does not exist"
         try:
             return IndexStore.open(path, fingerprint=fingerprint), f"index {path}"
-        except StoreError as e:
-            if "already open for writing" not in str(e):
-                raise RuntimeError(f"cannot open the index {path}: {e}") from None
+        except NotWritableError:
             LOG.warning("index %s is open for writing by another worker; serving it read-only here", path)
             return IndexStore.open(path, fingerprint=fingerprint, readonly=True), f"index {path} (read-only)"
+        except StoreError as e:
+            raise RuntimeError(f"cannot open the index {path}: {e}") from None
 
     def close(self) -> None:
         if self.store is not None:

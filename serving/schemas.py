@@ -25,18 +25,6 @@ class AddItem(BaseModel):
         description="by source ('rgb', 'depth': base64 image) or by vector view name (a list of numbers)")
 
 
-class EmbedResponse(BaseModel):
-    view: str
-    dim: int
-    embeddings: list[list[float]]
-
-
-class ErrorResponse(BaseModel):
-    error: str
-    detail: str
-    field: Optional[str] = None
-
-
 # HTTP status per error kind
 STATUS = {
     "bad_request": 400,

@@ -1,5 +1,4 @@
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +24,6 @@ def run_cli(args: list[str], timeout: int = 300, env: dict | None = None, **kw) 
     """Run ``python -m ...`` in a subprocess from the repository root."""
     e = os.environ.copy() | {"PYTHONUNBUFFERED": "1"} | (env or {})
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e, **kw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_npz(path: Path, n: int = 256, seed: int = 0) -> Path:

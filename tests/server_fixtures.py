@@ -3,24 +3,14 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+from serving.launch import ServerProcess, free_port  # noqa: F401 - re-exported for tests
+
 ROOT = Path(__file__).resolve().parents[1]
 VIEWS = "L,ab,depth,fou"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_model(out_dir: Path, image_size: int = 32, seed: int = 0):
@@ -74,53 +64,4 @@ def build_index(index_dir: Path, model_dir: Path, ds, n: int) -> list[str]:
     return keys
 
 
-class Server:
-    """`bentoml serve serving.service:CMCService` on a free port, from the project root."""
-
-    def __init__(self, env: dict, log: Path, port: int | None = None):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        e = os.environ.copy() | {"BENTOML_DO_NOT_TRACK": "true", "PYTHONUNBUFFERED": "1"} | env
-        self._f = open(log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "serving.service:CMCService",
-                                      "--port", str(self.port), "--host", "127.0.0.1"],
-                                     cwd=ROOT, env=e, stdout=self._f, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def wait_ready(self, timeout: float = 120) -> "Server":
-        import httpx
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.tail()}")
-
-    def tail(self, n: int = 4000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=20)
-            except (subprocess.TimeoutExpired, ProcessLookupError):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=10)
-        self._f.close()
+Server = ServerProcess  # a real `bentoml serve` on a free port (serving/launch.py)

@@ -76,7 +76,7 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
     (["--data", "imagefolder:/no/such/dir"], "/no/such/dir"),
     (["--data", SMALL, "--views", "L,XYZ"], "unknown view 'XYZ'"),
     (["--data", "cifar10:{npz}", "--views", "L,depth"], "view 'depth' needs a 'depth' source"),
-    (["--data", "imagefolder:{empty}"], "no"),
+    (["--data", "imagefolder:{empty}"], "no train images found"),
     (["--data", SMALL, "--graph", "star"], "--graph must be core or full"),
     (["--epochs", "zero"], "--epochs"),
     (["--data", "nosuchkind:x"], "nosuchkind"),

@@ -120,10 +120,12 @@ def test_no_index_503(core):
 
 
 def test_store_error_mapping():
-    from index.store import StoreError
+    from index.store import DuplicateKeyError, NotWritableError, StoreError, UnknownKeyError
     from serving.core import to_api_error
-    assert to_api_error(StoreError("key 'a' already exists (1 of 1 keys already exist)")).status == 409
-    assert to_api_error(StoreError("unknown key 'a' (1 of 1 keys unknown); nothing removed")).status == 404
+    assert to_api_error(DuplicateKeyError("key 'a' already exists (1 of 1 keys already exist)")).status == 409
+    assert to_api_error(UnknownKeyError("unknown key 'a' (1 of 1 keys unknown); nothing removed")).status == 404
+    assert to_api_error(NotWritableError("index is open readonly")).status == 503
+    assert to_api_error(StoreError("view 'x': 3 vectors for 2 keys")).status == 400
     assert to_api_error(KeyError("bug")) is None
 
 

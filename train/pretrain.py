@@ -234,6 +234,7 @@ def _trim_metrics(path: Path, step: int, cfg: Config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = None
     try:
         cfg = parse_args(argv)
         world = Dist()
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted: checkpoint saved in {cfg.out}; continue with --resume", file=sys.stderr)
+        print("interrupted" + (f": checkpoint saved in {cfg.out}; continue with --resume" if cfg else ""), file=sys.stderr)
         return 130
     if world.world > 1:
         dist.barrier()
