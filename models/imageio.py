@@ -15,48 +15,92 @@ LOG = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 40_000_000
 
+# What the server decodes (the README's promise): everything else is refused before any decoder runs.
+SERVED_FORMATS = ("PNG", "JPEG", "WEBP")
+# Local training files (models/data readers) may also be in these; never EPS (Ghostscript), JPEG 2000, DDS, ...
+LOCAL_FORMATS = SERVED_FORMATS + ("BMP", "GIF", "TIFF", "PPM")
+
+# magic bytes -> Pillow format name (the accepted ones and the common others, to name them in errors)
+_MAGIC: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\x89PNG\r\n\x1a\n", "PNG"), (0, b"\xff\xd8\xff", "JPEG"), (8, b"WEBP", "WEBP"),
+    (0, b"GIF87a", "GIF"), (0, b"GIF89a", "GIF"), (0, b"BM", "BMP"), (0, b"II*\x00", "TIFF"),
+    (0, b"MM\x00*", "TIFF"), (0, b"\x00\x00\x00\x0cjP  ", "JPEG2000"), (0, b"\xffO\xffQ", "JPEG2000"),
+    (0, b"DDS ", "DDS"), (0, b"%!PS", "EPS"), (0, b"\xc5\xd0\xd3\xc6", "EPS"), (0, b"8BPS", "PSD"),
+    (0, b"\x01\xda", "SGI"), (0, b"qoif", "QOI"), (0, b"%PDF", "PDF"), (0, b"\x00\x00\x01\x00", "ICO"),
+    (0, b"icns", "ICNS"), (0, b"\x76\x2f\x31\x01", "OpenEXR"), (4, b"ftypavif", "AVIF"), (4, b"ftypheic", "HEIC"),
+    (0, b"P1", "PPM"), (0, b"P2", "PPM"), (0, b"P3", "PPM"), (0, b"P4", "PPM"), (0, b"P5", "PPM"), (0, b"P6", "PPM"),
+)
+
 
 class ImageError(ValueError):
     """Bytes that are not a usable image; the message names the problem."""
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
-    """Open and fully decode an image, checking its size from the header first."""
+def sniff_format(data: bytes) -> str | None:
+    """The image format that ``data`` starts with (a Pillow format name), or None if unknown."""
+    head = bytes(data[:16])
+    for off, magic, name in _MAGIC:
+        if head[off:off + len(magic)] == magic and (name != "WEBP" or head[:4] == b"RIFF"):
+            return name
+    return None
+
+
+def _names(formats: tuple[str, ...]) -> str:
+    n = [{"WEBP": "WebP"}.get(f, f) for f in formats]
+    return ", ".join(n[:-1]) + " or " + n[-1] if len(n) > 1 else n[0]
+
+
+def _open(data: bytes, max_pixels: int, formats: tuple[str, ...] | None = None,
+          draft: int | None = None) -> Image.Image:
+    """Open and fully decode an image of one of ``formats``, checking its size from the header first.
+
+    ``draft``: decode JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= draft pixels;
+    the pixel limit then applies to the drafted size (a JPEG costs what it decodes to)."""
+    formats = tuple(formats or LOCAL_FORMATS)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ImageError(f"expected image bytes, got {type(data).__name__}")
     if len(data) == 0:
         raise ImageError("empty image data")
+    fmt = sniff_format(data)
+    if fmt not in formats:
+        what = f"image format {fmt}" if fmt else f"unrecognised image data ({len(data)} bytes)"
+        raise ImageError(f"{what} is not accepted; send {_names(formats)}")
     with warnings.catch_warnings():
         # PIL's own bomb check warns above MAX_IMAGE_PIXELS; make it an error we control
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            im = Image.open(io.BytesIO(bytes(data)))  # lazy: reads the header only
+            im = Image.open(io.BytesIO(bytes(data)), formats=[fmt])  # lazy: reads the header only
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageError(f"image too large (decompression bomb): {e}") from None
         except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError...
-            raise ImageError(f"cannot identify image ({len(data)} bytes): {e}") from None
+            raise ImageError(f"cannot read {fmt} image ({len(data)} bytes): {e}") from None
         w, h = im.size
         if w <= 0 or h <= 0:
             raise ImageError(f"image has empty size {w}x{h}")
-        if w * h > max_pixels:
-            raise ImageError(f"image too large: {w}x{h} = {w * h} pixels > max_pixels={max_pixels}")
+        if draft and fmt == "JPEG" and im.mode in ("RGB", "L", "CMYK", "YCbCr"):
+            im.draft(im.mode, (draft, draft))
+        dw, dh = im.size
+        if dw * dh > max_pixels:
+            size = f"{w}x{h}" + (f" (decoded at {dw}x{dh})" if (dw, dh) != (w, h) else "")
+            raise ImageError(f"image too large: {size} = {dw * dh} pixels > max_pixels={max_pixels}")
         try:
             im.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageError(f"image too large (decompression bomb): {e}") from None
         except Exception as e:  # truncated / corrupt stream
-            raise ImageError(f"cannot decode {im.format or 'image'} {w}x{h}: {e}") from None
+            raise ImageError(f"cannot decode {fmt} {w}x{h}: {e}") from None
     return im
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode any PIL-readable image to uint8 (H, W, 3) RGB.
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, formats: tuple[str, ...] | None = None,
+                 draft: int | None = None) -> np.ndarray:
+    """Decode an image of one of ``formats`` (default LOCAL_FORMATS) to uint8 (H, W, 3) RGB.
 
     Palette, grayscale, CMYK and alpha images are converted (alpha is dropped);
-    16-bit grayscale is scaled down to 8 bits. Raises ImageError on bad bytes or
-    more than ``max_pixels`` pixels (checked from the header before decoding).
+    16-bit grayscale is scaled down to 8 bits. Raises ImageError on bad bytes, another format or
+    more than ``max_pixels`` pixels (checked from the header before decoding). ``draft``: see _open.
     """
-    im = _open(data, max_pixels)
+    im = _open(data, max_pixels, formats, draft)
     mode = im.mode
     if mode.startswith("I;16") or mode == "I":
         g = np.asarray(im).astype(np.uint32)
@@ -77,13 +121,14 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     return np.ascontiguousarray(arr)
 
 
-def decode_depth(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_depth(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 formats: tuple[str, ...] | None = None) -> np.ndarray:
     """Decode a depth map to uint16 (H, W).
 
     16-bit PNG ('I;16*' or 'I' modes) is taken as is (values clipped to 0..65535);
     8-bit grayscale is scaled by 257 so 255 -> 65535. Anything else raises ImageError.
     """
-    im = _open(data, max_pixels)
+    im = _open(data, max_pixels, formats)
     mode = im.mode
     if mode.startswith("I;16"):
         return np.asarray(im).astype(np.uint16)

@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from .artifact import resolve
 from .card import Card, load_card
-from .imageio import ImageError, decode_depth, decode_image, fit_image
+from .imageio import SERVED_FORMATS, ImageError, decode_depth, decode_image, fit_image
 
 LOG = logging.getLogger(__name__)
 
@@ -48,9 +48,10 @@ def providers(device: str = "auto") -> list[str]:
 def to_source(view: dict, items: list, image_size: int, max_pixels: int = 40_000_000) -> np.ndarray:
     """Decoded inputs of one view -> the float32 batch its graph takes.
 
-    rgb views: bytes (PNG/JPEG/WebP) or uint8 (H, W, 3) arrays -> (N, 3, S, S) in [0, 1];
-    depth views: bytes (16-bit PNG) or uint16 (H, W) arrays -> (N, 1, S, S) in [0, 1];
-    vector views: numbers (D,) -> (N, D), finite."""
+    rgb views: bytes (PNG/JPEG/WebP only; JPEG decoded in draft mode near S) or uint8 (H, W, 3) arrays
+    -> (N, 3, S, S) in [0, 1]; depth views: bytes (16-bit PNG) or uint16 (H, W) arrays -> (N, 1, S, S) in [0, 1];
+    vector views: numbers (D,) -> (N, D), finite. The input tensor depends on the source only (every view's
+    transform is inside its graph), so views of one source can share it."""
     if len(items) == 0:
         raise InputError("empty list of inputs", "inputs")
     src = view["source"]
@@ -58,18 +59,21 @@ def to_source(view: dict, items: list, image_size: int, max_pixels: int = 40_000
         dim = int(view["channels"])
         try:
             x = np.asarray(items, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise InputError(f"view {view['name']!r} takes vectors of {dim} numbers", "arrays") from None
+        except (TypeError, ValueError, OverflowError) as e:
+            raise InputError(f"view {view['name']!r} takes vectors of {dim} numbers ({type(e).__name__}: "
+                             f"{str(e)[:80]})", "arrays") from None
         if x.ndim != 2 or x.shape[1] != dim:
             raise InputError(f"view {view['name']!r} takes vectors of length {dim}, got shape {list(x.shape)}", "arrays")
         if not np.isfinite(x).all():
-            raise InputError("vectors contain NaN or inf", "arrays")
+            bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+            raise InputError(f"input {bad}: vector contains NaN or inf (or a number beyond float32)", "arrays")
         return x
     out = np.empty((len(items), 3 if src == "rgb" else 1, image_size, image_size), np.float32)
     for i, it in enumerate(items):
         try:
             if isinstance(it, (bytes, bytearray, memoryview)):
-                a = decode_image(bytes(it), max_pixels) if src == "rgb" else decode_depth(bytes(it), max_pixels)
+                a = (decode_image(bytes(it), max_pixels, SERVED_FORMATS, draft=image_size) if src == "rgb"
+                     else decode_depth(bytes(it), max_pixels, SERVED_FORMATS))
             else:
                 a = np.asarray(it)
         except ImageError as e:

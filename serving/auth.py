@@ -1,7 +1,9 @@
 """ASGI middleware of the CMC server: bearer-token access, a request-body size limit and one error shape.
 
 * :class:`BearerAuth` - when a token is configured (CMC_API_TOKEN), every path except the health ones requires
-  ``Authorization: Bearer <token>`` (constant-time comparison), else 401.
+  ``Authorization: Bearer <token>`` (constant-time comparison), else 401. Without a token the server is in
+  protected mode (like Redis's): reads are open, but writes (``/index/add``, ``/index/remove``) are accepted
+  only from loopback clients, else 403.
 * :class:`BodyLimit` - bodies over ``max_bytes`` (CMC_MAX_BODY_MB) get 413 before the endpoint parses them.
 * :class:`ErrorEnvelope` - rewrites the error answers BentoML and Starlette produce themselves (pydantic
   validation errors, malformed JSON, unknown routes) into ``{"error", "detail", "field"}``.
@@ -9,10 +11,24 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 from typing import Any
 
 PUBLIC_PATHS = frozenset({"/readyz", "/livez", "/healthz", "/metrics"})
+WRITE_PATHS = frozenset({"/index/add", "/index/remove"})
+
+
+def is_loopback(client: Any) -> bool:
+    """An ASGI ``scope["client"]`` (host, port) from this machine (127.0.0.0/8, ::1, ::ffff:127.x)."""
+    if not client:
+        return False
+    try:
+        ip = ipaddress.ip_address(str(client[0]).split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 def _json(status: int, body: dict, headers: list | None = None) -> tuple[dict, dict]:
@@ -36,8 +52,9 @@ def _header(scope: dict, name: bytes) -> bytes | None:
 
 
 class BearerAuth:
-    def __init__(self, app: Any, token: str | None = None, public_paths: frozenset[str] = PUBLIC_PATHS):
-        self.app, self.public = app, public_paths
+    def __init__(self, app: Any, token: str | None = None, public_paths: frozenset[str] = PUBLIC_PATHS,
+                 write_paths: frozenset[str] = WRITE_PATHS):
+        self.app, self.public, self.writes = app, public_paths, write_paths
         self.token = token.encode() if token else None
 
     def allowed(self, scope: dict) -> bool:
@@ -48,6 +65,12 @@ class BearerAuth:
         return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if self.token is None and scope["type"] == "http" and scope.get("path") in self.writes \
+                and not is_loopback(scope.get("client")):
+            await _send_json(send, 403, {"error": "forbidden", "detail": f"{scope['path']} is accepted only from "
+                                         "this machine (loopback) while CMC_API_TOKEN is unset; set a token to "
+                                         "allow writes from other hosts", "field": None})
+            return
         if scope["type"] in ("http", "websocket") and not self.allowed(scope):
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
@@ -139,7 +162,7 @@ def normalize_error(status: int, body: bytes) -> dict:
     return {"error": _KIND.get(status, "error"), "detail": text or f"HTTP {status}", "field": None}
 
 
-_KIND = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
+_KIND = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
          415: "unsupported_media_type", 422: "invalid_input", 500: "internal", 503: "unavailable"}
 
 

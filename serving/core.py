@@ -1,8 +1,12 @@
 """Everything the CMC service does, without BentoML specifics and without torch.
 
 :class:`Core` holds the ONNX runtime (``models.runtime``) and the index store (``index.store``) and answers the
-endpoints: decoding and validating inputs, cosine/critic/rank math, search/add/remove, and the mapping of every
-failure to an HTTP status with an ``{"error", "detail", "field"}`` body. The service file only delegates here.
+endpoints: decoding and validating inputs, cosine/critic/rank math, search/add/remove. Settings live in
+:mod:`serving.settings`, the error envelope in :mod:`serving.errors`, input limits in :mod:`serving.limits`.
+The service file only delegates here.
+
+Image decoding runs on a bounded pool (CMC_DECODE_THREADS, default CPUs / workers), never on the default
+40-thread pool, and decodes at most :func:`serving.limits.decode_pixels` pixels per image.
 
 Adaptive batching: with CMC_BATCHING on (the default), embeddings go through a per-view in-process micro-batcher
 (:mod:`serving.batcher`), else straight to onnxruntime, one call at a time.
@@ -14,8 +18,9 @@ import base64
 import binascii
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import anyio
 import numpy as np
@@ -25,100 +30,12 @@ from models.card import CardError
 from models.runtime import InputError, Runtime
 
 from .batcher import MicroBatcher, Overloaded
-from .schemas import STATUS, error_body
+from .errors import ApiError, respond, to_api_error  # noqa: F401 - re-exported (the service imports respond here)
+from .limits import check_key, check_keys, check_metadata, decode_pixels, trim_hits
+from .settings import Settings, cpu_count, env_flag, env_int  # noqa: F401 - re-exported
 
 LOG = logging.getLogger(__name__)
-
-
-def env_int(name: str, default: int) -> int:
-    v = os.environ.get(name, "").strip()
-    try:
-        return int(v) if v else default
-    except ValueError:
-        raise RuntimeError(f"environment variable {name}={v!r} is not an integer") from None
-
-
-def env_flag(name: str, default: bool) -> bool:
-    v = os.environ.get(name, "").strip().lower()
-    if not v:
-        return default
-    return v not in ("0", "false", "no", "off")
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-class Settings:
-    """Server settings from the environment (read once, at import of the service and at start)."""
-
-    def __init__(self) -> None:
-        self.workers = max(1, env_int("CMC_WORKERS", 1))
-        self.threads = env_int("CMC_THREADS", 0) or max(1, cpu_count() // self.workers)
-        self.batching = env_flag("CMC_BATCHING", True)
-        self.max_batch_size = max(2, env_int("CMC_MAX_BATCH_SIZE", 64))
-        self.max_latency_ms = max(1, env_int("CMC_MAX_LATENCY_MS", 3000))
-        self.max_items = max(1, env_int("CMC_MAX_ITEMS", 64))
-        self.max_pixels = max(1, env_int("CMC_MAX_PIXELS", 16_000_000))
-        self.max_k = max(1, env_int("CMC_MAX_K", 1000))
-        self.max_body_mb = max(1, env_int("CMC_MAX_BODY_MB", 32))
-        self.timeout_s = max(1, env_int("CMC_TIMEOUT_S", 60))
-        self.device = os.environ.get("CMC_DEVICE", "auto")
-        self.model = os.environ.get("CMC_MODEL") or None
-        self.index = os.environ.get("CMC_INDEX")
-        self.token = os.environ.get("CMC_API_TOKEN") or None
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in vars(self).items() if k != "token"} | {"auth": self.token is not None}
-
-
-class ApiError(Exception):
-    """A failure with an HTTP status: ``error`` is a short kind (a key of schemas.STATUS)."""
-
-    def __init__(self, error: str, detail: str, field: str | None = None, status: int | None = None):
-        super().__init__(detail)
-        self.error, self.detail, self.field = error, detail, field
-        self.status = status or STATUS.get(error, 400)
-
-    def body(self) -> dict:
-        return error_body(self.error, self.detail, self.field)
-
-
-def to_api_error(e: BaseException) -> ApiError | None:
-    """Known exceptions -> ApiError; None for a bug (500)."""
-    from index.store import DuplicateKeyError, NotWritableError, StoreError, UnknownKeyError
-    if isinstance(e, ApiError):
-        return e
-    if isinstance(e, InputError):
-        return ApiError("invalid_input", str(e), e.field)
-    if isinstance(e, DuplicateKeyError):
-        return ApiError("conflict", str(e), "items")
-    if isinstance(e, UnknownKeyError):
-        return ApiError("not_found", str(e), "keys")
-    if isinstance(e, NotWritableError):
-        return ApiError("unavailable", str(e), None)
-    if isinstance(e, StoreError):
-        return ApiError("bad_request", str(e), None)
-    return None
-
-
-async def respond(coro: Awaitable[Any]) -> Any:
-    """Await an endpoint coroutine; errors become a JSON response with their status (never a crash)."""
-    from starlette.responses import JSONResponse
-    try:
-        return await coro
-    except Exception as e:  # noqa: BLE001 - everything becomes an answer
-        api = to_api_error(e)
-        if api is None:
-            if type(e).__name__ == "ServiceUnavailable":  # bentoml's dispatcher: waited past max latency
-                api = ApiError("unavailable", f"server overloaded: {e}", None)
-            else:
-                LOG.exception("unexpected error")
-                return JSONResponse(error_body("internal", f"{type(e).__name__}: {e}"), status_code=500)
-        return JSONResponse(api.body(), status_code=api.status)
+T = TypeVar("T")
 
 
 def b64decode(s: Any, field: str) -> bytes:
@@ -144,7 +61,9 @@ class Core:
         self.settings = settings or Settings()
         self.index_note = index_note
         self.tau = float(rt.card.tau)
+        self.max_pixels = decode_pixels(self.settings.max_pixels, rt.image_size)
         self._limiter: anyio.CapacityLimiter | None = None
+        self._decoders = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="cmc-decode")
         self.batcher = MicroBatcher(rt.embed, self.settings.max_batch_size, self.settings.max_latency_ms) \
             if self.settings.batching else None
 
@@ -185,6 +104,20 @@ class Core:
             self.store = None
 
     # ------------------------------------------------------------------ embedding
+    async def _decode(self, fn: Callable[[], T]) -> T:
+        """Run a decode/preprocess function on the bounded decode pool."""
+        return await asyncio.get_running_loop().run_in_executor(self._decoders, fn)
+
+    @staticmethod
+    def _finite(z: np.ndarray, field: str) -> np.ndarray:
+        """(N, D) embeddings -> the same, or a 400 naming the first input whose embedding is not finite."""
+        ok = np.isfinite(z).all(axis=1)
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            raise ApiError("invalid_input", f"{field}[{i}] gives a non-finite embedding (NaN or inf): its values are "
+                                            "too large for the model", f"{field}[{i}]")
+        return z
+
     async def _embed(self, view: str, x: np.ndarray) -> np.ndarray:
         if self.batcher is not None:
             try:
@@ -244,14 +177,14 @@ class Core:
                      for i, it in enumerate(images)]
             fname = f"{field}images"
         try:
-            return self.rt.preprocess(view, items, self.settings.max_pixels)
+            return self.rt.preprocess(view, items, self.max_pixels)
         except InputError as e:
             raise _relabel(e, fname) from None
 
     async def embed_batch(self, view: str, images: list | None = None, arrays: list | None = None,
                           field: str = "") -> np.ndarray:
-        x = await anyio.to_thread.run_sync(lambda: self.prepare(view, images, arrays, field))
-        return await self._embed(view, x)
+        x = await self._decode(lambda: self.prepare(view, images, arrays, field))
+        return self._finite(await self._embed(view, x), f"{field}{'arrays' if arrays is not None else 'images'}")
 
     async def embed_inputs(self, inputs: list, field: str) -> tuple[np.ndarray, list[str]]:
         """``[{"view", "image"|"array"}]`` (dicts or schemas.Input) of mixed views -> (N, D), views."""
@@ -286,7 +219,8 @@ class Core:
         return {"view": view, "dim": int(z.shape[1]), "embeddings": z.tolist()}
 
     async def embed_file(self, view: str, path: str | os.PathLike) -> dict:
-        data = await anyio.to_thread.run_sync(Path(path).read_bytes)
+        self._view(view)
+        data = await self._decode(Path(path).read_bytes)
         z = await self.embed_batch(view, [data])
         return {"view": view, "dim": int(z.shape[1]), "embeddings": z.tolist()}
 
@@ -323,7 +257,8 @@ class Core:
                                        f"directory or build the default one with `python -m train.pretrain`", None)
         return self.store
 
-    async def search(self, query: Any, target_view: str | None = None, k: int = 10) -> dict:
+    async def search(self, query: Any, target_view: str | None = None, k: int = 10,
+                     include_metadata: bool = True) -> dict:
         store = self._need_store()
         if not isinstance(k, int) or isinstance(k, bool) or k <= 0 or k > self.settings.max_k:
             raise ApiError("invalid_input", f"k must be an integer in 1..{self.settings.max_k} (CMC_MAX_K), got {k!r}",
@@ -334,7 +269,8 @@ class Core:
             raise ApiError("invalid_input", f"target_view {target!r} is not indexed; the index has views "
                                             f"{sorted(store.views)}", "target_view")
         hits = await anyio.to_thread.run_sync(lambda: store.search_items(zq, target, k))
-        return {"query_view": qv[0], "target_view": target, "k": k, "results": hits[0]}
+        return {"query_view": qv[0], "target_view": target, "k": k,
+                "results": trim_hits(hits[0], bool(include_metadata))}
 
     async def index_add(self, items: list) -> dict:
         store = self._need_store()
@@ -342,10 +278,18 @@ class Core:
         indexed = {v: (self.rt.views[v]["source"] if self.rt.views[v]["source"] != "vector" else v)
                    for v in store.views if v in self.rt.views}
         sources = set(indexed.values())
-        keys, metas, given = [], [], None
+        keys: list[str] = []
+        metas: list[dict] = []
+        given: set | None = None
+        first: dict[str, int] = {}
         for i, it in enumerate(items):
-            if not isinstance(it, dict) or not isinstance(it.get("key"), str) or not it.get("key"):
-                raise ApiError("invalid_input", f"items[{i}] needs a non-empty string key", f"items[{i}].key")
+            if not isinstance(it, dict):
+                raise ApiError("invalid_input", f"items[{i}] must be an object", f"items[{i}]")
+            key = check_key(it.get("key"), f"items[{i}].key")
+            if key in first:
+                raise ApiError("invalid_input", f"duplicate key {key!r} at items[{first[key]}] and items[{i}]",
+                               f"items[{i}].key")
+            first[key] = i
             inputs = it.get("inputs") or {}
             if not isinstance(inputs, dict) or not inputs:
                 raise ApiError("invalid_input", f"items[{i}] has no inputs", f"items[{i}].inputs")
@@ -358,26 +302,30 @@ class Core:
             elif set(inputs) != given:
                 raise ApiError("invalid_input", "all items of one request must give the same inputs",
                                f"items[{i}].inputs")
-            keys.append(it["key"])
-            metas.append(it.get("metadata") or {})
-        views = [v for v, src in indexed.items() if src in given]
+            keys.append(key)
+            metas.append(check_metadata(it.get("metadata"), f"items[{i}].metadata",
+                                        self.settings.max_metadata_bytes)[0])
+        by_source: dict[str, list[str]] = {}
+        for v, src in indexed.items():
+            if src in (given or ()):
+                by_source.setdefault(src, []).append(v)
 
-        async def one(view: str) -> tuple[str, np.ndarray]:
-            src = indexed[view]
+        async def one(src: str, views: list[str]) -> list[tuple[str, np.ndarray]]:
+            """Decode a source once for all its views (L and ab read the same rgb image), then embed each view."""
             vals = [it["inputs"][src] for it in items]
-            if self.rt.views[view]["source"] == "vector":
-                return view, await self.embed_batch(view, arrays=vals, field=f"items.inputs.{src}.")
-            return view, await self.embed_batch(view, images=vals, field=f"items.inputs.{src}.")
+            kind = "arrays" if self.rt.views[views[0]]["source"] == "vector" else "images"
+            x = await self._decode(lambda: self.prepare(views[0], **{kind: vals}, field=f"items.inputs.{src}."))
+            zs = await asyncio.gather(*(self._embed(v, x) for v in views))
+            return [(v, self._finite(z, f"items.inputs.{src}")) for v, z in zip(views, zs)]
 
-        vectors = dict(await asyncio.gather(*(one(v) for v in views)))
+        parts = await asyncio.gather(*(one(src, vs) for src, vs in by_source.items()))
+        vectors = dict(p for part in parts for p in part)
         ids = await anyio.to_thread.run_sync(lambda: store.add(keys, vectors, metas))
         return {"added": len(keys), "ids": [int(i) for i in ids], "views": sorted(vectors)}
 
     async def index_remove(self, keys: list) -> dict:
         store = self._need_store()
-        self._check_count(keys, "keys")
-        if not all(isinstance(k, str) and k for k in keys):
-            raise ApiError("invalid_input", "keys must be non-empty strings", "keys")
+        keys = check_keys(self._check_count(keys, "keys"), "keys")
         n = await anyio.to_thread.run_sync(lambda: store.remove(list(keys)))
         return {"removed": int(n)}
 

@@ -13,15 +13,23 @@ import os
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 from pathlib import Path  # noqa: E402
-from typing import Any, Optional  # noqa: E402
+from typing import Annotated, Any, Optional  # noqa: E402
 
 import bentoml  # noqa: E402
+from pydantic import Field  # noqa: E402
 
 from serving.auth import BearerAuth, BodyLimit, ErrorEnvelope  # noqa: E402
 from serving.core import Core, Settings, respond  # noqa: E402
-from serving.schemas import AddItem, Input  # noqa: E402
+from serving.guard import ContentGuard, FormSpec, install_route_metrics  # noqa: E402
+from serving.schemas import AddItem, Base64Image, Input, Key, Vector, ViewName, max_items  # noqa: E402
 
 SETTINGS = Settings()
+N = SETTINGS.max_items
+JSON_ROUTES = ("/embed", "/similarity", "/search", "/index/add", "/index/remove", "/info")
+FORM_ROUTES = {"/embed_file": FormSpec(files=("image",), texts=("view",))}
+# metrics are labelled by these paths only (every other path counts as /other)
+install_route_metrics(JSON_ROUTES + tuple(FORM_ROUTES) + ("/", "/docs", "/docs.json", "/metrics", "/readyz",
+                                                          "/livez", "/healthz"))
 
 
 @bentoml.service(name="cmc", workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s})
@@ -39,34 +47,39 @@ class CMCService:
         self.core.close()
 
     @bentoml.api
-    async def embed(self, view: str, images: Optional[list[str]] = None,
-                    arrays: Optional[list[list[float]]] = None) -> dict:
+    async def embed(self, view: ViewName,
+                    images: Annotated[Optional[list[Base64Image]], Field(json_schema_extra=max_items(N))] = None,
+                    arrays: Annotated[Optional[list[Vector]], Field(json_schema_extra=max_items(N))] = None) -> dict:
         """Embed base64 images (image views) or arrays (vector views) in one view -> L2-normalised embeddings."""
         return await respond(self.core.embed(view, images, arrays))
 
     @bentoml.api
-    async def embed_file(self, image: Path, view: str) -> dict:
-        """Multipart form of /embed for one image: curl -F image=@x.png -F view=L."""
+    async def embed_file(self, image: Path, view: ViewName) -> dict:
+        """Multipart form of /embed for one uploaded image: curl -F image=@x.png -F view=L (a file part only:
+        a text part, such as a URL, is a 400 and nothing is fetched)."""
         return await respond(self.core.embed_file(view, image))
 
     @bentoml.api
     async def similarity(self, a: Optional[Input] = None, b: Optional[Input] = None, query: Optional[Input] = None,
-                         candidates: Optional[list[Input]] = None) -> dict:
+                         candidates: Annotated[Optional[list[Input]], Field(json_schema_extra=max_items(N))] = None
+                         ) -> dict:
         """Pair form {a, b} -> cosine and critic exp(cos/tau); rank form {query, candidates} -> sorted scores."""
         return await respond(self.core.similarity(a, b, query, candidates))
 
     @bentoml.api
-    async def search(self, query: Input, target_view: Optional[str] = None, k: int = 10) -> dict:
-        """The k nearest indexed items in target_view (default: the query's view) of a query in any view."""
-        return await respond(self.core.search(query, target_view, k))
+    async def search(self, query: Input, target_view: Optional[ViewName] = None,
+                     k: Annotated[int, Field(ge=1, le=SETTINGS.max_k)] = 10, include_metadata: bool = True) -> dict:
+        """The k nearest indexed items in target_view (default: the query's view) of a query in any view;
+        include_metadata=false leaves each hit's metadata out."""
+        return await respond(self.core.search(query, target_view, k, include_metadata))
 
     @bentoml.api(route="/index/add")
-    async def index_add(self, items: list[AddItem]) -> dict:
+    async def index_add(self, items: Annotated[list[AddItem], Field(json_schema_extra=max_items(N))]) -> dict:
         """Embed and add items (inputs by source or vector view name); answered once durable."""
         return await respond(self.core.index_add(items))
 
     @bentoml.api(route="/index/remove")
-    async def index_remove(self, keys: list[str]) -> dict:
+    async def index_remove(self, keys: Annotated[list[Key], Field(json_schema_extra=max_items(N))]) -> dict:
         """Remove items by key; answered once durable."""
         return await respond(self.core.index_remove(keys))
 
@@ -79,5 +92,6 @@ class CMCService:
 CMCService.add_asgi_middleware(ErrorEnvelope)
 CMCService.add_asgi_middleware(BearerAuth, token=SETTINGS.token)
 CMCService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_mb << 20)
+CMCService.add_asgi_middleware(ContentGuard, json_routes=JSON_ROUTES, form_routes=FORM_ROUTES)
 
 __all__: list[Any] = ["CMCService"]

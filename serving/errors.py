@@ -1,0 +1,60 @@
+"""The error envelope of the endpoints: :class:`ApiError`, the mapping of known exceptions to it, and
+:func:`respond`, which turns every failure of an endpoint coroutine into a ``{"error", "detail", "field"}`` answer."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Awaitable
+
+from models.runtime import InputError
+
+from .schemas import STATUS, error_body
+
+LOG = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """A failure with an HTTP status: ``error`` is a short kind (a key of schemas.STATUS)."""
+
+    def __init__(self, error: str, detail: str, field: str | None = None, status: int | None = None):
+        super().__init__(detail)
+        self.error, self.detail, self.field = error, detail, field
+        self.status = status or STATUS.get(error, 400)
+
+    def body(self) -> dict:
+        return error_body(self.error, self.detail, self.field)
+
+
+def to_api_error(e: BaseException) -> ApiError | None:
+    """Known exceptions -> ApiError; None for a bug (500)."""
+    from index.store import DuplicateKeyError, NotWritableError, StoreError, UnknownKeyError
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, InputError):
+        return ApiError("invalid_input", str(e), e.field)
+    if isinstance(e, DuplicateKeyError):
+        return ApiError("conflict", str(e), "items")
+    if isinstance(e, UnknownKeyError):
+        return ApiError("not_found", str(e), "keys")
+    if isinstance(e, NotWritableError):
+        return ApiError("unavailable", str(e), None)
+    if isinstance(e, StoreError):
+        return ApiError("bad_request", str(e), None)
+    if isinstance(e, RecursionError):
+        return ApiError("invalid_input", "input nested too deeply", None)
+    return None
+
+
+async def respond(coro: Awaitable[Any]) -> Any:
+    """Await an endpoint coroutine; errors become a JSON response with their status (never a crash)."""
+    from starlette.responses import JSONResponse
+    try:
+        return await coro
+    except Exception as e:  # noqa: BLE001 - everything becomes an answer
+        api = to_api_error(e)
+        if api is None:
+            if type(e).__name__ == "ServiceUnavailable":  # bentoml's dispatcher: waited past max latency
+                api = ApiError("unavailable", f"server overloaded: {e}", None)
+            else:
+                LOG.exception("unexpected error")
+                return JSONResponse(error_body("internal", f"{type(e).__name__}: {e}"), status_code=500)
+        return JSONResponse(api.body(), status_code=api.status)

@@ -1,0 +1,53 @@
+"""Server settings from the environment (read once, at import of the service and at start)."""
+from __future__ import annotations
+
+import os
+
+
+def env_int(name: str, default: int) -> int:
+    v = os.environ.get(name, "").strip()
+    try:
+        return int(v) if v else default
+    except ValueError:
+        raise RuntimeError(f"environment variable {name}={v!r} is not an integer") from None
+
+
+def env_flag(name: str, default: bool) -> bool:
+    v = os.environ.get(name, "").strip().lower()
+    if not v:
+        return default
+    return v not in ("0", "false", "no", "off")
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+class Settings:
+    """Server settings from the environment (read once, at import of the service and at start)."""
+
+    def __init__(self) -> None:
+        self.workers = max(1, env_int("CMC_WORKERS", 1))
+        self.threads = env_int("CMC_THREADS", 0) or max(1, cpu_count() // self.workers)
+        # image decoding runs on its own pool of this many threads (not the 40-thread default pool)
+        self.decode_threads = max(1, env_int("CMC_DECODE_THREADS", 0) or max(1, cpu_count() // self.workers))
+        self.batching = env_flag("CMC_BATCHING", True)
+        self.max_batch_size = max(2, env_int("CMC_MAX_BATCH_SIZE", 64))
+        self.max_latency_ms = max(1, env_int("CMC_MAX_LATENCY_MS", 3000))
+        self.max_items = max(1, env_int("CMC_MAX_ITEMS", 64))
+        # an upper cap; the decode limit is also sized to the model's input (serving.limits.decode_pixels)
+        self.max_pixels = max(1, env_int("CMC_MAX_PIXELS", 16_000_000))
+        self.max_k = max(1, env_int("CMC_MAX_K", 1000))
+        self.max_body_mb = max(1, env_int("CMC_MAX_BODY_MB", 32))
+        self.max_metadata_bytes = max(2, env_int("CMC_MAX_METADATA_BYTES", 16 << 10))
+        self.timeout_s = max(1, env_int("CMC_TIMEOUT_S", 60))
+        self.device = os.environ.get("CMC_DEVICE", "auto")
+        self.model = os.environ.get("CMC_MODEL") or None
+        self.index = os.environ.get("CMC_INDEX")
+        self.token = os.environ.get("CMC_API_TOKEN") or None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "token"} | {"auth": self.token is not None}
