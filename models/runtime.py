@@ -58,7 +58,8 @@ def to_source(view: dict, items: list, image_size: int, max_pixels: int = 40_000
     if src == "vector":
         dim = int(view["channels"])
         try:
-            x = np.asarray(items, dtype=np.float32)
+            with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused below
+                x = np.asarray(items, dtype=np.float32)
         except (TypeError, ValueError, OverflowError) as e:
             raise InputError(f"view {view['name']!r} takes vectors of {dim} numbers ({type(e).__name__}: "
                              f"{str(e)[:80]})", "arrays") from None

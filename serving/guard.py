@@ -134,8 +134,8 @@ class ContentGuard:
 
         n_parts = len(spec.files) + len(spec.texts)
         try:
-            form = await MultiPartParser(Headers(scope=scope), stream(), max_files=len(spec.files),
-                                         max_fields=n_parts, max_part_size=spec.max_text * 4 + 64).parse()
+            form = await MultiPartParser(Headers(scope=scope), stream(), max_files=len(spec.files) + 1,
+                                         max_fields=n_parts + 1, max_part_size=spec.max_text * 4 + 64).parse()
         except Exception as e:  # noqa: BLE001 - MultiPartException and the parser's own errors: all malformed bodies
             return _error(400, "bad_request", f"malformed multipart body: {str(e)[:200] or type(e).__name__}",
                           "body")

@@ -113,3 +113,59 @@ def test_fit_image_depth_keeps_dtype_and_range():
     ramp = np.tile(np.linspace(0, 65535, 100).astype(np.uint16), (100, 1))
     r = fit_image(ramp, 10)
     assert r.dtype == np.uint16 and r.min() < 8000 and r.max() > 57000
+
+
+# ---------------------------------------------------------------------------------------------- hostile input (issue 9)
+def _saved(fmt: str, arr: np.ndarray | None = None, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(_rgb(24, 24) if arr is None else arr).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt,named", [("BMP", "BMP"), ("GIF", "GIF"), ("TIFF", "TIFF"), ("SGI", "SGI"),
+                                       ("DDS", "DDS"), ("EPS", "EPS"), ("ICO", "ICO"), ("PPM", "PPM"),
+                                       ("TGA", "unrecognised"), ("PCX", "unrecognised"), ("JPEG2000", "JPEG2000")])
+def test_served_formats_refuse_every_other_format_by_name(fmt, named):
+    """Item 7: only PNG, JPEG and WebP are decoded for the server; the refusal names the format."""
+    from PIL import features
+
+    from models.imageio import SERVED_FORMATS, sniff_format
+    if fmt == "JPEG2000" and not features.check("jpg_2000"):
+        data = b"\x00\x00\x00\x0cjP  \r\n\x87\n" + bytes(64)
+    else:
+        data = _saved(fmt)
+    assert sniff_format(data) == (None if named == "unrecognised" else named)
+    with pytest.raises(ImageError, match=f"{named}.*not accepted; send PNG, JPEG or WebP"):
+        decode_image(data, formats=SERVED_FORMATS)
+    with pytest.raises(ImageError, match="not accepted"):
+        decode_depth(data, formats=SERVED_FORMATS)
+
+
+def test_served_formats_decode_png_jpeg_webp_and_16bit_depth():
+    from models.imageio import SERVED_FORMATS
+    yy, xx = np.mgrid[0:24, 0:24]
+    a = np.stack([xx * 10, yy * 10, (xx + yy) * 5], axis=2).astype(np.uint8)  # smooth: JPEG keeps it close
+    for fmt, kw in (("PNG", {}), ("JPEG", {"quality": 95}), ("WEBP", {"lossless": True})):
+        out = decode_image(_saved(fmt, a, **kw), formats=SERVED_FORMATS)
+        assert out.shape == (24, 24, 3)
+        assert np.abs(out.astype(int) - a).mean() < (4 if fmt == "JPEG" else 1e-9), fmt
+    d = np.random.default_rng(1).integers(0, 65536, (9, 11), dtype=np.uint16)
+    np.testing.assert_array_equal(decode_depth(encode_png(d), formats=SERVED_FORMATS), d)
+
+
+def test_jpeg_draft_decodes_near_the_model_size_within_the_pixel_limit():
+    """Item 8: a 2048x1536 JPEG (3.1 Mpx) for a 32 px model decodes at 1/8 scale (256x192), under a 1 Mpx limit
+    that refuses the full decode; the drafted image fits to nearly the same model input."""
+    yy, xx = np.mgrid[0:1536, 0:2048]
+    big = np.stack([(xx // 8) % 256, (yy // 6) % 256, ((xx + yy) // 16) % 256], axis=2).astype(np.uint8)
+    data = _saved("JPEG", big, quality=90)
+    with pytest.raises(ImageError, match="too large"):
+        decode_image(data, max_pixels=1 << 20)
+    small = decode_image(data, max_pixels=1 << 20, draft=32)
+    assert small.shape == (192, 256, 3)
+    full = decode_image(data)
+    diff = np.abs(fit_image(small, 32).astype(int) - fit_image(full, 32).astype(int))
+    assert diff.mean() < 6, diff.mean()
+    # a PNG has no draft mode: the same pixel count is refused before decoding
+    with pytest.raises(ImageError, match="2048x1536 = 3145728 pixels > max_pixels=1048576"):
+        decode_image(encode_png(big), max_pixels=1 << 20, draft=32)

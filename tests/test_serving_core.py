@@ -180,3 +180,243 @@ def test_body_limit():
         for _ in range(5):
             yield b"a" * 40
     assert _post(app, content=chunks()).status_code == 413
+
+
+# ---------------------------------------------------------------------------------------------- hostile input (issue 9)
+def _api_error(coro):
+    """Run an endpoint coroutine through respond(): (status, body)."""
+    from serving.core import respond
+    r = run(respond(coro))
+    return r.status_code, (json.loads(r.body) if r.status_code != 200 else r)
+
+
+def _b64(data: bytes) -> str:
+    import base64
+    return base64.b64encode(data).decode()
+
+
+def _img_bytes(fmt: str, arr) -> bytes:
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_item7_other_formats_are_400_naming_them(core):
+    img = core.ds.sources["rgb"][0]
+    for fmt in ("GIF", "BMP", "TIFF", "SGI"):
+        status, body = _api_error(core.embed("L", [_b64(_img_bytes(fmt, img))]))
+        assert status == 400 and fmt in body["detail"] and body["field"] == "images", body
+
+
+def test_item8_pixel_limit_sized_to_the_model_and_bounded_decode_pool(core):
+    import threading
+    import time
+    from serving.limits import decode_pixels
+    assert core.max_pixels == decode_pixels(core.settings.max_pixels, 32) == 1 << 20
+    assert decode_pixels(16_000_000, 224) == 64 * 224 * 224 and decode_pixels(500_000, 224) == 500_000
+    # a 4000x4000 PNG of a few KB: refused from its header, quickly, naming the limit
+    big = _img_bytes("PNG", np.zeros((4000, 4000, 3), np.uint8))
+    assert len(big) < 100_000
+    t0 = time.perf_counter()
+    status, body = _api_error(core.embed("L", [_b64(big)]))
+    assert status == 400 and "4000x4000" in body["detail"] and "max_pixels=1048576" in body["detail"]
+    assert time.perf_counter() - t0 < 2.0
+    # decoding runs on the pool of CMC_DECODE_THREADS threads, not the default pool
+    names = []
+    orig = core.rt.preprocess
+
+    def spy(*a, **kw):
+        names.append(threading.current_thread().name)
+        return orig(*a, **kw)
+    core.rt.preprocess = spy
+    try:
+        run(core.embed("L", [png_b64(core.ds.sources["rgb"][1])]))
+    finally:
+        core.rt.preprocess = orig
+    assert names and all(n.startswith("cmc-decode") for n in names)
+    assert core._decoders._max_workers == core.settings.decode_threads
+
+
+def test_item8_index_add_decodes_each_source_once(core):
+    """L and ab both read the rgb image: one decode of it per item, not one per view; the result equals
+    embedding each view separately."""
+    from models.imageio import encode_png
+    calls = []
+    orig = core.rt.preprocess
+
+    def spy(view, items, *a, **kw):
+        calls.append((core.rt.views[view]["source"], len(items)))
+        return orig(view, items, *a, **kw)
+    ds = core.ds
+    items = [{"key": f"once-{i}", "inputs": {"rgb": png_b64(ds.sources["rgb"][i]),
+                                             "depth": _b64(encode_png(ds.sources["depth"][i]))}} for i in (20, 21)]
+    core.rt.preprocess = spy
+    try:
+        d = run(core.index_add(items))
+    finally:
+        core.rt.preprocess = orig
+    try:
+        assert d["added"] == 2 and set(d["views"]) == {"L", "ab", "depth"}
+        assert sorted(calls) == [("depth", 2), ("rgb", 2)]
+        for view in ("L", "ab"):
+            z = core.rt.embed_items(view, [ds.sources["rgb"][21]])
+            hit = run(core.search({"view": view, "array": None, "image": png_b64(ds.sources["rgb"][21])}, view, 1))
+            assert hit["results"][0]["key"] == "once-21" and hit["results"][0]["score"] == pytest.approx(
+                float(z[0] @ z[0]), abs=1e-4)
+    finally:
+        run(core.index_remove(["once-20", "once-21"]))
+
+
+def _item(key="k-ok", metadata=None, core=None):
+    return {"key": key, "metadata": metadata or {}, "inputs": {"rgb": png_b64(core.ds.sources["rgb"][0])}}
+
+
+@pytest.mark.parametrize("key,status", [("x" * 257, 413), ("", 400), ("a\x00b", 400), ("tab\there", 400),
+                                        ("lone\ud800surrogate", 400), (12, 400)])
+def test_item9_10_key_limits_name_the_field(core, key, status):
+    got, body = _api_error(core.index_add([_item(key, core=core)]))
+    assert got == status and body["field"] == "items[0].key", body
+    got, body = _api_error(core.index_remove(["item-0", key]))
+    assert got == status and body["field"] == "keys[1]", body
+
+
+def test_item9_metadata_limits_and_optional_metadata_in_search(core):
+    from serving.limits import trim_hits
+    big = {"blob": "x" * (16 << 10)}
+    status, body = _api_error(core.index_add([_item(metadata=big, core=core)]))
+    assert status == 413 and body["field"] == "items[0].metadata" and "16384" in body["detail"]
+    deep: dict = {}
+    node = deep
+    for _ in range(9):
+        node["a"] = {}
+        node = node["a"]
+    status, body = _api_error(core.index_add([_item(metadata=deep, core=core)]))
+    assert status == 400 and body["field"] == "items[0].metadata" and "deeper than 8" in body["detail"]
+    status, body = _api_error(core.index_add([_item(metadata={"s": "\udcff"}, core=core)]))
+    assert status == 400 and "surrogate" in body["detail"]
+    q = {"view": "L", "image": png_b64(core.ds.sources["rgb"][4])}
+    with_meta = run(core.search(q, None, 5))["results"]
+    without = run(core.search(q, None, 5, include_metadata=False))["results"]
+    assert [h["key"] for h in with_meta] == [h["key"] for h in without] and "metadata" in with_meta[0]
+    assert all(set(h) == {"id", "key", "score"} for h in without)
+    hits = [{"id": i, "key": str(i), "score": 0.0, "metadata": {"m": "y" * 1000}} for i in range(10)]
+    with pytest.raises(Exception, match="include_metadata=false"):
+        trim_hits(hits, True, budget=5000)
+    assert len(trim_hits(hits, False, budget=5000)) == 10
+
+
+def test_item10_huge_integers_and_lone_surrogates_are_400(core):
+    status, body = _api_error(core.embed("fou", None, [[10 ** 400] * 8]))
+    assert status == 400 and body["field"] == "arrays" and "OverflowError" in body["detail"]
+    status, body = _api_error(core.index_add([{"key": "big-int", "inputs": {"fou": [10 ** 400] * 8}}]))
+    assert status == 400  # fou is not indexed here: named as an unknown input, never a 500
+    status, body = _api_error(core.index_remove(["\ud800"]))
+    assert status == 400 and body["field"] == "keys[0]"
+
+
+def test_item11_non_finite_embeddings_are_400_naming_the_input(core):
+    ok = [0.5] * 8
+    status, body = _api_error(core.embed("fou", None, [ok, [3e38] * 8]))
+    assert status == 400 and body["field"] == "arrays[1]" and "non-finite" in body["detail"]
+    status, body = _api_error(core.similarity(a={"view": "fou", "array": [3e38] * 8},
+                                              b={"view": "L", "image": png_b64(core.ds.sources["rgb"][0])}))
+    assert status == 400 and body["field"].startswith("a.arrays")
+    status, body = _api_error(core.embed("fou", None, [[1e39] * 8]))  # beyond float32: inf on conversion
+    assert status == 400 and body["field"] == "arrays"
+    assert np.isfinite(run(core.embed("fou", None, [ok]))["embeddings"]).all()
+
+
+def test_item14_duplicate_keys_in_remove_are_400_keys(core):
+    status, body = _api_error(core.index_remove(["item-1", "item-2", "item-1"]))
+    assert status == 400 and body["field"] == "keys" and "keys[0] and keys[2]" in body["detail"]
+    assert core.store.ids_of(["item-1"])[0] is not None  # nothing removed
+    status, body = _api_error(core.index_add([_item("dup", core=core), _item("dup", core=core)]))
+    assert status == 400 and body["field"] == "items[1].key"
+
+
+def test_item13_protected_mode_writes_only_from_loopback():
+    """No token: reads from anywhere, writes (/index/add, /index/remove) only from loopback (403 otherwise);
+    a token opens everything to its holder."""
+    from serving.auth import BearerAuth, is_loopback
+
+    def post_from(app, host, path, **kw):
+        async def go():
+            t = httpx.ASGITransport(app=app, client=(host, 40000))
+            async with httpx.AsyncClient(transport=t, base_url="http://t") as c:
+                return await c.post(path, **kw)
+        return run(go())
+
+    open_app = _asgi(BearerAuth, token=None)
+    for path in ("/index/add", "/index/remove"):
+        r = post_from(open_app, "203.0.113.7", path, content=b"{}")
+        assert r.status_code == 403 and r.json()["error"] == "forbidden" and "CMC_API_TOKEN" in r.json()["detail"]
+        for host in ("127.0.0.1", "127.8.9.1", "::1", "::ffff:127.0.0.1"):
+            assert post_from(open_app, host, path, content=b"{}").status_code == 200, host
+    for path in ("/search", "/embed", "/info"):
+        assert post_from(open_app, "203.0.113.7", path, content=b"{}").status_code == 200
+    tok = _asgi(BearerAuth, token="s3")
+    assert post_from(tok, "203.0.113.7", "/index/add", content=b"{}").status_code == 401
+    assert post_from(tok, "203.0.113.7", "/index/add", content=b"{}",
+                     headers={"Authorization": "Bearer s3"}).status_code == 200
+    assert not is_loopback(None) and not is_loopback(("10.0.0.1", 1)) and not is_loopback(("unix", 0))
+
+
+GUARD_JSON = ("/embed", "/similarity", "/search", "/index/add", "/index/remove", "/info")
+
+
+def _guarded():
+    from serving.guard import ContentGuard, FormSpec
+    return _asgi(ContentGuard, json_routes=GUARD_JSON,
+                 form_routes={"/embed_file": FormSpec(files=("image",), texts=("view",))})
+
+
+def test_item10_malformed_content_type_and_multipart_are_4xx_on_every_endpoint():
+    app = _guarded()
+    for path in GUARD_JSON + ("/embed_file",):
+        for ct, status in [("multipart/form-data", 400 if path == "/embed_file" else 415),
+                           ("multipart/form-data; boundary=", 400 if path == "/embed_file" else 415),
+                           ("text/plain", 415), ("application/x-www-form-urlencoded", 415),
+                           ("garbage", 400), ("application/json; charset", 400)]:
+            r = _post(app, path, content=b"{}", headers={"content-type": ct})
+            assert r.status_code == status and r.json()["field"] == "Content-Type", (path, ct, r.text)
+    assert _post(app, "/embed", content=b"{}", headers={"content-type": "application/json; charset=utf-8"}
+                 ).status_code == 200
+    assert _post(app, "/embed", content=b"{}").status_code == 200  # no Content-Type: JSON, as BentoML reads it
+    assert _post(app, "/embed_file", content=b"{}", headers={"content-type": "application/json"}).status_code == 415
+    # broken multipart bodies on /embed_file: 400, never passed on
+    ct = {"content-type": "multipart/form-data; boundary=XyZ"}
+    for body in [b"--XyZ\r\nContent-Disposition: form-data; name=\"view\"\r\n\r\nL",  # no closing boundary
+                 b"garbage without any boundary",
+                 b"--XyZ\r\nno-colon-header\r\n\r\nL\r\n--XyZ--\r\n",
+                 b"--XyZ\r\nContent-Disposition: form-data\r\n\r\nL\r\n--XyZ--\r\n"]:  # part without a name
+        r = _post(app, "/embed_file", content=body, headers=ct)
+        assert r.status_code == 400, (body, r.text)
+
+
+def _multipart_text(fields: dict, boundary: str = "b0undary") -> bytes:
+    """A multipart/form-data body of text parts only (as `curl -F image=https://...` sends)."""
+    out = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                   for k, v in fields.items())
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def test_item6_10_embed_file_takes_an_uploaded_file_only():
+    app = _guarded()
+    png = b"\x89PNG\r\n\x1a\n" + b"0" * 40
+    ok_r = _post(app, "/embed_file", files={"image": ("x.png", png, "image/png")}, data={"view": "L"})
+    assert ok_r.status_code == 200 and int(ok_r.text) > len(png)  # replayed whole to the app
+    assert _post(app, "/embed_file", data={"image": "http://127.0.0.1:9/x.png", "view": "L"}).status_code == 415
+    r = _post(app, "/embed_file", content=_multipart_text({"image": "http://127.0.0.1:9/x.png", "view": "L"}),
+              headers={"content-type": "multipart/form-data; boundary=b0undary"})
+    assert r.status_code == 400 and r.json()["field"] == "image" and "uploaded file" in r.json()["detail"]
+    deep = "[" * 5000 + "]" * 5000  # BentoML would json.loads this form field: RecursionError
+    r = _post(app, "/embed_file", files={"image": ("x.png", png, "image/png")}, data={"view": deep})
+    assert r.status_code == 400
+    r = _post(app, "/embed_file", files={"image": ("x.png", png, "image/png")}, data={"view": "L", "extra": "1"})
+    assert r.status_code == 400 and r.json()["field"] == "extra"
+    r = _post(app, "/embed_file", files=[("image", ("a.png", png, "image/png")), ("image", ("b.png", png, "image/png"))],
+              data={"view": "L"})
+    assert r.status_code == 400 and r.json()["field"] == "image"
