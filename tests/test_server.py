@@ -281,6 +281,81 @@ def test_bad_inputs_are_4xx_json_and_the_server_survives(world):
     assert "unexpected error" not in srv.tail(200000)
 
 
+# ---------------------------------------------------------------------------------------------- hostile input (issue 9)
+def test_item6_embed_file_never_fetches_a_url(world):
+    """A text form part `image=http://...` is a 400, and the URL's server receives no request."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    hits = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            hits.append(self.path)
+            body = base64.b64decode(rgb(world, 0))
+            self.send_response(200)
+            self.send_header("content-type", "image/png")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = HTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/x.png"
+        for srv, headers in ((world["main"], AUTH), (world["bare"], {})):
+            r = httpx.post(srv.url + "/embed_file", headers=headers, files={"image": (None, url), "view": (None, "L")})
+            assert r.status_code == 400 and r.json()["field"] == "image", r.text
+            r = httpx.post(srv.url + "/embed_file", headers={**headers, "content-type": "application/json"},
+                           content=json.dumps({"image": url, "view": "L"}).encode())
+            assert r.status_code == 415, r.text
+        httpx.get(url)  # the local server works: exactly this one request reached it
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert hits == ["/x.png"]
+
+
+def test_item12_metrics_only_label_known_routes(world):
+    import secrets
+    srv = world["main"]
+    paths = [f"/probe-{secrets.token_hex(6)}" for _ in range(20)]
+    for i, p in enumerate(paths):
+        r = (httpx.get if i % 2 else httpx.post)(srv.url + p, headers=AUTH if i % 4 < 2 else {})
+        assert r.status_code in (401, 404, 405), (p, r.status_code)
+    ok(post(srv, "/info"))
+    text = httpx.get(srv.url + "/metrics").text
+    assert not any(p in text for p in paths)
+    assert 'endpoint="/other"' in text and 'endpoint="/info"' in text
+
+
+def test_item10_malformed_bodies_are_4xx_through_the_real_server(world):
+    srv = world["main"]
+    for path in ("/embed", "/search", "/index/add", "/index/remove", "/info", "/embed_file", "/similarity"):
+        r = httpx.post(srv.url + path, headers={**AUTH, "content-type": "multipart/form-data"}, content=b"x")
+        assert r.status_code in (400, 415), (path, r.status_code, r.text)
+    r = httpx.post(srv.url + "/embed_file", headers={**AUTH, "content-type": "multipart/form-data; boundary=zz"},
+                   content=b"--zz\r\nContent-Disposition: form-data; name=\"view\"\r\n\r\nL")
+    assert r.status_code == 400 and r.json()["error"] in ("bad_request", "invalid_input")
+    deep = "[" * 100000 + "]" * 100000
+    r = post(srv, "/index/add", raw=('{"items": [{"key": "d", "metadata": {"a": ' + deep + '}, "inputs": {}}]}').encode())
+    assert r.status_code == 400, r.text
+    r = post(srv, "/embed", raw=b'{"view": "fou", "arrays": [[' + b"9" * 500 + b', 1, 1, 1, 1, 1, 1, 1]]}')
+    assert r.status_code == 400, r.text
+    r = post(srv, "/index/add", raw=b'{"items": [{"key": "a\\ud800", "inputs": {"rgb": "' + rgb(world, 0).encode() + b'"}}]}')
+    assert r.status_code == 400, r.text  # refused by the JSON parser; Core refuses it too (test_serving_core)
+    r = post(srv, "/index/remove", {"keys": ["item-1", "item-1"]})
+    assert r.status_code == 400 and r.json()["field"] == "keys", r.text
+    r = post(srv, "/embed", {"view": "fou", "arrays": [[3e38] * 8]})
+    assert r.status_code == 400 and r.json()["field"] == "arrays[0]", r.text
+    d = ok(post(srv, "/search", {"query": {"view": "L", "image": rgb(world, 3)}, "k": 3, "include_metadata": False}))
+    assert d["results"][0]["key"] == "item-3" and "metadata" not in d["results"][0]
+    assert srv.alive() and "unexpected error" not in srv.tail(10 ** 7)
+
+
 # ---------------------------------------------------------------------------------------------- cross-view recall
 @pytest.mark.slow
 def test_cross_view_search_recall_trained(tmp_path):
