@@ -3,8 +3,8 @@
 Thin by design: every endpoint delegates to :class:`serving.core.Core` (ONNX runtime + index store, no torch).
 Run ``bentoml serve`` in the project root (bentofile.yaml names this service). Settings come from the environment
 (see serving.core.Settings): CMC_MODEL, CMC_INDEX, CMC_WORKERS, CMC_THREADS, CMC_BATCHING, CMC_MAX_BATCH_SIZE,
-CMC_MAX_LATENCY_MS, CMC_MAX_ITEMS, CMC_MAX_PIXELS, CMC_MAX_K, CMC_MAX_BODY_MB, CMC_TIMEOUT_S, CMC_DEVICE,
-CMC_API_TOKEN.
+CMC_MAX_LATENCY_MS, CMC_MAX_ITEMS, CMC_MAX_PIXELS, CMC_MAX_K, CMC_MAX_BODY_MB, CMC_MAX_METADATA_BYTES,
+CMC_DECODE_THREADS, CMC_TIMEOUT_S, CMC_DEVICE, CMC_API_TOKEN (unset: writes only from loopback clients).
 """
 from __future__ import annotations
 

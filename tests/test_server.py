@@ -341,11 +341,13 @@ def test_item10_malformed_bodies_are_4xx_through_the_real_server(world):
                    content=b"--zz\r\nContent-Disposition: form-data; name=\"view\"\r\n\r\nL")
     assert r.status_code == 400 and r.json()["error"] in ("bad_request", "invalid_input")
     deep = "[" * 100000 + "]" * 100000
-    r = post(srv, "/index/add", raw=('{"items": [{"key": "d", "metadata": {"a": ' + deep + '}, "inputs": {}}]}').encode())
+    body = '{"items": [{"key": "d", "metadata": {"a": ' + deep + '}, "inputs": {}}]}'
+    r = post(srv, "/index/add", raw=body.encode())
     assert r.status_code == 400, r.text
     r = post(srv, "/embed", raw=b'{"view": "fou", "arrays": [[' + b"9" * 500 + b', 1, 1, 1, 1, 1, 1, 1]]}')
     assert r.status_code == 400, r.text
-    r = post(srv, "/index/add", raw=b'{"items": [{"key": "a\\ud800", "inputs": {"rgb": "' + rgb(world, 0).encode() + b'"}}]}')
+    img = rgb(world, 0).encode()
+    r = post(srv, "/index/add", raw=b'{"items": [{"key": "a\\ud800", "inputs": {"rgb": "' + img + b'"}}]}')
     assert r.status_code == 400, r.text  # refused by the JSON parser; Core refuses it too (test_serving_core)
     r = post(srv, "/index/remove", {"keys": ["item-1", "item-1"]})
     assert r.status_code == 400 and r.json()["field"] == "keys", r.text

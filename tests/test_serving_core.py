@@ -417,6 +417,6 @@ def test_item6_10_embed_file_takes_an_uploaded_file_only():
     assert r.status_code == 400
     r = _post(app, "/embed_file", files={"image": ("x.png", png, "image/png")}, data={"view": "L", "extra": "1"})
     assert r.status_code == 400 and r.json()["field"] == "extra"
-    r = _post(app, "/embed_file", files=[("image", ("a.png", png, "image/png")), ("image", ("b.png", png, "image/png"))],
-              data={"view": "L"})
+    two = [("image", ("a.png", png, "image/png")), ("image", ("b.png", png, "image/png"))]
+    r = _post(app, "/embed_file", files=two, data={"view": "L"})
     assert r.status_code == 400 and r.json()["field"] == "image"
