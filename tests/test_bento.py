@@ -2,8 +2,10 @@
 export` writes it to a file, `bentoml import` puts it into a second, empty BENTOML_HOME, and `bentoml serve
 <bento tag>` from a directory outside the repository, without CMC_MODEL, answers /embed exactly as the runtime
 does on the original artifact directory. The index is state, not part of the Bento: none by default (503), or a
-directory given by CMC_INDEX (a mounted volume in a deployment). No network is needed: `bentoml build`,
-`export`, `import` and `serve` all work offline (only `bentoml containerize` would pull base images).
+directory given by CMC_INDEX (a mounted volume in a deployment). No network is needed once package locking is
+off: the project's bentofile locks PyPI versions at build time (`lock_packages: true`, which resolves against
+PyPI), so the test builds with a copy that turns it off; `export`, `import` and `serve` are offline anyway
+(`bentoml containerize` would also pull base images and packages).
 """
 from __future__ import annotations
 
@@ -72,8 +74,13 @@ def bento(tmp_path_factory):
     model_tag = run([sys.executable, "-c", SAVE, str(base / "model")], env_a, ROOT).strip().splitlines()[-1]
     assert model_tag.startswith("cmc:") and model_tag != "cmc:latest"
 
-    # build from the repository with no CMC_MODEL: the service declares cmc:latest, pinned to its version
-    out = bentoml("build", "-o", "tag", env=env_a, cwd=ROOT)
+    # build from the repository with no CMC_MODEL: the service declares cmc:latest, pinned to its version.
+    # The project's bentofile, except that PyPI version locking (the one step that needs the network) is off.
+    import yaml
+    spec = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    spec["python"]["lock_packages"] = False
+    (base / "bentofile.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = bentoml("build", "-f", str(base / "bentofile.yaml"), "-o", "tag", ".", env=env_a, cwd=ROOT)
     bento_tag = out.strip().splitlines()[-1].removeprefix("__tag__:")
     assert bento_tag.startswith("cmc:"), out
     info = json.loads(bentoml("get", bento_tag, "-o", "json", env=env_a, cwd=ROOT))
