@@ -6,10 +6,12 @@ Every answer is checked for its shape, and a wrong answer counts as a failure.
 
 Weights by environment variable: CMC_W_EMBED, CMC_W_EMBED16, CMC_W_PAIR, CMC_W_RANK, CMC_W_SEARCH, CMC_W_ADD
 (0 disables a task). CMC_API_TOKEN is sent as a bearer token when set. CMC_LOAD_REPORT names a JSON file that
-receives, at the end, the plan and the requests sent per view and endpoint (loadtests/run.py prints it).
+receives, at the end, the plan and the requests per view and endpoint (loadtests/run.py prints it), and
+CMC_LOAD_STATS a CSV file for locust's final statistics (its periodic --csv file can lag by a second).
 """
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import os
@@ -20,13 +22,14 @@ from collections import Counter
 from pathlib import Path
 
 from locust import HttpUser, between, events, task
+from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's packages without installing
 
 from loadtests.plan import Plan  # noqa: E402
 
 _PLANS: dict[str, Plan] = {}
-SENT: Counter = Counter()  # (endpoint, view) -> requests sent
+SENT: Counter = Counter()  # (endpoint, view) -> requests answered
 
 
 def plan_for(info: dict) -> Plan:
@@ -61,9 +64,9 @@ class CMCUser(HttpUser):
         self.plan = plan_for(r.json())
 
     def _post(self, name: str, body: dict, check, views: tuple[str, ...]) -> None:
-        for v in set(views):
-            SENT[(name, v)] += 1
         with self.client.post(name, json=body, headers=self.h, catch_response=True) as r:
+            for v in set(views):  # answered requests only, as locust's statistics count them
+                SENT[(name, v)] += 1
             if r.status_code != 200:
                 r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
                 return
@@ -147,6 +150,10 @@ def _fail_on_errors(environment, **_kw) -> None:
         environment.process_exit_code = 1
     elif bound and stats.get_response_time_percentile(0.99) > float(bound):
         environment.process_exit_code = 3
+    final_csv = os.environ.get("CMC_LOAD_STATS")
+    if final_csv:
+        with open(final_csv, "w", newline="") as f:
+            StatsCSV(environment, PERCENTILES_TO_REPORT).requests_csv(csv.writer(f))
     report = os.environ.get("CMC_LOAD_REPORT")
     if report:
         plan = next(iter(_PLANS.values()), None)

@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "views.json").unlink(missing_ok=True)  # written by this run's locust
+    for name in ("views.json", "locust_final_stats.csv"):  # written by this run's locust
+        (out / name).unlink(missing_ok=True)
     server = None
     url = a.url
     if url is None:
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                 while not stop_flag.wait(1.0):
                     rss.append((time.time() - t0, rss_of_tree(server.proc.pid)))
             threading.Thread(target=sample, daemon=True).start()
-        env = os.environ.copy() | {"PYTHONPATH": str(ROOT), "CMC_LOAD_REPORT": str(out / "views.json")} \
+        env = os.environ.copy() | {"PYTHONPATH": str(ROOT), "CMC_LOAD_REPORT": str(out / "views.json"),
+                                   "CMC_LOAD_STATS": str(out / "locust_final_stats.csv")} \
             | ({"CMC_P99_MS": str(a.p99_ms)} if a.p99_ms else {})
         cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless",
                "--host", url, "-u", str(a.users), "-r", str(a.spawn_rate), "--run-time", a.run_time,
@@ -128,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         stop_flag.set()
         if server is not None:
             server.stop()
-    if not (out / "locust_stats.csv").exists():
+    stats_csv = next((f for f in (out / "locust_final_stats.csv", out / "locust_stats.csv") if f.exists()), None)
+    if stats_csv is None:
         print(r.stdout[-3000:], r.stderr[-3000:], sep="\n", file=sys.stderr)
         return 2
-    text, rows = table(out / "locust_stats.csv")
+    text, rows = table(stats_csv)
     print(text)
     summary = {"users": a.users, "run_time": a.run_time, "url": url, "endpoints": rows, "locust_exit": r.returncode}
     if (out / "views.json").exists():

@@ -58,6 +58,8 @@ def smoke(tmp_path, model_dir, index_dir) -> dict:
         assert rows[ep]["requests"] > 0 and rows[ep]["failures"] == 0, ep
     assert (out / "report.html").stat().st_size > 1000
     assert "p99 ms" in r.stdout and "served model: views" in r.stdout
+    embeds = sum(d["requests"].get("/embed", 0) for d in summary["views"]["views"].values())
+    assert embeds == rows["POST /embed"]["requests"]  # one view per /embed: the view counts add up to the table
     return summary | {"stdout": r.stdout}
 
 
