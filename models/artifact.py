@@ -53,8 +53,9 @@ def bento_model_tag(project_root: str | Path) -> str | None:
     except (OSError, yaml.YAMLError) as e:
         LOG.warning("cannot read %s: %s", info_path, e)
         return None
-    models = [m for s in info.get("services") or [] for m in s.get("models") or []] + list(info.get("models") or [])
-    tags = [str(m["tag"]) for m in models if isinstance(m, dict) and str(m.get("tag", "")).startswith("cmc:")]
+    # the service's own declaration first (BentoML 1.4 records it per service), then bentofile-declared models
+    models = [m for s in info.get("services") or [] if s.get("name") == "cmc" for m in s.get("models") or []]
+    tags = [str(m["tag"]) for m in models + list(info.get("models") or []) if isinstance(m, dict) and m.get("tag")]
     return tags[0] if tags else None
 
 

@@ -163,3 +163,22 @@ def test_bento_with_mounted_index_and_model_override(bento, tmp_path):
         assert r.status_code == 200 and r.json()["results"][0]["key"] == keys[3], r.text
     finally:
         server.stop()
+
+
+def test_declared_model_rules(tmp_path, monkeypatch):
+    """Directory -> nothing declared; invalid tag -> nothing; unknown tag -> declared, not in the store (import
+    still works, `bentoml build` fails naming it); inside a Bento -> the tag its bento.yaml records."""
+    import yaml
+
+    from models.artifact import bento_model_tag, declared_model
+    (tmp_path / "m").mkdir()
+    for ref, want in ((str(tmp_path / "m"), (None, False)), ("Bad Tag!", (None, False)),
+                      ("cmc:nosuchversion", ("cmc:nosuchversion", False))):
+        monkeypatch.setenv("CMC_MODEL", ref)
+        assert declared_model(ROOT) == want, ref
+    bento_dir = tmp_path / "bento"
+    (bento_dir / "src").mkdir(parents=True)
+    assert bento_model_tag(bento_dir / "src") is None
+    (bento_dir / "bento.yaml").write_text(yaml.safe_dump(
+        {"models": [], "services": [{"name": "cmc", "models": [{"tag": "photos:v1"}]}]}))
+    assert declared_model(bento_dir / "src") == ("photos:v1", True)  # CMC_MODEL does not change the packaged one
