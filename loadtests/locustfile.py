@@ -1,36 +1,43 @@
-"""Locust users for the CMC server: /embed (one image, a batch of 16), /similarity (pair, rank), /search and
-/index/add. Bodies are built from real images of the default data (held-out `scenes`, or CMC_LOAD_DATA), sent
-as base64 JSON; every answer is checked for its shape, and a wrong answer counts as a failure.
+"""Locust users for the CMC server: /embed (one input, a batch of 16), /similarity (pair, rank), /search and
+/index/add, built for whatever model is served. Each user reads ``/info`` at start and takes its views, sources
+and index from there (``loadtests/plan.py``): rgb-source views get generated RGB PNGs, depth-source views 16-bit
+PNG depth maps, vector views arrays of the card's length; adds carry exactly the sources the index's views take.
+Every answer is checked for its shape, and a wrong answer counts as a failure.
 
 Weights by environment variable: CMC_W_EMBED, CMC_W_EMBED16, CMC_W_PAIR, CMC_W_RANK, CMC_W_SEARCH, CMC_W_ADD
-(0 disables a task). CMC_API_TOKEN is sent as a bearer token when set.
+(0 disables a task). CMC_API_TOKEN is sent as a bearer token when set. CMC_LOAD_REPORT names a JSON file that
+receives, at the end, the plan and the requests per view and endpoint (loadtests/run.py prints it), and
+CMC_LOAD_STATS a CSV file for locust's final statistics (its periodic --csv file can lag by a second).
 """
 from __future__ import annotations
 
-import base64
+import csv
 import itertools
+import json
 import os
 import random
+import sys
 import uuid
+from collections import Counter
+from pathlib import Path
 
 from locust import HttpUser, between, events, task
+from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
 
-from models import data as datasets
-from models.imageio import encode_png
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's packages without installing
 
-_POOL: dict = {}
+from loadtests.plan import Plan  # noqa: E402
+
+_PLANS: dict[str, Plan] = {}
+SENT: Counter = Counter()  # (endpoint, view) -> requests answered
 
 
-def pool() -> dict:
-    """Encoded images of the load data, built once per process."""
-    if not _POOL:
-        spec = os.environ.get("CMC_LOAD_DATA", "scenes:n=256,size=64,seed=0,test_n=256")
-        ds = datasets.load(spec, "test")
-        b64 = lambda a: base64.b64encode(encode_png(a)).decode()  # noqa: E731
-        n = min(len(ds), 128)
-        _POOL["rgb"] = [b64(ds.sources["rgb"][i]) for i in range(n)]
-        _POOL["depth"] = [b64(ds.sources["depth"][i]) for i in range(n)] if "depth" in ds.sources else []
-    return _POOL
+def plan_for(info: dict) -> Plan:
+    """One plan per served model and process (image generation is done once)."""
+    key = str(info.get("fingerprint")) + json.dumps(info.get("index", {}).get("views"), sort_keys=True)
+    if key not in _PLANS:
+        _PLANS[key] = Plan(info)
+    return _PLANS[key]
 
 
 def weight(name: str, default: int) -> int:
@@ -42,22 +49,24 @@ def _headers() -> dict:
     return {"Authorization": f"Bearer {tok}"} if tok else {}
 
 
+def _unit(e: list) -> bool:
+    return abs(sum(x * x for x in e) - 1) < 1e-3
+
+
 class CMCUser(HttpUser):
     wait_time = between(0, 0)
     _ids = itertools.count()
 
     def on_start(self) -> None:
-        self.p = pool()
         self.h = _headers()
-        info = self.client.post("/info", json={}, headers=self.h).json()
-        self.dim = info["dim"]
-        self.views = list(info["views"])
-        self.rgb_views = [v for v, s in info["views"].items() if s["source"] == "rgb"] or self.views
-        self.dim_ok = lambda e: len(e) == self.dim  # noqa: E731
-        self.has_index = bool(info.get("index", {}).get("available"))
+        r = self.client.post("/info", json={}, headers=self.h)
+        r.raise_for_status()  # no plan without /info: the user stops and locust reports the error
+        self.plan = plan_for(r.json())
 
-    def _post(self, name: str, body: dict, check) -> None:
+    def _post(self, name: str, body: dict, check, views: tuple[str, ...]) -> None:
         with self.client.post(name, json=body, headers=self.h, catch_response=True) as r:
+            for v in set(views):  # answered requests only, as locust's statistics count them
+                SENT[(name, v)] += 1
             if r.status_code != 200:
                 r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
                 return
@@ -68,69 +77,92 @@ class CMCUser(HttpUser):
             if problem:
                 r.failure(problem)
 
-    def _img(self) -> str:
-        return random.choice(self.p["rgb"])
+    def _items(self, k: int) -> list[int]:
+        return random.sample(range(self.plan.n), k)
 
     @task(weight("CMC_W_EMBED", 4))
     def embed_one(self) -> None:
-        v = random.choice(self.rgb_views)
-        self._post("/embed", {"view": v, "images": [self._img()]},
-                   lambda j: None if j["view"] == v and len(j["embeddings"]) == 1 and self.dim_ok(j["embeddings"][0])
-                   and abs(sum(x * x for x in j["embeddings"][0]) - 1) < 1e-3 else f"wrong embedding: {str(j)[:120]}")
+        v = self.plan.pick_view()
+        dim = self.plan.dim
+        self._post("/embed", self.plan.embed_body(v, self._items(1)),
+                   lambda j: None if j["view"] == v and len(j["embeddings"]) == 1 and len(j["embeddings"][0]) == dim
+                   and _unit(j["embeddings"][0]) else f"wrong embedding: {str(j)[:120]}", (v,))
 
     @task(weight("CMC_W_EMBED16", 1))
     def embed_16(self) -> None:
-        imgs = random.sample(self.p["rgb"], 16)
-        self._post("/embed", {"view": self.rgb_views[0], "images": imgs},
-                   lambda j: None if len(j["embeddings"]) == 16 and all(map(self.dim_ok, j["embeddings"]))
-                   else "wrong batch of embeddings")
+        v = self.plan.pick_view()
+        dim = self.plan.dim
+        self._post("/embed", self.plan.embed_body(v, self._items(16)),
+                   lambda j: None if len(j["embeddings"]) == 16 and all(len(e) == dim and _unit(e)
+                                                                         for e in j["embeddings"])
+                   else "wrong batch of embeddings", (v,))
 
     @task(weight("CMC_W_PAIR", 2))
     def similarity_pair(self) -> None:
-        img = self._img()
-        a, b = self.rgb_views[0], self.rgb_views[-1]
-        self._post("/similarity", {"a": {"view": a, "image": img}, "b": {"view": b, "image": img}},
-                   lambda j: None if -1.0001 <= j["cosine"] <= 1.0001 and j["critic"] > 0 else "bad similarity")
+        i = self._items(1)[0]
+        a, b = self.plan.pick_pair()
+        self._post("/similarity", {"a": self.plan.one(a, i), "b": self.plan.one(b, i)},
+                   lambda j: None if -1.0001 <= j["cosine"] <= 1.0001 and j["critic"] > 0 else "bad similarity", (a, b))
 
     @task(weight("CMC_W_RANK", 1))
     def similarity_rank(self) -> None:
-        imgs = random.sample(self.p["rgb"], 8)
-        a, b = self.rgb_views[0], self.rgb_views[-1]
-        body = {"query": {"view": a, "image": imgs[0]}, "candidates": [{"view": b, "image": i} for i in imgs]}
+        items = self._items(8)
+        a, b = self.plan.pick_pair()
+        body = {"query": self.plan.one(a, items[0]), "candidates": [self.plan.one(b, i) for i in items]}
 
         def check(j):
             s = [r["score"] for r in j["ranking"]]
             return None if len(s) == 8 and s == sorted(s, reverse=True) else "ranking not sorted or wrong length"
-        self._post("/similarity", body, check)
+        self._post("/similarity", body, check, (a, b))
 
     @task(weight("CMC_W_SEARCH", 3))
     def search(self) -> None:
-        if not self.has_index:
+        if not self.plan.index_views:
             return
-        q, t = self.rgb_views[0], self.rgb_views[-1]
-        self._post("/search", {"query": {"view": q, "image": self._img()}, "target_view": t, "k": 10},
-                   lambda j: None if len(j["results"]) == 10 and all("key" in r and "score" in r for r in j["results"])
-                   else f"wrong search answer: {str(j)[:120]}")
+        q, t = self.plan.pick_view(), random.choice(self.plan.index_views)
+        least = min(10, self.plan.index_counts.get(t, 0))  # adds only grow the index during the run
+
+        def check(j):
+            s = [r["score"] for r in j["results"]]
+            if j["target_view"] != t or not least <= len(s) <= 10 or not all("key" in r for r in j["results"]):
+                return f"wrong search answer: {str(j)[:120]}"
+            return None if s == sorted(s, reverse=True) else "search results not sorted by score"
+        self._post("/search", {"query": self.plan.one(q, self._items(1)[0]), "target_view": t, "k": 10}, check,
+                   (q, t))
 
     @task(weight("CMC_W_ADD", 1))
     def index_add(self) -> None:
-        if not self.has_index:
+        if not self.plan.can_add:
             return
-        i = random.randrange(len(self.p["rgb"]))
-        inputs = {"rgb": self.p["rgb"][i]}
-        if self.p["depth"]:
-            inputs["depth"] = self.p["depth"][i]
         key = f"load-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
-        self._post("/index/add", {"items": [{"key": key, "metadata": {"source": "locust"}, "inputs": inputs}]},
-                   lambda j: None if j["added"] == 1 else "not added")
+        item = {"key": key, "metadata": {"source": "locust"}, "inputs": self.plan.add_inputs(self._items(1)[0])}
+        self._post("/index/add", {"items": [item]},
+                   lambda j: None if j["added"] == 1 and sorted(j["views"]) == sorted(self.plan.index_views)
+                   else f"not added to every indexed view: {str(j)[:120]}", tuple(self.plan.index_views))
 
 
 @events.quitting.add_listener
 def _fail_on_errors(environment, **_kw) -> None:
-    """Exit non-zero on any failure, or when CMC_P99_MS is set and the total p99 exceeds it."""
+    """Exit non-zero on any failure, or when CMC_P99_MS is set and the total p99 exceeds it; write the report."""
     stats = environment.stats.total
     bound = os.environ.get("CMC_P99_MS")
     if stats.num_failures:
         environment.process_exit_code = 1
     elif bound and stats.get_response_time_percentile(0.99) > float(bound):
         environment.process_exit_code = 3
+    final_csv = os.environ.get("CMC_LOAD_STATS")
+    if final_csv:
+        with open(final_csv, "w", newline="") as f:
+            StatsCSV(environment, PERCENTILES_TO_REPORT).requests_csv(csv.writer(f))
+    report = os.environ.get("CMC_LOAD_REPORT")
+    if report:
+        plan = next(iter(_PLANS.values()), None)
+        views: dict[str, dict] = {}
+        for (endpoint, view), n in sorted(SENT.items()):
+            views.setdefault(view, {})[endpoint] = n
+        Path(report).write_text(json.dumps({
+            "plan": plan.describe() if plan else None,
+            "views": {v: {"source": plan.views[v]["source"], "requests": views.get(v, {})} for v in plan.views}
+            if plan else {},
+            "index_views": plan.index_views if plan else [], "add_sources": plan.add_sources if plan else [],
+        }, indent=2))

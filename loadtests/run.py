@@ -2,7 +2,9 @@
 
 Starts `bentoml serve` on a free port unless --url is given, waits for /readyz, runs locust (users, spawn
 rate, run time; CSV and HTML report into --out), prints requests, failures, RPS, p50/p95/p99 per endpoint,
-stops the server it started, and exits non-zero on any failure or when --p99-ms is exceeded.
+stops the server it started, and exits non-zero on any failure or when --p99-ms is exceeded. The requests are
+built from the served model's /info (its views, sources and index; see loadtests/plan.py), and the views that
+were exercised are printed with their request counts.
 --soak samples the server's RSS every second into OUT/rss.csv and reports its growth after warm-up.
 """
 from __future__ import annotations
@@ -71,6 +73,15 @@ def table(stats_csv: Path) -> tuple[str, list[dict]]:
     return "\n".join(out), parsed
 
 
+def views_table(report: dict) -> str:
+    """The views the run exercised: source and requests sent per endpoint."""
+    lines = [f"served model: {report.get('plan')}"]
+    for v, d in report.get("views", {}).items():
+        reqs = ", ".join(f"{ep} {n}" for ep, n in d["requests"].items()) or "no requests"
+        lines.append(f"  view {v:<10} ({d['source']:<6}) {reqs}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python loadtests/run.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default=None, help="an already running server (default: start one on a free port)")
@@ -84,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("views.json", "locust_final_stats.csv"):  # written by this run's locust
+        (out / name).unlink(missing_ok=True)
     server = None
     url = a.url
     if url is None:
@@ -105,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                 while not stop_flag.wait(1.0):
                     rss.append((time.time() - t0, rss_of_tree(server.proc.pid)))
             threading.Thread(target=sample, daemon=True).start()
-        env = os.environ.copy() | {"PYTHONPATH": str(ROOT)} | ({"CMC_P99_MS": str(a.p99_ms)} if a.p99_ms else {})
+        env = os.environ.copy() | {"PYTHONPATH": str(ROOT), "CMC_LOAD_REPORT": str(out / "views.json"),
+                                   "CMC_LOAD_STATS": str(out / "locust_final_stats.csv")} \
+            | ({"CMC_P99_MS": str(a.p99_ms)} if a.p99_ms else {})
         cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless",
                "--host", url, "-u", str(a.users), "-r", str(a.spawn_rate), "--run-time", a.run_time,
                "--csv", str(out / "locust"), "--html", str(out / "report.html"), "--only-summary",
@@ -115,12 +130,16 @@ def main(argv: list[str] | None = None) -> int:
         stop_flag.set()
         if server is not None:
             server.stop()
-    if not (out / "locust_stats.csv").exists():
+    stats_csv = next((f for f in (out / "locust_final_stats.csv", out / "locust_stats.csv") if f.exists()), None)
+    if stats_csv is None:
         print(r.stdout[-3000:], r.stderr[-3000:], sep="\n", file=sys.stderr)
         return 2
-    text, rows = table(out / "locust_stats.csv")
+    text, rows = table(stats_csv)
     print(text)
     summary = {"users": a.users, "run_time": a.run_time, "url": url, "endpoints": rows, "locust_exit": r.returncode}
+    if (out / "views.json").exists():
+        summary["views"] = json.loads((out / "views.json").read_text())
+        print(views_table(summary["views"]))
     if rss:
         with open(out / "rss.csv", "w") as f:
             f.write("t_s,rss_bytes\n" + "".join(f"{t:.1f},{b}\n" for t, b in rss))

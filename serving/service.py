@@ -1,10 +1,13 @@
 """The CMC embedding server (BentoML 1.4): per-view embeddings, cross-view similarity and cross-view search.
 
 Thin by design: every endpoint delegates to :class:`serving.core.Core` (ONNX runtime + index store, no torch).
-Run ``bentoml serve`` in the project root (bentofile.yaml names this service). Settings come from the environment
-(see serving.core.Settings): CMC_MODEL, CMC_INDEX, CMC_WORKERS, CMC_THREADS, CMC_BATCHING, CMC_MAX_BATCH_SIZE,
-CMC_MAX_LATENCY_MS, CMC_MAX_ITEMS, CMC_MAX_PIXELS, CMC_MAX_K, CMC_MAX_BODY_MB, CMC_MAX_METADATA_BYTES,
-CMC_DECODE_THREADS, CMC_TIMEOUT_S, CMC_DEVICE, CMC_API_TOKEN (unset: writes only from loopback clients).
+Run ``bentoml serve`` in the project root (bentofile.yaml names this service). The service declares its model
+(``CMC_MODEL`` when it is a tag, else ``cmc:latest``, pinned to a version at import), so ``bentoml build``
+packages it and a Bento serves the model it carries; ``CMC_MODEL`` still overrides at serve time.
+Settings come from the environment (see serving.settings.Settings): CMC_MODEL, CMC_INDEX, CMC_WORKERS, CMC_THREADS,
+CMC_BATCHING, CMC_MAX_BATCH_SIZE, CMC_MAX_LATENCY_MS, CMC_MAX_ITEMS, CMC_MAX_PIXELS, CMC_MAX_K, CMC_MAX_BODY_MB,
+CMC_MAX_METADATA_BYTES, CMC_DECODE_THREADS, CMC_TIMEOUT_S, CMC_DEVICE, CMC_API_TOKEN (unset: writes only from
+loopback clients).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Annotated, Any, Optional  # noqa: E402
 import bentoml  # noqa: E402
 from pydantic import Field  # noqa: E402
 
+from models.artifact import declared_model  # noqa: E402
 from serving.auth import BearerAuth, BodyLimit, ErrorEnvelope  # noqa: E402
 from serving.core import Core, Settings, respond  # noqa: E402
 from serving.guard import ContentGuard, FormSpec, install_route_metrics  # noqa: E402
@@ -30,12 +34,18 @@ FORM_ROUTES = {"/embed_file": FormSpec(files=("image",), texts=("view",))}
 # metrics are labelled by these paths only (every other path counts as /other)
 install_route_metrics(JSON_ROUTES + tuple(FORM_ROUTES) + ("/", "/docs", "/docs.json", "/metrics", "/readyz",
                                                           "/livez", "/healthz"))
+MODEL_TAG, MODEL_IN_STORE = declared_model(Path(__file__).resolve().parents[1])
 
 
 @bentoml.service(name="cmc", workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s})
 class CMCService:
+    if MODEL_TAG:
+        model = bentoml.models.BentoModel(MODEL_TAG)  # packaged by `bentoml build`
+
     def __init__(self) -> None:
         self.ready = False
+        if not SETTINGS.model and MODEL_IN_STORE:
+            SETTINGS.model = self.model.path  # the declared model (inside a Bento: the one it carries)
         self.core = Core.load(SETTINGS)  # model, warm-up, index, batcher
         self.ready = True
 
