@@ -58,7 +58,7 @@ class Budget:
 # The default budgets each fit about an hour of 2 CPU cores (both seeds); --quick runs the whole pipeline in a few
 # minutes. Encoders: ResNet-10 at width 0.25 (the project's default), AdamW lr 2e-3, tau 0.07, in-batch negatives.
 BUDGETS: dict[str, dict[str, Budget]] = {
-    "views": {"full": Budget("scenes", 400, 128, 0, 5000, 0, 30, (0, 1)),
+    "views": {"full": Budget("scenes", 300, 128, 0, 5000, 0, 30, (0, 1)),
               "quick": Budget("scenes:n=512,size=32,seed=0,test_n=256", 30, 32, 0, 0, 0, 10, (0,))},
     "predictive": {"full": Budget(CIFAR, 1000, 128, 0, 10000, 0, 30, (0, 1)),
                    "quick": Budget("scenes:n=512,size=32,seed=0,test_n=256", 30, 32, 0, 0, 0, 10, (0,))},
@@ -120,13 +120,13 @@ def load_data(ctx: Context, views: str) -> tuple[Dataset, Dataset, Dataset, list
 
 
 def scores(model: CMCModel, ev: Dataset, test: Dataset, ctx: Context) -> dict:
-    return evaluate(model, ev, test, ctx.device, probe_epochs=ctx.budget.probe_epochs, recall=False)
+    return evaluate(model.to(ctx.device), ev, test, ctx.device, probe_epochs=ctx.budget.probe_epochs, recall=False)
 
 
 def one_view(model: CMCModel, view: str, features: bool = False) -> CMCModel:
     """A copy of one view's encoder as a one-view model; ``features`` makes its embedding the (normalised)
     penultimate features, so that kNN reads the same layer for encoders trained without a head."""
-    m = copy.deepcopy(model).cpu()
+    m = copy.deepcopy(model)
     for v in [v for v in m.specs if v != view]:
         del m.views[v]
         del m.specs[v]
