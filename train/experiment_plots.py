@@ -157,8 +157,8 @@ def patches_plot(rows: list[dict], out: Path, b) -> Path:
         ia = fig.add_axes((cx - 0.045, 0.72, 0.09, 0.09))
         ia.add_patch(mpatches.Rectangle((0, 0), size, size, color="0.85"))
         x0 = (size - patch - di) / 2  # a middle position, for the picture
-        for (px, py), c in (((x0, x0), "tab:purple"), ((x0 + di, x0 + di), "tab:olive")):
-            ia.add_patch(mpatches.Rectangle((px, size - py - patch), patch, patch, fill=False, ec=c, lw=1.5))
+        for (px, py), c, ls in (((x0 + di, x0 + di), "tab:olive", "-"), ((x0, x0), "tab:purple", "--")):
+            ia.add_patch(mpatches.Rectangle((px, size - py - patch), patch, patch, fill=False, ec=c, lw=1.5, ls=ls))
         ia.set(xlim=(0, size), ylim=(0, size), xticks=[], yticks=[], aspect="equal")
         ia.set_title(f"d={di}", fontsize=7, pad=2)
     fig.suptitle(f"Two patches of one image as the views: shared information (blue) vs downstream accuracy (red)\n"
