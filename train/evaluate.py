@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plots", default=None, help="write training curves and a retrieval grid (PNG) here")
+    p.add_argument("--view-pairs", action="store_true", help="also print the view-pair table (train/viewpairs.py): "
+                   "MI bound, cross-view recall and accuracy for every pair of views; with --plots, MI vs accuracy")
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -207,17 +209,29 @@ def main(argv: list[str] | None = None) -> int:
             results["random-init"] = evaluate(rnd, train, test, a.device, a.knn_k, a.probe_epochs, not a.no_linear)
         if a.pixels:
             results["pixels"] = evaluate_pixels(train, test, a.knn_k, a.probe_epochs)
+        pair_rows = None
+        if a.view_pairs:  # the k of the MI bound is the training batch (in-batch negatives), at the training tau
+            from .viewpairs import view_pair_table
+            pair_rows = view_pair_table(model, train, test, state["config"]["tau"], state["config"]["batch_size"],
+                                        a.device, not a.no_linear, a.probe_epochs, a.knn_k)
     except (ConfigError, DataError, ViewError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(results))
+    if pair_rows:
+        from .viewpairs import format_view_pairs
+        print("\n" + format_view_pairs(pair_rows))
     if a.json:
-        Path(a.json).write_text(json.dumps({"model": str(a.model), "data": spec, "results": results}, indent=2))
+        Path(a.json).write_text(json.dumps({"model": str(a.model), "data": spec, "results": results,
+                                            **({"view_pairs": pair_rows} if pair_rows else {})}, indent=2))
         print(f"wrote {a.json}")
     if a.plots:
         from .plots import plot_run
         for f in plot_run(a.model, model, test, a.plots):
             print(f"wrote {f}")
+        if pair_rows:
+            from .viewpairs import plot_view_pairs
+            print(f"wrote {plot_view_pairs(pair_rows, Path(a.plots) / 'view_pairs.png')}")
     return 0
 
 

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,9 @@ from .pipeline import DeviceData, augment, crop_params, epoch_order, step_genera
 from .setup import prepare
 
 LOG = logging.getLogger(__name__)
+
+# loss_fn(model, batch of sources, step generator) -> (loss, stats): an objective other than CMC's
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Generator], tuple[torch.Tensor, dict[str, float]]]
 
 
 class TrainingError(RuntimeError):
@@ -101,18 +105,22 @@ def build_model(cfg: Config, specs: list[ViewSpec], image_size: int, ds: Dataset
 
 
 def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, device: torch.device,
-          world: Dist | None = None) -> CMCModel:
-    """The training loop. Returns the trained (unwrapped) model; writes checkpoint.pt and metrics.jsonl."""
+          world: Dist | None = None, model: nn.Module | None = None, loss_fn: LossFn | None = None) -> CMCModel:
+    """The training loop. Returns the trained (unwrapped) model; writes checkpoint.pt and metrics.jsonl.
+
+    ``model`` and ``loss_fn`` swap in another model and objective (the analyses of train.experiments):
+    ``loss_fn(model, batch, generator) -> (loss, stats with 'loss')`` on the augmented batch of sources,
+    single process, without the memory bank."""
     world = world or Dist()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    model = build_model(cfg, specs, image_size, ds).to(device)
+    model = (build_model(cfg, specs, image_size, ds) if model is None else model).to(device)
     use_cuda = device.type == "cuda"
     if use_cuda:
         model = model.to(memory_format=torch.channels_last)
     bank = None
-    if cfg.negatives == "memory":
+    if cfg.negatives == "memory" and loss_fn is None:
         bank = MemoryBank([s.name for s in specs], len(ds), cfg.feat_dim, cfg.nce_momentum, device, cfg.seed)
     opt = make_optimizer(cfg, model)
     steps_per_epoch = len(ds) // cfg.batch_size
@@ -172,7 +180,7 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
                              for k, v in batch.items()}
                 for group in opt.param_groups:
                     group["lr"] = lr_at(cfg, step, total)
-                loss, stats = train_step(ddp_model, opt, bank, batch, idx.to(device), cfg, world, g, amp)
+                loss, stats = train_step(ddp_model, opt, bank, batch, idx.to(device), cfg, world, g, amp, loss_fn)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"loss is {loss.item()} at step {step} (epoch {epoch + 1}): stopping; "
                                         f"lower --lr or check the data for extreme values")
@@ -201,9 +209,18 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, bank: MemoryBank | None, batch: dict[str, torch.Tensor],
-               idx: torch.Tensor, cfg: Config, world: Dist, g: torch.Generator, amp: bool) -> tuple[torch.Tensor, dict]:
+               idx: torch.Tensor, cfg: Config, world: Dist, g: torch.Generator, amp: bool,
+               loss_fn: LossFn | None = None) -> tuple[torch.Tensor, dict]:
     """One optimisation step on a (local) batch of sources; ``idx`` are the *global* batch's sample indices.
     A non-finite loss is returned before any parameter changes."""
+    if loss_fn is not None:  # another objective (train.experiments): its own loss; no gather, no memory bank
+        with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, stats = loss_fn(model, batch, g)
+        if torch.isfinite(loss):
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return loss, stats
     with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=amp):
         z = model(batch)
     z = world.gather({v: t.float() for v, t in z.items()})  # (B, D) per view, the global batch

@@ -1,0 +1,198 @@
+"""The CMC analyses (train.experiments): each command end to end on a test-sized budget (JSON shape, finite
+numbers in range, a PNG), the pieces they rest on against independent references, and the view-pair table."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from train import experiments
+from train.config import Config
+from train.patches import crop_pair, distances, mi_bound, patch_model, positions
+from train.predictive import PredictiveModel, ab_bins, bin_centres, predictive_loss
+from train.viewpairs import format_view_pairs, pair_mi_bound, plot_view_pairs, view_pair_table
+
+# smaller than --quick: 16 px scenes, 2 steps of 16, 2 probe epochs (a few seconds per run on 2 cores)
+TINY = "scenes:n=96,size=16,seed=3,test_n=64"
+TINY_ARGS = ["--quick", "--data", TINY, "--steps", "2", "--batch-size", "16", "--probe-epochs", "2", "--threads", "2"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def run_experiment(name: str, out, *extra: str) -> list[dict]:
+    assert experiments.main([name, *TINY_ARGS, "--out", str(out), *extra]) == 0
+    assert (out / f"{name}.png").read_bytes()[:8] == PNG and (out / f"{name}.png").stat().st_size > 10_000
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def in_unit(*xs: float) -> bool:
+    return all(math.isfinite(x) and 0.0 <= x <= 1.0 for x in xs)
+
+
+def test_views_command(tmp_path, capsys):
+    rows = run_experiment("views", tmp_path)
+    assert sorted((r["n_views"], r["graph"]) for r in rows) == [(n, g) for n in (2, 3, 4) for g in ("core", "full")]
+    for r in rows:
+        assert r["views"] == ["L", "ab", "depth", "normals"][:r["n_views"]] and r["steps"] == 2
+        assert in_unit(r["linear_top1"], r["knn_top1"], r["concat_linear_top1"], r["concat_knn_top1"])
+        assert set(r["per_view"]) == set(r["views"])
+    two = [r for r in rows if r["n_views"] == 2]  # L_C = L_F with two views: one run, reported twice
+    assert two[0]["linear_top1"] == two[1]["linear_top1"]
+    table = capsys.readouterr().out
+    assert "L,ab,depth,normals" in table and "concat linear" in table
+    # a finished run is reused (its cached row), not retrained
+    again = run_experiment("views", tmp_path)
+    assert again == rows
+
+
+def test_predictive_command(tmp_path):
+    rows = run_experiment("predictive", tmp_path)
+    assert [r["method"] for r in rows] == ["contrastive", "predictive-regression", "predictive-classification",
+                                           "random-init"]
+    for r in rows:
+        assert in_unit(r["linear_top1"], r["knn_top1"])
+    assert [r["steps"] for r in rows] == [2, 2, 2, 0]
+
+
+def test_patches_command(tmp_path, capsys):
+    rows = run_experiment("patches", tmp_path)
+    assert [(r["distance"], r["seed"]) for r in rows] == [(d, 0) for d in (0, 2, 4, 6, 8)]
+    for r in rows:
+        assert r["patch"] == 8 and r["image_size"] == 16 and r["k"] == 16
+        assert math.isfinite(r["mi_bound"]) and r["mi_bound"] <= math.log(16) + 1e-9 and r["log_k"] == math.log(16)
+        assert in_unit(r["linear_top1"], r["knn_top1"])
+    assert "MI bound" in capsys.readouterr().out
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path):
+    npz = tmp_path / "c.npz"
+    rng = np.random.default_rng(0)
+    np.savez(npz, x_train=rng.integers(0, 255, (40, 32, 32, 3), dtype=np.uint8), y_train=np.zeros(40, np.int64),
+             x_test=rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8), y_test=np.zeros(20, np.int64))
+    r = run_cli(["-m", "train.experiments", "views", "--quick", "--data", f"cifar10:{npz}", "--out", str(tmp_path)],
+                timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "view 'depth' needs a 'depth' source" in r.stderr.strip().splitlines()[-1]
+    r = run_cli(["-m", "train.experiments", "patches", "--quick", "--data", f"cifar10:{npz}", "--patch", "40", "--batch-size", "8",
+                 "--out", str(tmp_path)], timeout=120)
+    assert r.returncode == 2 and "--patch must be in [8, 31]" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------- pieces
+def test_tables_aggregate_seeds_as_mean_and_half_range():
+    from train.experiment_plots import aggregate
+    rows = [{"d": 0, "acc": 0.5, "seed": 0}, {"d": 4, "acc": 0.2, "seed": 0}, {"d": 0, "acc": 0.7, "seed": 1}]
+    agg = aggregate(rows, ("d",), ("acc",))
+    assert [g["d"] for g in agg] == [0, 4] and [g["n"] for g in agg] == [2, 1]
+    assert agg[0]["acc"] == pytest.approx(0.6) and agg[0]["acc_spread"] == pytest.approx(0.1)
+    assert agg[1]["acc"] == pytest.approx(0.2) and agg[1]["acc_spread"] == 0.0
+
+
+def test_crop_pair_is_the_slices_at_x_y_and_offset():
+    img = torch.arange(2 * 3 * 10 * 10, dtype=torch.float32).reshape(2, 3, 10, 10)
+    x, y = torch.tensor([0, 3]), torch.tensor([2, 1])
+    a, b = crop_pair(img, 4, 2, x, y)
+    for n in range(2):
+        assert torch.equal(a[n], img[n, :, y[n]:y[n] + 4, x[n]:x[n] + 4])
+        assert torch.equal(b[n], img[n, :, y[n] + 2:y[n] + 6, x[n] + 2:x[n] + 6])
+    g = torch.Generator().manual_seed(0)
+    px, py = positions(1000, 32, 16, 12, g)
+    assert int(px.min()) == 0 and int(px.max()) == 4 and int(py.max()) == 4  # both patches always fit
+    assert distances(32, 16) == [0, 4, 8, 12, 16] and distances(64, 32, 6)[-1] == 32
+
+
+def test_patch_mi_bound_below_log_k_and_high_for_identical_patches():
+    from models.data import Dataset
+    rng = np.random.default_rng(0)
+    ds = Dataset({"rgb": rng.integers(0, 255, (64, 16, 16, 3), dtype=np.uint8)}, y=np.zeros(64, np.int64))
+    model = patch_model("resnet10", 32, 8, 0.25, seed=0)
+    same = mi_bound(model, ds, 8, 0, k=32, tau=0.07)  # d = 0: both views are the same pixels
+    far = mi_bound(model, ds, 8, 8, k=32, tau=0.07)  # opposite corners of noise images: nothing shared
+    assert same <= math.log(32) + 1e-9 and far <= math.log(32) + 1e-9
+    assert abs(far) < 0.05 and same > far + 0.2  # even a random encoder sees that identical patches match
+
+
+def test_ab_bins_round_trip_and_predictive_target_is_the_ab_view():
+    q = 16
+    c = bin_centres(q)  # (q*q, 2)
+    assert torch.equal(ab_bins(c.t().reshape(1, 2, q, q), q).flatten(), torch.arange(q * q))
+    assert int(ab_bins(torch.full((1, 2, 1, 1), 5.0), q)) == q * q - 1  # out of range clamps to the last bin
+    from models.transforms import make_transform
+    from models.views import BUILTIN
+    m = PredictiveModel("regression", "resnet10", 32, 32, 0.25)
+    rgb = torch.rand(2, 3, 32, 32)
+    pred, target = m(rgb)
+    assert pred.shape == target.shape == (2, 2, 8, 8)
+    ref = make_transform(BUILTIN["ab"])(rgb).reshape(2, 2, 8, 4, 8, 4).mean((3, 5))
+    assert torch.allclose(target, ref, atol=1e-5)
+    assert PredictiveModel("classification", "resnet10", 32, 32, 0.25)(rgb)[0].shape == (2, q * q, 8, 8)
+
+
+def test_predictive_objective_trains_through_the_training_loop(tmp_path):
+    """The same training loop (train.pretrain.train with a loss_fn) lowers the colourisation loss on a fixed batch."""
+    from train.pretrain import train
+    from train.setup import prepare
+    cfg = Config(data="scenes:n=16,size=16,seed=1,test_n=16", views="L,ab", arch="resnet10", width=0.25,
+                 batch_size=8, epochs=15, lr=3e-3, warmup_steps=2, crop_min=0.9, flip=False, out=str(tmp_path / "r"),
+                 export=False, index=False, evaluate=False).validate()
+    ds, _, specs, size = prepare(cfg, progress=False)
+    rgb = {"rgb": torch.from_numpy(ds.sources["rgb"]).permute(0, 3, 1, 2).float() / 255}
+    torch.manual_seed(0)
+    model = PredictiveModel("classification", "resnet10", 32, size, 0.25)
+    model.eval()
+    with torch.no_grad():
+        before = float(predictive_loss(model, rgb)[0])
+    trained = train(cfg, ds, specs, size, torch.device("cpu"), model=model, loss_fn=predictive_loss)
+    trained.eval()
+    with torch.no_grad():
+        after = float(predictive_loss(trained, rgb)[0])
+    assert after < 0.75 * before, (before, after)
+    assert (tmp_path / "r" / "checkpoint.pt").is_file()
+
+
+# ------------------------------------------------------------------------------------------ view-pair table
+def test_pair_mi_bound_references():
+    k = 32
+    z = torch.eye(48)  # orthogonal unit rows
+    assert pair_mi_bound(z, z, k, tau=0.05) == pytest.approx(math.log(k), abs=1e-6)  # loss ~0: the bound's ceiling
+    g = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(4096, 16, generator=g), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(4096, 16, generator=g), dim=1)
+    assert abs(pair_mi_bound(a, b, k, tau=1.0)) < 0.06  # independent views: about zero nats
+    with pytest.raises(Exception, match="at least k"):
+        pair_mi_bound(a[:10], b[:10], k, 1.0)
+
+
+def test_view_pair_table_and_the_evaluate_flag(tmp_path):
+    from train.pretrain import train
+    from train.setup import prepare
+    cfg = Config(data=TINY, views="L,ab,depth", arch="resnet10", width=0.25, batch_size=16, epochs=1, max_steps=3,
+                 lr=3e-3, warmup_steps=1, out=str(tmp_path / "run"), export=False, index=False, evaluate=False,
+                 threads=2).validate()
+    ds, test, specs, size = prepare(cfg, progress=False)
+    model = train(cfg, ds, specs, size, torch.device("cpu")).eval()
+    rows = view_pair_table(model, ds, test, tau=cfg.tau, k=16, probe_epochs=2)
+    assert [r["pair"] for r in rows] == ["L~ab", "L~depth", "ab~depth"]
+    for r in rows:
+        assert r["mi_bound"] <= math.log(16) + 1e-9 and math.isfinite(r["mi_bound"])
+        assert in_unit(r["r1_ab"], r["r10_ab"], r["r1_ba"], r["r10_ba"], r["top1_a"], r["top1_b"], r["top1_pair"])
+        assert r["r10_ab"] >= r["r1_ab"] and r["r10_ba"] >= r["r1_ba"]
+    # the bound equals log(k) - L computed directly from the held-out embeddings
+    from train.evaluate import extract
+    from train.losses import cmc_loss
+    z = extract(model, test)["embed"]
+    direct = np.mean([math.log(16) - float(cmc_loss({"a": z["L"][i:i + 16], "b": z["ab"][i:i + 16]}, cfg.tau)[0]) / 2
+                      for i in range(0, len(test) - 15, 16)])
+    assert rows[0]["mi_bound"] == pytest.approx(direct, abs=1e-5)
+    text = format_view_pairs(rows)
+    assert "L~depth" in text and "log k = 2.77" in text
+    assert plot_view_pairs(rows, tmp_path / "vp.png").read_bytes()[:8] == PNG
+    # python -m train.evaluate --view-pairs prints it, writes it to the JSON and plots it
+    r = run_cli(["-m", "train.evaluate", "--model", str(tmp_path / "run"), "--view-pairs", "--probe-epochs", "2",
+                 "--json", str(tmp_path / "e.json"), "--plots", str(tmp_path / "plots")], timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "view pairs on held-out data" in r.stdout and "ab~depth" in r.stdout
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert [p["pair"] for p in saved["view_pairs"]] == ["L~ab", "L~depth", "ab~depth"]
+    assert (tmp_path / "plots" / "view_pairs.png").is_file()

@@ -1,0 +1,117 @@
+"""The view-pair table: how to choose views. For every pair of a model's views, on held-out data:
+
+- the contrastive bound log(k) - L on I(v_i; v_j) (the two-view loss with in-batch negatives, k fixed for
+  every pair, at the model's training temperature),
+- cross-view retrieval recall@1/@10 in both directions,
+- each view's downstream top-1 (linear probe on frozen features, or weighted kNN with ``linear=False``) and
+  that of the pair's features concatenated.
+
+``plot_view_pairs`` draws the pair's accuracy against its MI bound (Tian et al. 2020 argue for a sweet
+spot: views that share too much carry nuisance, views that share too little carry no signal).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.data import DataError, Dataset
+from models.encoders import CMCModel
+from .losses import cmc_loss, pairs
+
+LOG = logging.getLogger(__name__)
+
+
+def pair_mi_bound(za: Tensor, zb: Tensor, k: int, tau: float) -> float:
+    """Mean over consecutive held-out batches of k rows of log(k) - L(a, b)/2, where za, zb are (N, D)
+    unit-norm embeddings of the same N items; the last incomplete batch is dropped so that k is fixed."""
+    n = za.shape[0]
+    if n < k or k < 2:
+        raise DataError(f"the MI bound needs k >= 2 and at least k held-out items (k = {k}, items = {n})")
+    bounds = []
+    for lo in range(0, n - k + 1, k):
+        _, stats = cmc_loss({"a": za[lo:lo + k].float(), "b": zb[lo:lo + k].float()}, tau, "full")
+        bounds.append(stats["mi/a~b"])
+    return float(np.mean(bounds))
+
+
+def view_pair_table(model: CMCModel, train: Dataset, test: Dataset, tau: float, k: int = 256, device="cpu",
+                    linear: bool = True, probe_epochs: int = 30, knn_k: int = 200) -> list[dict]:
+    """One row per unordered pair of the model's views (see the module docstring)."""
+    from .evaluate import cross_view_recall, extract, knn_accuracy, linear_probe
+    if train.y is None or test.y is None:
+        raise DataError("the view-pair table needs labels ('y') in both splits")
+    views = list(model.specs)
+    if len(views) < 2:
+        raise DataError("the view-pair table needs a model with at least two views")
+    k = min(k, len(test))
+    ytr, yte = torch.from_numpy(train.y).long(), torch.from_numpy(test.y).long()
+    ftr, fte = extract(model, train, device), extract(model, test, device)
+
+    def top1(vs: list[str]) -> float:
+        if linear:
+            return linear_probe(torch.cat([ftr["features"][v] for v in vs], 1), ytr,
+                                torch.cat([fte["features"][v] for v in vs], 1), yte, probe_epochs)
+        return knn_accuracy(torch.cat([ftr["embed"][v] for v in vs], 1), ytr,
+                            torch.cat([fte["embed"][v] for v in vs], 1), yte, knn_k)
+
+    single = {v: top1([v]) for v in views}
+    rows = []
+    for a, b in pairs(views, "full"):
+        za, zb = fte["embed"][a], fte["embed"][b]
+        ab, ba = cross_view_recall(za, zb), cross_view_recall(zb, za)
+        rows.append({"pair": f"{a}~{b}", "a": a, "b": b, "k": k, "log_k": math.log(k),
+                     "mi_bound": pair_mi_bound(za, zb, k, tau),
+                     "r1_ab": ab["R@1"], "r10_ab": ab["R@10"], "r1_ba": ba["R@1"], "r10_ba": ba["R@10"],
+                     "top1_a": single[a], "top1_b": single[b], "top1_pair": top1([a, b]),
+                     "metric": "linear" if linear else "knn"})
+    return rows
+
+
+def format_view_pairs(rows: list[dict]) -> str:
+    """The table a user chooses views with; accuracies and recalls in percent, the bound in nats."""
+    if not rows:
+        return ""
+    metric = rows[0]["metric"]
+    head = (f"{'pair a~b':<18} {'MI bound':>9} {'R@1 a>b':>8} {'R@10 a>b':>9} {'R@1 b>a':>8} {'R@10 b>a':>9} "
+            f"{'top1 a':>7} {'top1 b':>7} {'top1 a+b':>9}")
+    lines = [f"view pairs on held-out data (MI bound log(k) - L in nats, k = {rows[0]['k']}, "
+             f"log k = {rows[0]['log_k']:.2f}; top-1 by {metric} probe)", head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['pair']:<18} {r['mi_bound']:>9.3f} {100 * r['r1_ab']:>7.1f}% {100 * r['r10_ab']:>8.1f}% "
+                     f"{100 * r['r1_ba']:>7.1f}% {100 * r['r10_ba']:>8.1f}% {100 * r['top1_a']:>6.1f}% "
+                     f"{100 * r['top1_b']:>6.1f}% {100 * r['top1_pair']:>8.1f}%")
+    return "\n".join(lines)
+
+
+def plot_view_pairs(rows: list[dict], out: str | Path, title: str = "") -> Path:
+    """Scatter of each pair's downstream top-1 (features of both views) against its MI bound, labelled."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in rows:
+        ax.plot([r["mi_bound"]] * 2, [100 * min(r["top1_a"], r["top1_b"]), 100 * max(r["top1_a"], r["top1_b"])],
+                color="0.8", lw=4, solid_capstyle="round", zorder=1)
+        ax.scatter(r["mi_bound"], 100 * r["top1_pair"], s=40, zorder=2)
+        ax.annotate(r["pair"], (r["mi_bound"], 100 * r["top1_pair"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.axvline(rows[0]["log_k"], color="0.5", ls=":", lw=1)
+    ax.text(rows[0]["log_k"], ax.get_ylim()[0], " log k", color="0.4", fontsize=8, va="bottom", ha="right",
+            rotation=90)
+    ax.set_xlabel(f"MI lower bound log(k) - L on held-out pairs (nats, k = {rows[0]['k']})")
+    ax.set_ylabel(f"held-out {rows[0]['metric']} top-1 (%)")
+    ax.set_title(title or "View pairs: shared information vs downstream accuracy\n"
+                          "dot: both views' features; grey bar: each view alone", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
