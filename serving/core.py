@@ -14,6 +14,7 @@ import base64
 import binascii
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,8 @@ class Settings:
     def __init__(self) -> None:
         self.workers = max(1, env_int("CMC_WORKERS", 1))
         self.threads = env_int("CMC_THREADS", 0) or max(1, cpu_count() // self.workers)
+        spin = os.environ.get("CMC_SPIN", "").strip()  # onnxruntime intra-op spinning; unset: its default
+        self.spin = env_flag("CMC_SPIN", True) if spin else None
         self.batching = env_flag("CMC_BATCHING", True)
         self.max_batch_size = max(2, env_int("CMC_MAX_BATCH_SIZE", 64))
         self.max_latency_ms = max(1, env_int("CMC_MAX_LATENCY_MS", 3000))
@@ -153,7 +156,7 @@ class Core:
     def load(cls, settings: Settings | None = None) -> "Core":
         s = settings or Settings()
         try:
-            rt = Runtime(s.model, device=s.device, intra_op_threads=s.threads)
+            rt = Runtime(s.model, device=s.device, intra_op_threads=s.threads, spin=s.spin)
         except CardError as e:
             raise RuntimeError(f"cannot load the model ({s.model or 'cmc:latest'}): {e}") from None
         rt.warmup()
@@ -402,6 +405,8 @@ class Core:
             "views": {n: {"source": v["source"], "channels": v.get("channels"), "input": v.get("input"),
                           "description": v.get("description")} for n, v in rt.views.items()},
             "providers": list(rt.providers),
+            "server": {"event_loop": type(asyncio.get_running_loop()).__module__,  # uvloop when installed
+                       "http_parser": "httptools" if "uvicorn.protocols.http.httptools_impl" in sys.modules else "h11"},
             "index": index,
             "settings": self.settings.as_dict(),
             "batching": {"enabled": self.batcher is not None, "max_batch_size": self.settings.max_batch_size,

@@ -4,7 +4,7 @@ Thin by design: every endpoint delegates to :class:`serving.core.Core` (ONNX run
 Run ``bentoml serve`` in the project root (bentofile.yaml names this service). Settings come from the environment
 (see serving.core.Settings): CMC_MODEL, CMC_INDEX, CMC_WORKERS, CMC_THREADS, CMC_BATCHING, CMC_MAX_BATCH_SIZE,
 CMC_MAX_LATENCY_MS, CMC_MAX_ITEMS, CMC_MAX_PIXELS, CMC_MAX_K, CMC_MAX_BODY_MB, CMC_TIMEOUT_S, CMC_DEVICE,
-CMC_API_TOKEN.
+CMC_API_TOKEN, CMC_SPIN, CMC_ACCESS_LOG.
 """
 from __future__ import annotations
 
@@ -17,14 +17,17 @@ from typing import Any, Optional  # noqa: E402
 
 import bentoml  # noqa: E402
 
+from serving.accesslog import QuietAccessLog, logging_config  # noqa: E402
 from serving.auth import BearerAuth, BodyLimit, ErrorEnvelope  # noqa: E402
+from serving.binary import BinaryEmbed, Encoding, embed_answer  # noqa: E402
 from serving.core import Core, Settings, respond  # noqa: E402
 from serving.schemas import AddItem, Input  # noqa: E402
 
 SETTINGS = Settings()
 
 
-@bentoml.service(name="cmc", workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s})
+@bentoml.service(name="cmc", workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s},
+                 logging=logging_config())
 class CMCService:
     def __init__(self) -> None:
         self.ready = False
@@ -40,9 +43,11 @@ class CMCService:
 
     @bentoml.api
     async def embed(self, view: str, images: Optional[list[str]] = None,
-                    arrays: Optional[list[list[float]]] = None) -> dict:
-        """Embed base64 images (image views) or arrays (vector views) in one view -> L2-normalised embeddings."""
-        return await respond(self.core.embed(view, images, arrays))
+                    arrays: Optional[list[list[float]]] = None, encoding: Encoding = "float") -> dict:
+        """Embed base64 images (image views) or arrays (vector views) in one view -> L2-normalised embeddings.
+        Also takes raw image bytes (Content-Type: image/png|jpeg|webp, ?view=L) and multipart (images parts,
+        view field); answers base64 little-endian float32 (encoding=base64) or .npy (Accept: application/x-npy)."""
+        return await respond(embed_answer(self.core, view, images, arrays, encoding))
 
     @bentoml.api
     async def embed_file(self, image: Path, view: str) -> dict:
@@ -76,8 +81,10 @@ class CMCService:
         return await respond(self.core.info())
 
 
+CMCService.add_asgi_middleware(QuietAccessLog)  # outermost of ours: sees every answer, 401s included
 CMCService.add_asgi_middleware(ErrorEnvelope)
 CMCService.add_asgi_middleware(BearerAuth, token=SETTINGS.token)
 CMCService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_mb << 20)
+CMCService.add_asgi_middleware(BinaryEmbed)  # innermost: binary forms of /embed, after auth and the body limit
 
 __all__: list[Any] = ["CMCService"]
