@@ -98,7 +98,7 @@ def in_process(model: str, view: str, img: bytes, threads: int, device: str, bat
         rt.embed_items(view, [img])
         if i >= 10:
             lat.append((time.perf_counter() - t) * 1000)
-    out: dict = {"threads": threads, "providers": list(rt.providers), "p50_ms": float(np.median(lat)),
+    out: dict = {"threads": threads, "providers": rt.sessions[view].get_providers(), "p50_ms": float(np.median(lat)),
                  "p99_ms": float(np.percentile(lat, 99)), "items_per_s": {}, "ort_items_per_s": {}}
     for b in sorted(set(batches)):
         for key, fn in (("items_per_s", lambda: rt.embed_items(view, [img] * b)),
@@ -177,10 +177,10 @@ def table(res: dict) -> str:
     f = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     s, ip = res["server"], res["in_process"]
     lines = [f"model {res['model']}  view {res['view']}  {res['image']}  {res['cpus']} CPUs  device {res['device']}",
-             f"server: {s.get('workers')} worker(s), {s.get('threads')} ORT threads, spin {s.get('spin')}, batching "
+             f"server: {(s.get('providers') or ['?'])[0]}, {s.get('workers')} worker(s), {s.get('threads')} ORT threads, spin {s.get('spin')}, batching "
              f"{s.get('batching')} (max {s.get('max_batch_size')}), loop {s.get('event_loop')}, parser "
              f"{s.get('http_parser')}; load from {res['generator']}",
-             f"in-process: {ip['threads']} ORT threads, decode+resize+ORT p50 {f(ip['p50_ms'], 2)} ms, "
+             f"in-process: {ip['providers'][0]}, {ip['threads']} ORT threads, decode+resize+ORT p50 {f(ip['p50_ms'], 2)} ms, "
              f"p99 {f(ip['p99_ms'], 2)} ms",
              f"{'row':28} {'form':6} {'items/s':>9} {'in-proc':>9} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
              f"{'p99/p50':>7} {'+p50 ms':>8} {'batch':>6} {'gen cpu s':>9} {'err':>4}"]
