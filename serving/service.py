@@ -4,7 +4,8 @@ Thin by design: every endpoint delegates to :class:`serving.core.Core` (ONNX run
 Run ``bentoml serve`` in the project root (bentofile.yaml names this service). Settings come from the environment
 (see serving.core.Settings): CMC_MODEL, CMC_INDEX, CMC_WORKERS, CMC_THREADS, CMC_BATCHING, CMC_MAX_BATCH_SIZE,
 CMC_MAX_LATENCY_MS, CMC_MAX_ITEMS, CMC_MAX_PIXELS, CMC_MAX_K, CMC_MAX_BODY_MB, CMC_TIMEOUT_S, CMC_DEVICE,
-CMC_API_TOKEN, CMC_SPIN, CMC_ACCESS_LOG.
+CMC_API_TOKEN, CMC_SPIN, CMC_ACCESS_LOG, CMC_TRACE_HOT,
+CMC_FAST_JSON.
 """
 from __future__ import annotations
 
@@ -17,17 +18,18 @@ from typing import Any, Optional  # noqa: E402
 
 import bentoml  # noqa: E402
 
-from serving.accesslog import QuietAccessLog, logging_config  # noqa: E402
+from serving.observability import QuietAccessLog, logging_config, tracing_config  # noqa: E402
 from serving.auth import BearerAuth, BodyLimit, ErrorEnvelope  # noqa: E402
 from serving.binary import BinaryEmbed, Encoding, embed_answer  # noqa: E402
 from serving.core import Core, Settings, respond  # noqa: E402
+from serving.fastjson import FastJSON  # noqa: E402
 from serving.schemas import AddItem, Input  # noqa: E402
 
 SETTINGS = Settings()
 
 
 @bentoml.service(name="cmc", workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s},
-                 logging=logging_config())
+                 logging=logging_config(), tracing=tracing_config())
 class CMCService:
     def __init__(self) -> None:
         self.ready = False
@@ -85,6 +87,7 @@ CMCService.add_asgi_middleware(QuietAccessLog)  # outermost of ours: sees every 
 CMCService.add_asgi_middleware(ErrorEnvelope)
 CMCService.add_asgi_middleware(BearerAuth, token=SETTINGS.token)
 CMCService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_mb << 20)
-CMCService.add_asgi_middleware(BinaryEmbed)  # innermost: binary forms of /embed, after auth and the body limit
+CMCService.add_asgi_middleware(BinaryEmbed)  # binary forms of /embed, after auth and the body limit
+CMCService.add_asgi_middleware(FastJSON)  # innermost: JSON endpoints without BentoML's per-request work
 
 __all__: list[Any] = ["CMCService"]
