@@ -1,20 +1,26 @@
-"""Binary forms of POST /embed on a real `bentoml serve`: raw image bodies, multipart with many files, base64 and
-.npy answers - each equal to the JSON form within 1e-6 - and their bad inputs answered 4xx in the error envelope.
+"""The request path of the server, on real `bentoml serve` processes.
 
-One server: a random-init exported model (L, ab, depth, fou), no index, a bearer token, CMC_MAX_BODY_MB=1,
-CMC_MAX_ITEMS=4, access log at its default (off for /embed, errors still logged).
+Binary forms of POST /embed: raw image bodies, multipart with many files, base64 and .npy answers - each equal
+to the JSON form within 1e-6 - and their bad inputs answered 4xx in the error envelope. The fast JSON layer
+(serving/fastjson.py): the same answers as BentoML's own route for valid and invalid requests to every endpoint.
+
+Two servers of one random-init model (L, ab, depth, fou) and a 12-item index, with a bearer token,
+CMC_MAX_BODY_MB=1, CMC_MAX_ITEMS=4 and the access log at its default (off for /embed, errors still logged):
+``srv`` with the defaults (CMC_FAST_JSON=1) and ``route`` with CMC_FAST_JSON=0.
 """
 from __future__ import annotations
 
 import base64
 import io
 import json
+import re
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 
-from server_fixtures import Server, build_model, png_b64, scenes
+from server_fixtures import Server, build_index, build_model, png_b64, scenes
 
 pytestmark = pytest.mark.server
 TOKEN = "bin-token"
@@ -25,16 +31,21 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("binary")
     build_model(base / "model")
-    srv = Server({"CMC_MODEL": str(base / "model"), "CMC_INDEX": "none", "CMC_THREADS": "1", "CMC_API_TOKEN": TOKEN,
-                  "CMC_MAX_BODY_MB": "1", "CMC_MAX_ITEMS": "4", "BENTOML_HOME": str(base / "bentoml"),
-                  "CMC_HOME": str(base / "cmc")}, base / "server.log")
+    ds = scenes(16)
+    build_index(base / "index", base / "model", ds, 12)
+    common = {"CMC_MODEL": str(base / "model"), "CMC_INDEX": str(base / "index"), "CMC_THREADS": "1",
+              "CMC_API_TOKEN": TOKEN, "CMC_MAX_BODY_MB": "1", "CMC_MAX_ITEMS": "4",
+              "BENTOML_HOME": str(base / "bentoml"), "CMC_HOME": str(base / "cmc")}
+    srv = Server(common, base / "server.log")
+    route = Server(common | {"CMC_FAST_JSON": "0"}, base / "route.log")  # serves the index read-only
     try:
-        srv.wait_ready()
-        ds = scenes(8)
+        with ThreadPoolExecutor(2) as ex:
+            list(ex.map(lambda s: s.wait_ready(), (srv, route)))
         pngs = [base64.b64decode(png_b64(ds.sources["rgb"][i])) for i in range(3)]
-        yield {"srv": srv, "pngs": pngs, "ds": ds}
+        yield {"srv": srv, "route": route, "pngs": pngs, "ds": ds}
     finally:
         srv.stop()
+        route.stop()
 
 
 def post(world, path="/embed", headers=None, auth=True, **kw) -> httpx.Response:
@@ -219,3 +230,86 @@ def test_access_log_off_for_embed_but_errors_logged(world):
     assert any("status=415" in ln for ln in lines), log[-3000:]
     assert not any("status=200" in ln for ln in lines), lines[:5]
     assert any("path=/info" in ln and "status=200" in ln for ln in log.splitlines())
+
+
+# ---------------------------------------------------------------------------------------------- fast JSON layer
+def json_cases(ds) -> list[tuple[str, bytes]]:
+    good = png_b64(ds.sources["rgb"][0])
+    q = {"view": "L", "image": good}
+    j = lambda d: json.dumps(d).encode()  # noqa: E731
+    return [
+        ("/embed", j({"view": "L", "images": [good, png_b64(ds.sources["rgb"][1])]})),
+        ("/embed", j({"view": "fou", "arrays": [[0.5] * 8]})),
+        ("/embed", j({"view": "L", "images": [good], "encoding": "base64"})),
+        ("/embed", j({"view": "L", "images": [good], "encoding": "hex"})),
+        ("/embed", j({"view": "nope", "images": [good]})),
+        ("/embed", j({"images": [good]})),
+        ("/embed", j({"view": "fou", "arrays": [["a"] * 8]})),
+        ("/embed", j({"view": "L", "images": [good] * 5})),
+        ("/embed", j({"view": "L", "images": [base64.b64encode(b"junk").decode()]})),
+        ("/embed", b'{"view": "L", "images": ['),
+        ("/embed", b"[1, 2]"),
+        ("/embed", b""),
+        ("/similarity", j({"a": q, "b": {"view": "ab", "image": good}})),
+        ("/similarity", j({"query": q, "candidates": [q, {"view": "ab", "image": good}]})),
+        ("/similarity", j({"a": q})),
+        ("/search", j({"query": q, "k": 3})),
+        ("/search", j({"query": {"view": "ab", "image": good}, "target_view": "L", "k": 12})),
+        ("/search", j({"query": q, "k": 0})),
+        ("/search", j({"query": q, "target_view": "zz"})),
+        ("/index/remove", j({"keys": []})),
+        ("/info", b"{}"),
+    ]
+
+
+def close(a, b) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return abs(a - b) <= 1e-6
+    if isinstance(a, str) and isinstance(b, str):  # messages may name an object's address
+        return re.sub(r"0x[0-9a-f]+", "0x", a) == re.sub(r"0x[0-9a-f]+", "0x", b)
+    return a == b
+
+
+def test_fast_json_answers_equal_bentoml_route(world):
+    h = AUTH | {"content-type": "application/json"}
+    for path, body in json_cases(world["ds"]):
+        rf = httpx.post(world["srv"].url + path, content=body, headers=h, timeout=60)
+        rs = httpx.post(world["route"].url + path, content=body, headers=h, timeout=60)
+        assert rf.status_code == rs.status_code, (path, body[:80], rf.text[:300], rs.text[:300])
+        bf, bs = rf.json(), rs.json()
+        if path == "/info":  # the settings and the index's writability differ between the two servers
+            bf, bs = bf["card"], bs["card"]
+        assert close(bf, bs), (path, body[:80], str(bf)[:300], str(bs)[:300])
+        if rf.status_code >= 400:
+            assert set(bf) == {"error", "detail", "field"}
+        # BentoML's route adds its Server header; the fast layer does not: this shows which one answered
+        assert "server" not in rf.headers and rs.headers.get("server", "").startswith("BentoML"), path
+
+
+def test_fast_json_under_concurrency(world):
+    imgs = [png_b64(world["ds"].sources["rgb"][i]) for i in range(12)]
+
+    def one(i: int) -> np.ndarray:
+        r = post(world, json={"view": "L", "images": [imgs[i]]})
+        assert r.status_code == 200, r.text
+        return np.asarray(r.json()["embeddings"][0])
+
+    with ThreadPoolExecutor(12) as ex:
+        got = np.stack(list(ex.map(one, range(12))))
+    ref = np.asarray(post(world, json={"view": "L", "images": imgs[:4]}).json()["embeddings"])
+    np.testing.assert_allclose(got[:4], ref, atol=1e-5)
+
+
+def test_bentoml_client_through_fast_layer(world):
+    import bentoml
+    b64 = [base64.b64encode(p).decode() for p in world["pngs"]]
+    with bentoml.SyncHTTPClient(world["srv"].url, token=TOKEN) as c:
+        got = c.embed(view="L", images=b64)
+        hits = c.search(query={"view": "L", "image": b64[0]}, k=2)
+    np.testing.assert_allclose(np.asarray(got["embeddings"], np.float32), json_reference(world, "L", world["pngs"]),
+                               atol=1e-6)
+    assert len(hits["results"]) == 2
