@@ -1,9 +1,10 @@
 """Adaptive batching inside the worker: concurrent requests of one view become one onnxruntime call.
 
 Greedy, per view: while a batch runs on the model (in a thread), new requests queue; when it returns, the
-next batch takes every queued row up to ``max_batch``. At concurrency 1 nothing waits (no timer, no collection
-window: tests/test_batcher.py), so latency is that of a direct call; under load batches grow by themselves. A request whose rows wait longer than
-``max_latency_ms`` before their batch starts is answered 503 (overloaded), as BentoML's dispatcher does.
+next batch takes every queued row up to ``max_batch``. At concurrency 1 nothing waits (no timer, no
+collection window: tests/test_batcher.py), so latency is that of a direct call; under load batches grow by
+themselves. A request whose rows wait longer than ``max_latency_ms`` before their batch starts is answered
+503 (overloaded), as BentoML's dispatcher does.
 
 Why not BentoML's ``batchable`` API: it batches a method that takes exactly one list or array, so a JSON
 endpoint with several fields must call that method through BentoML's client, crossing the framework a second

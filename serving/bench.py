@@ -177,11 +177,11 @@ def table(res: dict) -> str:
     f = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     s, ip = res["server"], res["in_process"]
     lines = [f"model {res['model']}  view {res['view']}  {res['image']}  {res['cpus']} CPUs  device {res['device']}",
-             f"server: {(s.get('providers') or ['?'])[0]}, {s.get('workers')} worker(s), {s.get('threads')} ORT threads, spin {s.get('spin')}, batching "
-             f"{s.get('batching')} (max {s.get('max_batch_size')}), loop {s.get('event_loop')}, parser "
-             f"{s.get('http_parser')}; load from {res['generator']}",
-             f"in-process: {ip['providers'][0]}, {ip['threads']} ORT threads, decode+resize+ORT p50 {f(ip['p50_ms'], 2)} ms, "
-             f"p99 {f(ip['p99_ms'], 2)} ms",
+             f"server: {(s.get('providers') or ['?'])[0]}, {s.get('workers')} worker(s), {s.get('threads')} ORT "
+             f"threads, spin {s.get('spin')}, batching {s.get('batching')} (max {s.get('max_batch_size')}), "
+             f"loop {s.get('event_loop')}, parser {s.get('http_parser')}; load from {res['generator']}",
+             f"in-process: {ip['providers'][0]}, {ip['threads']} ORT threads, decode+resize+ORT p50 "
+             f"{f(ip['p50_ms'], 2)} ms, p99 {f(ip['p99_ms'], 2)} ms",
              f"{'row':28} {'form':6} {'items/s':>9} {'in-proc':>9} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
              f"{'p99/p50':>7} {'+p50 ms':>8} {'batch':>6} {'gen cpu s':>9} {'err':>4}"]
     for r in res["rows"]:

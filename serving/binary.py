@@ -122,8 +122,8 @@ class BinaryEmbed:
                     return
                 if media not in ("", "application/json"):
                     await _send_error(send, BinaryError(
-                        415, "unsupported_media_type", f"/embed takes application/json, {', '.join(sorted(IMAGE_TYPES))}"
-                        f" or multipart/form-data, not {media!r}", "Content-Type"))
+                        415, "unsupported_media_type", f"/embed takes application/json, "
+                        f"{', '.join(sorted(IMAGE_TYPES))} or multipart/form-data, not {media!r}", "Content-Type"))
                     return
             elif path == self.docs_path and scope["method"] == "GET":
                 await self.docs(scope, receive, send)
@@ -147,7 +147,8 @@ class BinaryEmbed:
             async def npy() -> Any:
                 from starlette.responses import Response
                 z = await core.embed_batch(view, images, arrays)  # (N, D)
-                return Response(npy_bytes(z), media_type=NPY, headers={"x-cmc-view": view, "x-cmc-dim": str(z.shape[1])})
+                return Response(npy_bytes(z), media_type=NPY,
+                                headers={"x-cmc-view": view, "x-cmc-dim": str(z.shape[1])})
             answer = await respond(npy())
         else:
             answer = await respond(embed_answer(core, view, images, arrays, encoding))
