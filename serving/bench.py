@@ -15,7 +15,7 @@ Forms: json = base64 PNGs in JSON, float answers; binary = raw image/png (1 imag
 with an application/x-npy answer.
 Without --url it starts `bentoml serve` on a free port with the model (--model, CMC_MODEL, runs/default/export),
 the index (--index, CMC_INDEX, else the model's default index) and the caller's CMC_* environment (CMC_THREADS,
-CMC_SPIN, CMC_WORKERS, CMC_BATCHING...).
+CMC_SPIN, CMC_WORKERS, CMC_BATCHING, CMC_FAST_JSON, CMC_TRACE_HOT, CMC_ACCESS_LOG...), recorded in the JSON.
 """
 from __future__ import annotations
 
@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
            "quick": a.quick, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
            "server": {k: st.get(k) for k in ("workers", "threads", "spin", "batching", "max_batch_size")}
            | info.get("server", {}) | {"providers": info.get("providers"), "url": a.url or "started here"},
+           "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("CMC_")} if a.url is None else None,
            "in_process": ip, "rows": rows}
     print(table(res))
     if a.json == "-":
