@@ -181,8 +181,8 @@ class BinaryEmbed:
         else:  # JSON asking for a binary answer
             try:
                 data = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise BinaryError(400, "invalid_input", f"body is not valid JSON: {e}", "body") from None
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                raise BinaryError(400, "invalid_input", f"body is not valid JSON: {str(e)[:200]}", "body") from None
             if not isinstance(data, dict):
                 raise BinaryError(400, "invalid_input", "body must be a JSON object", "body")
             fields |= {k: v for k, v in data.items() if v is not None}
@@ -191,7 +191,8 @@ class BinaryEmbed:
         if not isinstance(view, str) or not view:
             where = {"multipart/form-data": "a 'view' form field or ?view="}.get(
                 media, "the query string (?view=L)" if media in IMAGE_TYPES else "the JSON body")
-            raise BinaryError(400, "invalid_input", f"view is required in {where}", "view")
+            problem = "is required" if view is None else f"must be a view name, got {view!r}"
+            raise BinaryError(400, "invalid_input", f"view {problem} (in {where})", "view")
         if encoding not in ENCODINGS:
             raise BinaryError(400, "invalid_input", f"encoding must be one of {list(ENCODINGS)}, got {encoding!r}",
                               "encoding")
