@@ -94,7 +94,7 @@ class Runtime:
     """The exported per-view encoders of one model, ready to embed."""
 
     def __init__(self, ref: str | Path | None = None, device: str = "auto", intra_op_threads: int = 0,
-                 verify: bool = True):
+                 verify: bool = True, spin: bool | None = None):
         self.path = resolve(ref)
         self.card: Card = load_card(self.path, verify=verify)
         self.providers = providers(device)
@@ -103,6 +103,8 @@ class Runtime:
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
             opts.inter_op_num_threads = 1
+        if spin is not None:  # intra-op workers busy-wait between ops (onnxruntime's default: on)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.sessions = {v["name"]: ort.InferenceSession(str(self.path / v["file"]), opts, providers=self.providers)
                          for v in self.card.views}

@@ -1,9 +1,10 @@
 """Adaptive batching inside the worker: concurrent requests of one view become one onnxruntime call.
 
 Greedy, per view: while a batch runs on the model (in a thread), new requests queue; when it returns, the
-next batch takes every queued row up to ``max_batch``. At concurrency 1 nothing waits, so latency is that of
-a direct call; under load batches grow by themselves. A request whose rows wait longer than
-``max_latency_ms`` before their batch starts is answered 503 (overloaded), as BentoML's dispatcher does.
+next batch takes every queued row up to ``max_batch``. At concurrency 1 nothing waits (no timer, no
+collection window: tests/test_batcher.py), so latency is that of a direct call; under load batches grow by
+themselves. A request whose rows wait longer than ``max_latency_ms`` before their batch starts is answered
+503 (overloaded), as BentoML's dispatcher does.
 
 Why not BentoML's ``batchable`` API: it batches a method that takes exactly one list or array, so a JSON
 endpoint with several fields must call that method through BentoML's client, crossing the framework a second
@@ -16,6 +17,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,7 +41,7 @@ class MicroBatcher:
     def __init__(self, fn: Callable[[str, np.ndarray], np.ndarray], max_batch: int = 64,
                  max_latency_ms: float = 3000.0):
         self.fn, self.max_batch, self.max_latency = fn, max_batch, max_latency_ms / 1000.0
-        self._queues: dict[str, list[_Pending]] = {}
+        self._queues: dict[str, deque[_Pending]] = {}
         self._running: dict[str, bool] = {}
         self._lock = threading.Lock()
         self.stats = {"batches": 0, "rows": 0, "max_batch": 0}
@@ -48,7 +50,7 @@ class MicroBatcher:
         """Embed a preprocessed batch (n, ...) of one view; resolves once its rows have run."""
         loop = asyncio.get_running_loop()
         p = _Pending(x, loop.create_future())
-        self._queues.setdefault(view, []).append(p)
+        self._queues.setdefault(view, deque()).append(p)
         if not self._running.get(view):
             self._running[view] = True
             loop.create_task(self._drain(view))
@@ -60,7 +62,7 @@ class MicroBatcher:
             while q:
                 batch, rows, now = [], 0, time.perf_counter()
                 while q and (not batch or rows + len(q[0].x) <= self.max_batch):
-                    p = q.pop(0)
+                    p = q.popleft()
                     if now - p.t > self.max_latency:
                         if not p.future.done():
                             p.future.set_exception(Overloaded(

@@ -19,6 +19,7 @@ import binascii
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -72,7 +73,7 @@ class Core:
     def load(cls, settings: Settings | None = None) -> "Core":
         s = settings or Settings()
         try:
-            rt = Runtime(s.model, device=s.device, intra_op_threads=s.threads)
+            rt = Runtime(s.model, device=s.device, intra_op_threads=s.threads, spin=s.spin)
         except CardError as e:
             raise RuntimeError(f"cannot load the model ({s.model or 'cmc:latest'}): {e}") from None
         rt.warmup()
@@ -350,6 +351,8 @@ class Core:
             "views": {n: {"source": v["source"], "channels": v.get("channels"), "input": v.get("input"),
                           "description": v.get("description")} for n, v in rt.views.items()},
             "providers": list(rt.providers),
+            "server": {"event_loop": type(asyncio.get_running_loop()).__module__,  # uvloop when installed
+                       "http_parser": "httptools" if "uvicorn.protocols.http.httptools_impl" in sys.modules else "h11"},
             "index": index,
             "settings": self.settings.as_dict(),
             "batching": {"enabled": self.batcher is not None, "max_batch_size": self.settings.max_batch_size,

@@ -8,6 +8,7 @@ Settings come from the environment (see serving.settings.Settings): CMC_MODEL, C
 CMC_BATCHING, CMC_MAX_BATCH_SIZE, CMC_MAX_LATENCY_MS, CMC_MAX_ITEMS, CMC_MAX_PIXELS, CMC_MAX_K, CMC_MAX_BODY_MB,
 CMC_MAX_METADATA_BYTES, CMC_DECODE_THREADS, CMC_TIMEOUT_S, CMC_DEVICE, CMC_API_TOKEN (unset: writes only from
 loopback clients).
+Speed settings: CMC_SPIN, CMC_ACCESS_LOG, CMC_TRACE_HOT, CMC_FAST_JSON (see README).
 """
 from __future__ import annotations
 
@@ -22,10 +23,14 @@ import bentoml  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from models.artifact import declared_model  # noqa: E402
+from serving.observability import QuietAccessLog, logging_config, tracing_config  # noqa: E402
 from serving.auth import BearerAuth, BodyLimit, ErrorEnvelope  # noqa: E402
+from serving.binary import BinaryEmbed, Encoding, embed_answer  # noqa: E402
 from serving.core import Core, Settings, respond  # noqa: E402
 from serving.guard import ContentGuard, FormSpec, install_route_metrics  # noqa: E402
 from serving.schemas import AddItem, Base64Image, Input, Key, Vector, ViewName, max_items  # noqa: E402
+from serving.fastjson import FastJSON  # noqa: E402
+from serving.schemas import AddItem, Input  # noqa: E402
 
 SETTINGS = Settings()
 N = SETTINGS.max_items
@@ -37,7 +42,8 @@ install_route_metrics(JSON_ROUTES + tuple(FORM_ROUTES) + ("/", "/docs", "/docs.j
 MODEL_TAG, MODEL_IN_STORE = declared_model(Path(__file__).resolve().parents[1])
 
 
-@bentoml.service(name="cmc", workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s})
+@bentoml.service(name="cmc", workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s},
+                 logging=logging_config(), tracing=tracing_config())
 class CMCService:
     if MODEL_TAG:
         model = bentoml.models.BentoModel(MODEL_TAG)  # packaged by `bentoml build`
@@ -59,9 +65,12 @@ class CMCService:
     @bentoml.api
     async def embed(self, view: ViewName,
                     images: Annotated[Optional[list[Base64Image]], Field(json_schema_extra=max_items(N))] = None,
-                    arrays: Annotated[Optional[list[Vector]], Field(json_schema_extra=max_items(N))] = None) -> dict:
-        """Embed base64 images (image views) or arrays (vector views) in one view -> L2-normalised embeddings."""
-        return await respond(self.core.embed(view, images, arrays))
+                    arrays: Annotated[Optional[list[Vector]], Field(json_schema_extra=max_items(N))] = None,
+                    encoding: Encoding = "float") -> dict:
+        """Embed base64 images (image views) or arrays (vector views) in one view -> L2-normalised embeddings.
+        Also takes raw image bytes (Content-Type: image/png|jpeg|webp, ?view=L) and multipart (images parts,
+        view field); answers base64 little-endian float32 (encoding=base64) or .npy (Accept: application/x-npy)."""
+        return await respond(embed_answer(self.core, view, images, arrays, encoding))
 
     @bentoml.api
     async def embed_file(self, image: Path, view: ViewName) -> dict:
@@ -99,9 +108,12 @@ class CMCService:
         return await respond(self.core.info())
 
 
+CMCService.add_asgi_middleware(QuietAccessLog)  # outermost of ours: sees every answer, 401s included
 CMCService.add_asgi_middleware(ErrorEnvelope)
 CMCService.add_asgi_middleware(BearerAuth, token=SETTINGS.token)
 CMCService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_mb << 20)
+CMCService.add_asgi_middleware(BinaryEmbed)  # binary forms of /embed, after auth and the body limit
 CMCService.add_asgi_middleware(ContentGuard, json_routes=JSON_ROUTES, form_routes=FORM_ROUTES)
+CMCService.add_asgi_middleware(FastJSON)  # innermost: JSON endpoints without BentoML's per-request work
 
 __all__: list[Any] = ["CMCService"]

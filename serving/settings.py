@@ -32,6 +32,8 @@ class Settings:
     def __init__(self) -> None:
         self.workers = max(1, env_int("CMC_WORKERS", 1))
         self.threads = env_int("CMC_THREADS", 0) or max(1, cpu_count() // self.workers)
+        spin = os.environ.get("CMC_SPIN", "").strip()  # onnxruntime intra-op spinning; unset: its default
+        self.spin = env_flag("CMC_SPIN", True) if spin else None
         # image decoding runs on its own pool of this many threads (not the 40-thread default pool)
         self.decode_threads = max(1, env_int("CMC_DECODE_THREADS", 0) or max(1, cpu_count() // self.workers))
         self.batching = env_flag("CMC_BATCHING", True)
