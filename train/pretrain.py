@@ -24,6 +24,7 @@ from models.data import DataError, Dataset
 from models.encoders import CMCModel, source_key
 from models.views import ViewError, ViewSpec
 from .config import Config, ConfigError, parse_args
+from .export import ExportError
 from .losses import MemoryBank, cmc_loss
 from .pipeline import DeviceData, augment, crop_params, epoch_order, step_generator
 from .setup import prepare
@@ -243,8 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(cfg.device, world.local_rank)
         world.init(device)
         ds, test, specs, image_size = prepare(cfg, progress=world.main)
+        if cfg.export and world.main:  # an unexportable arch/size fails now, not after training
+            from .export import check_exportable
+            check_exportable(build_model(cfg, specs, image_size), image_size)
         model = train(cfg, ds, specs, image_size, device, world)
-    except (ConfigError, DataError, ViewError, TrainingError) as e:
+    except (ConfigError, DataError, ViewError, TrainingError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
