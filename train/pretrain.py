@@ -24,6 +24,7 @@ from models.data import DataError, Dataset
 from models.encoders import CMCModel, source_key
 from models.views import ViewError, ViewSpec
 from .config import Config, ConfigError, parse_args
+from .distributed import convert_global_batchnorm, restore_batchnorm
 from .export import ExportError
 from .losses import MemoryBank, cmc_loss
 from .pipeline import DeviceData, augment, crop_params, epoch_order, step_generator
@@ -138,8 +139,9 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
 
     ddp_model: nn.Module = model
     if world.world > 1:
-        if use_cuda:
-            ddp_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # batch norm over the global batch, as one process computes it: SyncBatchNorm on CUDA; on CPU (gloo),
+        # where SyncBatchNorm refuses to run, GlobalBatchNorm (undone after training)
+        ddp_model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if use_cuda else convert_global_batchnorm(model)
         ddp_model = nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device.index] if use_cuda else None)
     amp = cfg.amp == "bf16" or (cfg.amp == "auto" and use_cuda)
     data = DeviceData(ds, specs, device, pin=use_cuda)
@@ -198,7 +200,7 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
         bar.close()
         raise
     bar.close()
-    return model
+    return restore_batchnorm(model)
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, bank: MemoryBank | None, batch: dict[str, torch.Tensor],
