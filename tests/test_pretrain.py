@@ -206,3 +206,18 @@ def test_alexnet_probe_reads_conv5():
         x = model.views["L"].view_input(torch.from_numpy(ds.sources["rgb"]).permute(0, 3, 1, 2).float() / 255)
         assert torch.allclose(out["features"]["L"], model.views["L"].encoder.conv(x).flatten(1), atol=1e-5)
         assert torch.allclose(out["embed"]["L"], model.views["L"].encoder(x), atol=1e-5)
+
+
+def test_gallery_failure_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    """The model is exported; the gallery step then cannot write ($CMC_HOME is a file): one line, exit 2."""
+    from train.finish import finish
+    home = tmp_path / "home_is_a_file"
+    home.write_text("x")
+    monkeypatch.setenv("CMC_HOME", str(home))
+    cfg = small_cfg(tmp_path, views="L,depth", export=True, index=True, evaluate=False)
+    ds, test, specs, size = prepare(cfg, progress=False)
+    model = pretrain.build_model(cfg, specs, size, ds).eval()
+    assert finish(cfg, model, specs, size, test, torch.device("cpu"), ds) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error")]
+    assert len(err) == 1 and "gallery index" in err[0] and "the model is exported" in err[0], err
+    assert (tmp_path / "run" / "export" / "card.json").is_file()

@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(cfg.device, world.local_rank)
         world.init(device)
         ds, test, specs, image_size = prepare(cfg, progress=world.main)
-        if cfg.export and world.main:  # an unexportable arch/size fails now, not after training
+        if cfg.export:  # an unexportable arch/size fails now on every rank, not after training
             from .export import check_exportable
             check_exportable(build_model(cfg, specs, image_size), image_size)
         model = train(cfg, ds, specs, image_size, device, world)
