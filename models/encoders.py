@@ -2,19 +2,55 @@
 
 - ``alexnet``: the CMC paper's AlexNet-half (conv 48-128-192-192-128, fc 2048-2048-D, batch norm). At
   224 px it matches the reference layer for layer; below 128 px a 3x3 stride-1 stem replaces the 11x11
-  stride-4 one (as the reference's CIFAR variant does) and adaptive pooling feeds the 6x6 fc input.
+  stride-4 one (as the reference's CIFAR variant does) and a fixed average pooling to 6x6 (adaptive pooling's
+  windows for the known map size, as a matrix product, so ONNX can export it at any size) feeds the fc.
 - ``resnet10`` / ``resnet18`` / ``resnet34`` at a configurable width (0.5 = the paper's "half" per view).
 - ``mlp`` for vector views.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .transforms import make_transform
+from .transforms import DepthToNormals, make_transform
 from .views import ViewSpec
 
 ARCHS = ("alexnet", "resnet10", "resnet18", "resnet34", "mlp")
+CROP_KEY = "_crop"  # key of the crop matrices (N, 2, 3) in a training batch; never a view name
+
+
+def _adaptive_windows(n_in: int, n_out: int) -> Tensor:
+    """(n_out, n_in) averaging matrix of AdaptiveAvgPool1d(n_out) over n_in positions (torch's windows:
+    [floor(i n_in / n_out), ceil((i + 1) n_in / n_out)))."""
+    m = torch.zeros(n_out, n_in)
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
+class FixedAdaptiveAvgPool2d(nn.Module):
+    """AdaptiveAvgPool2d(out) for a map size known at construction, as two matrix products: exportable to
+    ONNX whatever the sizes (torch's exporter refuses adaptive pooling when out does not divide the input)."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.register_buffer("ph", _adaptive_windows(n_in, n_out), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ph @ x @ self.ph.t()  # (N, C, n_in, n_in) -> (N, C, n_out, n_out)
+
+
+def alexnet_map_size(image_size: int) -> int:
+    """Side of AlexNetHalf's conv5 map (after its max pool) at ``image_size``."""
+    def conv(s, k, st, p):
+        return (s + 2 * p - k) // st + 1
+
+    def pool(s):
+        return (s - 3) // 2 + 1
+    s = pool(conv(image_size, 11, 4, 2)) if image_size >= 128 else pool(conv(image_size, 3, 1, 1))
+    return pool(pool(s))  # conv2 (same size) + pool, conv3-5 (same size) + pool
 
 
 class AlexNetHalf(nn.Module):
@@ -33,8 +69,11 @@ class AlexNetHalf(nn.Module):
             block(128, 192, 3, 1, 1, False),
             block(192, 192, 3, 1, 1, False),
             block(192, 128, 3, 1, 1, True),
-            nn.AdaptiveAvgPool2d((6, 6)),
         )
+        side = alexnet_map_size(image_size)
+        if side < 1:
+            raise ValueError(f"alexnet needs images of at least 15 px, got {image_size}")
+        self.conv.append(nn.Identity() if side == 6 else FixedAdaptiveAvgPool2d(side, 6))
         self.fc = nn.Sequential(
             nn.Linear(128 * 6 * 6, 2048), nn.BatchNorm1d(2048), nn.ReLU(inplace=True),
             nn.Linear(2048, 2048), nn.BatchNorm1d(2048), nn.ReLU(inplace=True),
@@ -47,6 +86,11 @@ class AlexNetHalf(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.normalize(self.head(self.features(x)), dim=1)  # (N, D)
+
+    def probe(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(conv5 features pooled to 6x6 (N, 4608): the CMC paper's linear-probe layer, embedding (N, D))."""
+        c = self.conv(x).flatten(1)
+        return c, F.normalize(self.head(self.fc(c)), dim=1)
 
 
 class BasicBlock(nn.Module):
@@ -95,6 +139,11 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.normalize(self.head(self.features(x)), dim=1)  # (N, D)
 
+    def probe(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(globally pooled last stage (N, C), embedding (N, D))."""
+        f = self.body(x)
+        return f, F.normalize(self.head(f), dim=1)
+
 
 class MLP(nn.Module):
     def __init__(self, in_dim: int, feat_dim: int = 128, hidden: int = 512, layers: int = 2):
@@ -113,6 +162,11 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.normalize(self.head(self.features(x)), dim=1)
 
+    def probe(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(last hidden layer (N, H), embedding (N, D))."""
+        f = self.body(x)
+        return f, F.normalize(self.head(f), dim=1)
+
 
 def build_encoder(arch: str, in_ch: int, feat_dim: int = 128, image_size: int = 64, width: float = 0.5) -> nn.Module:
     if arch == "alexnet":
@@ -126,7 +180,8 @@ def build_encoder(arch: str, in_ch: int, feat_dim: int = 128, image_size: int = 
 
 class ViewModel(nn.Module):
     """One view end to end: source batch -> view transform -> encoder -> (N, D) unit-norm embedding.
-    This is the module that is exported to ONNX."""
+    This is the module that is exported to ONNX. The view transform always runs in float32, also under
+    autocast, so training sees the inputs that the exported float32 graph computes."""
 
     def __init__(self, spec: ViewSpec, arch: str, feat_dim: int = 128, image_size: int = 64, width: float = 0.5):
         super().__init__()
@@ -135,17 +190,29 @@ class ViewModel(nn.Module):
             arch = "mlp"
         self.transform = make_transform(spec, image_size)
         self.encoder = build_encoder(arch, spec.channels, feat_dim, image_size, width)
+        self._takes_crop = isinstance(self.transform, DepthToNormals)
 
-    def forward(self, source: Tensor) -> Tensor:
-        return self.encoder(self.transform(source))
+    def view_input(self, source: Tensor, crop: Tensor | None = None) -> Tensor:
+        """The encoder's input, computed in float32 whatever autocast says; ``crop`` (N, 2, 3) are the
+        training augmentation's crop matrices (geometry-aware transforms such as normals use them)."""
+        dev = source.device.type
+        if torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                return self.view_input(source, crop)
+        x = source.float()
+        return self.transform(x, crop) if self._takes_crop else self.transform(x)
+
+    def forward(self, source: Tensor, crop: Tensor | None = None) -> Tensor:
+        return self.encoder(self.view_input(source, crop))
 
     def features(self, source: Tensor) -> Tensor:
-        return self.encoder.features(self.transform(source))
+        return self.encoder.features(self.view_input(source))
 
 
 class CMCModel(nn.Module):
     """The per-view models, keyed by view name. forward(sources) -> {view: (N, D)}; ``sources`` maps a source
-    name ('rgb', 'depth') or a vector view's name to its batch."""
+    name ('rgb', 'depth') or a vector view's name to its batch, and optionally CROP_KEY to the crop
+    matrices (N, 2, 3) that the training augmentation applied to the image sources."""
 
     def __init__(self, specs: list[ViewSpec], arch: str = "resnet18", feat_dim: int = 128, image_size: int = 64,
                  width: float = 0.5):
@@ -154,7 +221,9 @@ class CMCModel(nn.Module):
         self.views = nn.ModuleDict({s.name: ViewModel(s, arch, feat_dim, image_size, width) for s in specs})
 
     def forward(self, sources: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {name: m(sources[source_key(self.specs[name])]) for name, m in self.views.items()}
+        crop = sources.get(CROP_KEY)
+        return {name: m(sources[source_key(self.specs[name])], crop if self.specs[name].is_image else None)
+                for name, m in self.views.items()}
 
 
 def source_key(spec: ViewSpec) -> str:

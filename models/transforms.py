@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data.scenes import TAN_HALF_FOV as SCENES_TAN_HALF_FOV
 from .views import LAB_MEAN, LAB_STD, RGB_MEAN, RGB_STD, ViewSpec
 
 # sRGB (D65) -> XYZ, as in scikit-image
@@ -90,24 +91,44 @@ class DepthStandardize(nn.Module):
 
 
 class DepthToNormals(nn.Module):
-    """Depth in [0, 1] (N, 1, H, W) -> unit surface normals (N, 3, H, W), camera space (x right, y down, z to
-    the camera), by central differences. ``gain`` converts depth units per pixel into a slope: the scenes
-    generator's far plane spans about ``gain`` pixels."""
+    """Depth (N, 1, H, W) -> unit surface normals (N, 3, H, W) in the data's convention: camera space, x right,
+    y down, z towards the camera (the scenes generator's reference normals).
 
-    def __init__(self, gain: float = 64.0):
+    Depth is a pinhole camera's z-buffer scaled to [0, 1] (0 at the camera); ``tan_half_fov`` is the camera's
+    tan(FOV / 2) (the scenes generator's by default). A pixel at normalised image coordinates (u, v) in
+    [-1, 1] sees the point P = z (u t, v t, 1); the normal is -(dP/du x dP/dv), which with g = (dz/du) / z
+    is proportional to (g_u, g_v, t (1 + u g_u + v g_v)): exact under perspective, and independent of the
+    depth's scale. Derivatives are central differences.
+
+    ``crop`` (N, 2, 3), optional: the affine matrices of the random resized crop + flip that produced ``d``
+    from the full image (``grid_sample`` coordinates). Derivatives are then taken per unit of the *full*
+    image and (u, v) are the full image's coordinates, so a slope does not change with the crop's zoom; a
+    flip yields the mirrored scene's normals (n_x negated), consistent with the mirrored RGB. Export and
+    serving have no crop (the identity)."""
+
+    def __init__(self, tan_half_fov: float = SCENES_TAN_HALF_FOV):
         super().__init__()
-        self.gain = gain
+        self.t = float(tan_half_fov)
         kx = torch.tensor([[0.0, 0.0, 0.0], [-0.5, 0.0, 0.5], [0.0, 0.0, 0.0]]).view(1, 1, 3, 3)
         self.register_buffer("kx", kx, persistent=False)
         self.register_buffer("ky", kx.transpose(2, 3).contiguous(), persistent=False)
 
-    def forward(self, d: Tensor) -> Tensor:
-        p = F.pad(d, (1, 1, 1, 1), mode="replicate")
-        dx = F.conv2d(p, self.kx) * self.gain  # (N, 1, H, W)
-        dy = F.conv2d(p, self.ky) * self.gain
-        n = torch.cat([dx, dy, -torch.ones_like(d)], dim=1)  # depth grows away from the camera
-        n = -n / n.pow(2).sum(dim=1, keepdim=True).sqrt()
-        return n
+    def forward(self, d: Tensor, crop: Tensor | None = None) -> Tensor:
+        h, w = d.shape[2], d.shape[3]
+        z = d.clamp_min(1e-4)
+        p = F.pad(z, (1, 1, 1, 1), mode="replicate")
+        gu = F.conv2d(p, self.kx) * (w / 2.0) / z  # (N, 1, H, W): (dz/du) / z, u in [-1, 1] over the width
+        gv = F.conv2d(p, self.ky) * (h / 2.0) / z
+        u = ((torch.arange(w, dtype=d.dtype, device=d.device) + 0.5) * (2.0 / w) - 1.0).view(1, 1, 1, -1)
+        v = ((torch.arange(h, dtype=d.dtype, device=d.device) + 0.5) * (2.0 / h) - 1.0).view(1, 1, -1, 1)
+        if crop is not None:  # back to the full image's (mirrored) coordinates: u_full = |s_x| u + sign(s_x) c_x
+            sx, cx = crop[:, 0, 0].view(-1, 1, 1, 1), crop[:, 0, 2].view(-1, 1, 1, 1)
+            sy, cy = crop[:, 1, 1].view(-1, 1, 1, 1), crop[:, 1, 2].view(-1, 1, 1, 1)
+            gu, gv = gu / sx.abs(), gv / sy.abs()
+            u, v = sx.abs() * u + sx.sign() * cx, sy * v + cy
+        nz = self.t * (1.0 + u * gu + v * gv)
+        n = torch.cat([gu, gv, nz.expand_as(gu)], dim=1)  # (N, 3, H, W)
+        return n / n.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-12).sqrt()
 
 
 class VectorStandardize(nn.Module):
@@ -139,6 +160,6 @@ def make_transform(spec: ViewSpec, image_size: int | None = None) -> nn.Module:
         "CbCr": lambda: YCbCr((1, 2)),
         "rgb": lambda: Normalize(RGB_MEAN, RGB_STD),
         "depth": lambda: DepthStandardize(),
-        "normals": lambda: DepthToNormals(gain=float(image_size or 64)),
+        "normals": lambda: DepthToNormals(),
     }
     return table[spec.name]()

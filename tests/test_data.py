@@ -246,6 +246,29 @@ def test_paired_matches_stems_with_16bit_depth(tmp_path):
     assert provided_sources(f"paired:{tmp_path}") == {"rgb", "depth"}
 
 
+def test_paired_keeps_unlabelled_items_for_pretraining(tmp_path, caplog):
+    """200 paired items, 20 of them in labels.csv: pretraining sees all of them (y = -1 when unlabelled),
+    evaluation only the labelled ones, and both counts are logged."""
+    import logging
+    from train.evaluate import labelled
+    rng = np.random.default_rng(1)
+    for i in range(200):
+        for src in ("rgb", "depth"):
+            shape = (8, 8, 3) if src == "rgb" else (8, 8)
+            _write_png(tmp_path / src / f"{i:04d}.png", rng.integers(0, 255, shape, dtype=np.uint8))
+    (tmp_path / "labels.csv").write_text("stem,label\n" + "".join(f"{i:04d},{i % 3}\n" for i in range(0, 200, 10)))
+    with caplog.at_level(logging.INFO):
+        tr, te = load(f"paired:{tmp_path}", image_size=8), load(f"paired:{tmp_path}", "test", image_size=8)
+    assert len(tr) + len(te) == 200  # was 20: the unlabelled items were dropped before the split
+    n_lab = sum(int(k) % 10 == 0 for k in tr.keys)
+    assert int((tr.y >= 0).sum()) == n_lab and int((tr.y == -1).sum()) == len(tr) - n_lab
+    assert all(tr.y[i] == (int(k) % 3 if int(k) % 10 == 0 else -1) for i, k in enumerate(tr.keys))
+    assert tr.info["unlabeled"] == len(tr) - n_lab
+    assert f"{len(tr) - n_lab} of {len(tr)} item(s) have no label" in caplog.text
+    ev = labelled(tr)
+    assert len(ev) == n_lab and (ev.y >= 0).all()
+
+
 # ---------------------------------------------------------------- npz
 def test_npz_views(tmp_path):
     rng = np.random.default_rng(0)

@@ -129,3 +129,72 @@ def test_runtime_and_serving_do_not_import_torch():
             "assert not bad, bad[:5]\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+FRESH_PROCESS = """
+import sys, numpy as np
+from models.runtime import Runtime
+rt = Runtime(sys.argv[1])
+x = dict(np.load(sys.argv[2]))
+np.savez(sys.argv[3], **{k: rt.embed(k.split('__')[0], v) for k, v in x.items()})
+"""
+
+
+def test_saved_onnx_in_a_fresh_process_equals_a_reloaded_checkpoint(exported, tmp_path):
+    """What export does not check: the files on disk, loaded by another process, against the torch model
+    rebuilt from saved weights, on batch sizes the export never used (1, 37) and on constant images
+    (flat depth: the normals' degenerate case)."""
+    model, out, _ = exported
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    fresh = CMCModel(list(model.specs.values()), "resnet10", 32, 32, 0.25)
+    fresh.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True))
+    fresh.eval()
+    rng = np.random.default_rng(11)
+    inputs = {}
+    for name, m in fresh.views.items():
+        shape = [None, 5] if name == "feat" else [None, 3 if m.spec.source == "rgb" else 1, 32, 32]
+        for n in (1, 37):
+            x = rng.standard_normal([n] + shape[1:]) * 50 if name == "feat" else rng.random([n] + shape[1:])
+            inputs[f"{name}__{n}"] = x.astype(np.float32)
+        if name != "feat":
+            inputs[f"{name}__flat"] = np.full([3] + shape[1:], 0.4, np.float32)
+    np.savez(tmp_path / "in.npz", **inputs)
+    r = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(out), str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = np.load(tmp_path / "out.npz")
+    for key, x in inputs.items():
+        with torch.no_grad():
+            want = fresh.views[key.split("__")[0]](torch.from_numpy(x)).numpy()
+        assert np.isfinite(got[key]).all(), key
+        assert np.abs(got[key] - want).max() <= 1e-4, key
+
+
+@pytest.mark.parametrize("size", [32, 64, pytest.param(224, marks=pytest.mark.slow)])
+def test_alexnet_exports_at_every_size(size, tmp_path):
+    """AlexNet-half's pooling to 6x6 over a 3x3 (32 px) or 7x7 (64 px) conv5 map used to stop the ONNX export."""
+    torch.manual_seed(0)
+    model = CMCModel(parse_views("L,depth"), "alexnet", 32, size)
+    model.train()
+    with torch.no_grad():
+        model({"rgb": torch.rand(8, 3, size, size), "depth": torch.rand(8, 1, size, size)})
+    model.eval()
+    export_model(model, size, tmp_path, asdict(Config(image_size=size, feat_dim=32, arch="alexnet", views="L,depth")),
+                 fused=False)
+    rt = Runtime(tmp_path)
+    rng = np.random.default_rng(size)
+    for name, ch in (("L", 3), ("depth", 1)):
+        x = rng.random((5, ch, size, size), dtype=np.float32)
+        with torch.no_grad():
+            want = model.views[name](torch.from_numpy(x)).numpy()
+        assert np.abs(rt.embed(name, x) - want).max() <= 1e-4
+
+
+def test_unexportable_model_is_refused_before_training():
+    from train.export import ExportError, check_exportable
+    model = CMCModel(parse_views("L,depth"), "alexnet", 32, 64)
+    model.views["depth"].encoder.conv[-1] = torch.nn.AdaptiveAvgPool2d((6, 6))  # the old layer over a 7x7 map
+    with pytest.raises(ExportError, match=r"view 'depth' \(AlexNetHalf at 64 px\) cannot be exported") as e:
+        check_exportable(model, 64)
+    assert "\n" not in str(e.value)
+    check_exportable(CMCModel(parse_views("L,depth"), "alexnet", 32, 64), 64)

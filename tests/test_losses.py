@@ -88,3 +88,42 @@ def test_memory_bank_momentum_update_is_exact_and_negatives_exclude_anchor():
     assert not (neg == torch.arange(50)[:, None]).any()
     assert neg.min() >= 0 and neg.max() <= 49
     assert len(torch.unique(neg)) == 50  # uniform over the other slots: all of them get drawn
+
+
+def explicit_memory_loss(z: dict, targets: dict, negatives: dict, tau: float, pair_list) -> float:
+    """sum over pairs (i, j) of L^{i,j} + L^{j,i}, where L^{i,j} = -mean_n log(h(z_i[n], t_j[n]) /
+    (h(z_i[n], t_j[n]) + sum_k h(z_i[n], neg_j[n, k]))): the anchor of view i meets view j's memory."""
+    total = 0.0
+    for a, b in pair_list:
+        for anc, other in ((a, b), (b, a)):
+            za, t, neg = z[anc].numpy(), targets[other].numpy(), negatives[other].numpy()
+            s = 0.0
+            for n in range(za.shape[0]):
+                hp = math.exp(float(np.dot(za[n], t[n])) / tau)
+                hn = sum(math.exp(float(np.dot(za[n], neg[n, k])) / tau) for k in range(neg.shape[1]))
+                s += -math.log(hp / (hp + hn))
+            total += s / za.shape[0]
+    return total
+
+
+@pytest.mark.parametrize("graph", ["core", "full"])
+def test_memory_cmc_loss_through_the_bank_matches_a_float64_loop(graph):
+    """The memory form of cmc_loss, fed by a real MemoryBank, equals an independent loop over the formula: an
+    anchor of view i is scored against view j's bank entries, never its own view's (swapping them fails)."""
+    n_bank, n, k, d, tau = 40, 6, 7, 8, 0.2
+    views = ["p", "q", "r"]
+    bank = MemoryBank(views, n=n_bank, dim=d, momentum=0.5, seed=3)
+    for v in views:  # float64 memory, so the comparison is exact
+        bank.memory[v] = unit(n_bank, d, 10 + views.index(v))
+    idx = torch.tensor([0, 5, 9, 17, 22, 39])
+    neg_idx = bank.sample(idx, k, torch.Generator().manual_seed(4))
+    targets, negatives = bank.gather(idx, neg_idx)
+    z = {v: unit(n, d, 20 + i) for i, v in enumerate(views)}
+    got, _ = cmc_loss(z, tau, graph, targets, negatives)
+    mem = {v: bank.memory[v] for v in views}
+    want = explicit_memory_loss(z, {v: mem[v][idx] for v in views},
+                                {v: mem[v][neg_idx] for v in views}, tau, pairs(views, graph))
+    assert float(got) == pytest.approx(want, rel=1e-10)
+    own = explicit_memory_loss({v: z[v] for v in views}, {v: mem[views[(views.index(v) + 1) % 3]][idx] for v in views},
+                               {v: mem[v][neg_idx] for v in views}, tau, pairs(views, graph))
+    assert abs(own - want) > 1e-3  # a wiring that mixes views' targets and negatives gives another value

@@ -20,7 +20,7 @@ from .pretrain import Dist, build_model, make_optimizer, resolve_device, train_s
 from models.views import parse_views
 
 SETTINGS = {
-    "default": Config(),
+    "default": Config(views="L,ab,depth"),
     "reference": Config(views="L,ab", arch="alexnet", image_size=224, batch_size=64, negatives="memory",
                         nce_k=4096, nce_momentum=0.5, optimizer="sgd", lr=0.03, graph="full"),
 }

@@ -16,7 +16,7 @@ class ConfigError(ValueError):
 class Config:
     # --- data and views
     data: str = "scenes"  # data spec: scenes[:n=..,seed=..], cifar10:PATH, imagefolder:PATH, paired:PATH, npz:PATH
-    views: str = "L,ab,depth"  # comma-separated views; the first is the core view of --graph core
+    views: str = "auto"  # comma-separated views (the first is the core view of --graph core); auto = what the data provides: L,ab (+depth) for images, depth,normals for depth only, every vector view
     image_size: int = 0  # input size of image views; 0 = the data's native size (64 for scenes)
     limit: int = 0  # use only the first N training samples (0 = all)
     # --- model
@@ -104,7 +104,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "python -m train.pretrain") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Pretrain CMC encoders.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog=prog, description="Pretrain CMC encoders.")
     p.add_argument("--config", default=None, help="YAML or JSON file of config fields; flags override it")
     helps = _comments()
     for f in fields(Config):

@@ -1,11 +1,18 @@
-"""python -m train.evaluate: frozen-feature evaluation as CMC evaluates.
+"""python -m train.evaluate: frozen-feature evaluation of a run (our protocol; see the notes on the paper's).
 
 - weighted kNN (k=200, tau=0.07; Wu et al. 2018) on the L2-normalised embeddings,
-- linear probe: multinomial logistic regression on standardised frozen features (the encoder's penultimate
-  layer) for each view and for all views concatenated, fixed epochs, reported on the test split,
+- linear probe: multinomial logistic regression (AdamW, 30 epochs, cosine schedule, no augmentation) on
+  standardised frozen features, per view and for all views concatenated, reported on the test split. The
+  features are conv5 pooled to 6x6 for AlexNet (the layer of the CMC paper's AlexNet probe), the globally
+  pooled last stage for ResNets and the last hidden layer for MLPs. The paper's probe differs: it trains
+  with SGD for 60 epochs on random crops and flips, so its figures are not directly comparable to ours,
 - cross-view retrieval recall@1/@10 (query in view i, gallery in view j, the same item is the positive),
-- baselines under the same protocol: the same encoders at random initialisation (--random-init) and raw
-  pixels (--pixels).
+- baselines under the same protocol: the same encoders at random initialisation (--random-init; reported
+  with default batch-norm statistics and with statistics re-estimated on unlabelled training images) and
+  raw pixels (--pixels).
+
+Items without a label (y = -1, e.g. paired items missing from labels.csv) take part in pretraining but not
+in the labelled metrics: they are left out here, and the count is logged.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from models.data import DataError, Dataset
 from models.encoders import CMCModel, source_key
@@ -61,11 +68,46 @@ def extract(model: CMCModel, ds: Dataset, device="cpu", batch_size: int = 256) -
         b = data.batch(torch.arange(lo, min(lo + batch_size, len(ds))))
         for s in specs:
             m = model.views[s.name]
-            x = m.transform(b[source_key(s)])
-            f = m.encoder.features(x)
+            f, z = m.encoder.probe(m.view_input(b[source_key(s)]))  # probe features (N, C), embedding (N, D)
             feat[s.name].append(f.cpu())
-            emb[s.name].append(F.normalize(m.encoder.head(f), dim=1).cpu())
+            emb[s.name].append(z.cpu())
     return {"embed": {k: torch.cat(v) for k, v in emb.items()}, "features": {k: torch.cat(v) for k, v in feat.items()}}
+
+
+def labelled(ds: Dataset, what: str = "evaluation") -> Dataset:
+    """The items of ``ds`` that have a label (y >= 0); DataError when there are none."""
+    if ds.y is None:
+        raise DataError(f"{what} needs labels ('y')")
+    keep = ds.y >= 0
+    if not keep.all():
+        LOG.info("%s: leaving out %d unlabelled item(s) of %d", what, int((~keep).sum()), len(ds))
+        ds = ds.subset(keep)
+    if len(ds) == 0:
+        raise DataError(f"{what} needs labelled items, and this split has none")
+    return ds
+
+
+@torch.no_grad()
+def recalibrate_bn(model: CMCModel, ds: Dataset, device="cpu", n: int = 2048, batch_size: int = 256) -> CMCModel:
+    """Re-estimate every batch-norm layer's running statistics on up to ``n`` (unlabelled) items of ``ds``,
+    without augmentation (cumulative average over batches), and return the model in eval mode. A randomly
+    initialised encoder's default statistics (mean 0, variance 1) mis-scale its features; this is the fair
+    random-init baseline."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+    model.train()
+    data = DeviceData(ds, list(model.specs.values()), torch.device(device))
+    stop = min(n, len(ds))
+    for lo in range(0, stop, batch_size):
+        hi = min(lo + batch_size, stop)
+        if hi - lo >= 2 and bns:  # batch norm needs two samples
+            model(data.batch(torch.arange(lo, hi)))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    return model.eval()
 
 
 def knn_accuracy(train_z: Tensor, train_y: Tensor, test_z: Tensor, test_y: Tensor, k: int = 200,
@@ -131,8 +173,7 @@ def pixel_features(ds: Dataset) -> Tensor:
 def evaluate(model: CMCModel, train: Dataset, test: Dataset, device="cpu", knn_k: int = 200, probe_epochs: int = 30,
              linear: bool = True, recall: bool = True) -> dict:
     """kNN and linear probe per view and for all views concatenated; cross-view recall for every ordered pair."""
-    if train.y is None or test.y is None:
-        raise DataError("evaluation needs labels ('y') in both splits")
+    train, test = labelled(train, "evaluation (train split)"), labelled(test, "evaluation (test split)")
     ytr, yte = torch.from_numpy(train.y).long(), torch.from_numpy(test.y).long()
     ftr, fte = extract(model, train, device), extract(model, test, device)
     views = list(model.specs)
@@ -156,6 +197,7 @@ def evaluate(model: CMCModel, train: Dataset, test: Dataset, device="cpu", knn_k
 
 
 def evaluate_pixels(train: Dataset, test: Dataset, knn_k: int = 200, probe_epochs: int = 30) -> dict:
+    train, test = labelled(train, "evaluation (train split)"), labelled(test, "evaluation (test split)")
     ytr, yte = torch.from_numpy(train.y).long(), torch.from_numpy(test.y).long()
     xtr, xte = pixel_features(train), pixel_features(test)
     return {"knn": {"pixels": knn_accuracy(xtr, ytr, xte, yte, knn_k)},
@@ -182,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="run directory (or checkpoint.pt) of train.pretrain")
     p.add_argument("--data", default=None, help="data spec (default: the run's)")
-    p.add_argument("--random-init", action="store_true", help="also evaluate the same encoders at random initialisation")
+    p.add_argument("--random-init", action="store_true", help="also evaluate the same encoders at random initialisation "
+                   "(with default batch-norm statistics, and re-estimated on unlabelled training images)")
     p.add_argument("--pixels", action="store_true", help="also evaluate raw pixels")
     p.add_argument("--knn-k", type=int, default=200)
     p.add_argument("--probe-epochs", type=int, default=30)
@@ -207,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.random_init:
             rnd, _ = load_run(a.model, a.device, random_init=True)
             results["random-init"] = evaluate(rnd, train, test, a.device, a.knn_k, a.probe_epochs, not a.no_linear)
+            rnd = recalibrate_bn(rnd, train, a.device)  # unlabelled images: the labels are not used
+            results["random-init-bn"] = evaluate(rnd, train, test, a.device, a.knn_k, a.probe_epochs, not a.no_linear)
         if a.pixels:
             results["pixels"] = evaluate_pixels(train, test, a.knn_k, a.probe_epochs)
         pair_rows = None

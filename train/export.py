@@ -64,6 +64,29 @@ def _export_one(module: nn.Module, inputs: tuple, names: list[str], path: Path) 
     onnx.checker.check_model(onnx.load(str(path)))
 
 
+def check_exportable(model: CMCModel, image_size: int) -> None:
+    """Export every view of (a copy of) ``model`` to memory, before any training: an architecture and size that
+    ONNX cannot express fail here, in seconds, with one line, instead of after training."""
+    import copy
+    import io
+    model = copy.deepcopy(model).cpu().eval()
+    for name, m in model.views.items():
+        spec = model.specs[name]
+        inp = spec.input_spec(image_size if spec.is_image else None)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(m, (torch.from_numpy(random_source(inp, 2, 0, m)),), io.BytesIO(),
+                                  input_names=["source"], output_names=["embedding"],
+                                  dynamic_axes={"source": {0: "batch"}, "embedding": {0: "batch"}},
+                                  opset_version=OPSET, dynamo=False)
+        except Exception as e:  # noqa: BLE001 - any exporter failure means this model cannot be served
+            arch = type(m.encoder).__name__
+            raise ExportError(f"view {name!r} ({arch} at {image_size} px) cannot be exported to ONNX: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                              f"choose another --arch/--image-size or pass --export false") from None
+
+
 def parity(module: nn.Module, path: Path, inputs: list[np.ndarray]) -> float:
     """Max abs difference between torch and onnxruntime on ``inputs``."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

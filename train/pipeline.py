@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.data import Dataset
-from models.encoders import source_key
+from models.encoders import CROP_KEY, source_key
 from models.views import ViewSpec
 
 
@@ -68,7 +68,8 @@ def crop_params(n: int, crop_min: float, flip: bool, generator: torch.Generator)
 
 
 def augment(batch: dict[str, Tensor], theta: Tensor) -> dict[str, Tensor]:
-    """Apply one crop + flip per sample to every image source of the batch; vectors pass through."""
+    """Apply one crop + flip per sample to every image source of the batch; vectors pass through. The crop
+    matrices go along under CROP_KEY (geometry-aware view transforms such as normals read them)."""
     imgs = [k for k in ("rgb", "depth") if k in batch]
     if not imgs:
         return batch
@@ -80,6 +81,7 @@ def augment(batch: dict[str, Tensor], theta: Tensor) -> dict[str, Tensor]:
         ch = batch[k].shape[1]
         out[k] = y[:, c:c + ch]
         c += ch
+    out[CROP_KEY] = theta.to(x.device, x.dtype)
     return out
 
 

@@ -25,6 +25,8 @@ from models.data import DataError, Dataset
 from models.encoders import CMCModel, source_key
 from models.views import ViewError, ViewSpec
 from .config import Config, ConfigError, parse_args
+from .distributed import convert_global_batchnorm, restore_batchnorm
+from .export import ExportError
 from .losses import MemoryBank, cmc_loss
 from .pipeline import DeviceData, augment, crop_params, epoch_order, step_generator
 from .setup import prepare
@@ -145,8 +147,9 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
 
     ddp_model: nn.Module = model
     if world.world > 1:
-        if use_cuda:
-            ddp_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # batch norm over the global batch, as one process computes it: SyncBatchNorm on CUDA; on CPU (gloo),
+        # where SyncBatchNorm refuses to run, GlobalBatchNorm (undone after training)
+        ddp_model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if use_cuda else convert_global_batchnorm(model)
         ddp_model = nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device.index] if use_cuda else None)
     amp = cfg.amp == "bf16" or (cfg.amp == "auto" and use_cuda)
     data = DeviceData(ds, specs, device, pin=use_cuda)
@@ -205,7 +208,7 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
         bar.close()
         raise
     bar.close()
-    return model
+    return restore_batchnorm(model)
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, bank: MemoryBank | None, batch: dict[str, torch.Tensor],
@@ -260,8 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(cfg.device, world.local_rank)
         world.init(device)
         ds, test, specs, image_size = prepare(cfg, progress=world.main)
+        if cfg.export:  # an unexportable arch/size fails now on every rank, not after training
+            from .export import check_exportable
+            check_exportable(build_model(cfg, specs, image_size), image_size)
         model = train(cfg, ds, specs, image_size, device, world)
-    except (ConfigError, DataError, ViewError, TrainingError) as e:
+    except (ConfigError, DataError, ViewError, TrainingError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

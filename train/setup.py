@@ -26,6 +26,19 @@ def check_views(specs: list[ViewSpec], ds: Dataset, spec: str) -> None:
                             f"{', '.join(have)}")
 
 
+def default_views(ds: Dataset) -> str:
+    """The views of the data when --views is 'auto': Lab's L and ab of RGB, depth (and normals when there
+    is no RGB), and every vector view, in the data's order."""
+    names = (["L", "ab"] if "rgb" in ds.sources else []) + (["depth"] if "depth" in ds.sources else [])
+    if "depth" in ds.sources and "rgb" not in ds.sources:
+        names.append("normals")
+    names += [k for k in vector_dims(ds) if k not in ("rgb", "depth", "normals")]
+    if len(names) < 2:
+        raise ViewError(f"data provides only {', '.join(sorted(ds.sources)) or 'nothing'}: CMC needs two views; "
+                        f"choose them with --views")
+    return ",".join(names)
+
+
 def native_size(ds: Dataset) -> int:
     for k in ("rgb", "depth"):
         if k in ds.sources:
@@ -36,14 +49,18 @@ def native_size(ds: Dataset) -> int:
 def prepare(cfg: Config, progress: bool = True) -> tuple[Dataset, Dataset | None, list[ViewSpec], int]:
     """(train set, held-out set or None, view specs, image size) of a config; DataError / ViewError otherwise."""
     size = cfg.image_size or None
-    if datasets.parse_spec(cfg.data)[0] in ("scenes", "cifar10", "imagefolder"):
+    if datasets.parse_spec(cfg.data)[0] in ("scenes", "cifar10", "imagefolder") and cfg.views != "auto":
         parse_views(cfg.views)  # image-only data: a bad view name fails before the data loads
     ds = datasets.load(cfg.data, "train", image_size=size, progress=progress)
     if len(ds) == 0:
         raise DataError(f"data {cfg.data!r} has no training samples")
     if cfg.limit:
         ds = ds.subset(np.arange(min(cfg.limit, len(ds))))
-    specs = parse_views(cfg.views, vector_dims(ds))
+    views = cfg.views
+    if views == "auto":
+        views = default_views(ds)
+        LOG.info("views: %s (what %s provides; choose with --views)", views, cfg.data)
+    specs = parse_views(views, vector_dims(ds))
     check_views(specs, ds, cfg.data)
     try:
         test = datasets.load(cfg.data, "test", image_size=size, progress=progress)

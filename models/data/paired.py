@@ -60,16 +60,21 @@ def _paired_items(arg: str, split: str):
     labels_file = root / "labels.csv"
     labels = _read_labels(labels_file) if labels_file.exists() else None
     classes = None
-    if labels is not None:
-        classes = _sorted_classes(set(labels.values()))
-        unlabeled = [s for s in common if s not in labels]
-        info["dropped_unlabeled"] = len(unlabeled)
-        common = [s for s in common if s in labels]
     stems = [s for s in common if explicit or is_test_key(s) == (split == "test")]
     if not stems:
         raise DataError(f"paired: no {split} items under {folder} with a file in every one of {views}")
+    if info["dropped_unmatched"]:
+        LOG.info("paired %s: dropped %d item(s) without a file in every one of %s", split,
+                 info["dropped_unmatched"], views)
+    if labels is not None:  # pretraining uses every item; evaluation leaves out the unlabelled ones (y = -1)
+        classes = _sorted_classes(set(labels.values()))
+        info["unlabeled"] = sum(s not in labels for s in stems)
+        if info["unlabeled"]:
+            LOG.info("paired %s: %d of %d item(s) have no label in %s (kept for pretraining, y = -1)", split,
+                     info["unlabeled"], len(stems), labels_file)
     cls_index = {c: i for i, c in enumerate(classes)} if classes else {}
-    items = [(s, {v: files[v][s] for v in views}, cls_index[labels[s]] if labels is not None else -1) for s in stems]
+    items = [(s, {v: files[v][s] for v in views}, cls_index.get(labels.get(s, ""), -1) if labels is not None else -1)
+             for s in stems]
     return root, items, classes, info
 
 
