@@ -124,6 +124,19 @@ def read_view(path: Path, spec: dict[str, Any], which: str) -> tuple[faiss.Index
     return None
 
 
+def write_file(fp: Path, blob: np.ndarray) -> None:
+    """Write and fsync one snapshot file (a new name: nothing named by the manifest is touched)."""
+    with open(fp, "wb") as f:
+        f.write(memoryview(blob))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def commit_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """The commit point: atomically replace manifest.json (tmp, fsync, rename, fsync the directory)."""
+    _atomic_write(path / MANIFEST, json.dumps(manifest, indent=2).encode())
+
+
 def write_snapshot(path: Path, disk: dict[str, Any], blobs: dict[str, np.ndarray], seq: int,
                    states: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Write ``blobs[view]`` (serialized indexes at ``seq``) as new files, commit a manifest whose previous
@@ -137,17 +150,14 @@ def write_snapshot(path: Path, disk: dict[str, Any], blobs: dict[str, np.ndarray
             fname = f"{name}.{seq}.{token}.faiss"
             fp = path / fname
             written.append(fp)
-            with open(fp, "wb") as f:
-                f.write(memoryview(blob))
-                f.flush()
-                os.fsync(f.fileno())
+            write_file(fp, blob)
             spec = new["views"][name]
             spec["previous"] = _with_file(spec, "snapshot")
             spec["snapshot"] = {"file": fname, "sha256": hashlib.sha256(memoryview(blob)).hexdigest(), "seq": seq}
             spec.update(states[name])
         _fsync_path(path)
         new["updated"] = _now()
-        _atomic_write(path / MANIFEST, json.dumps(new, indent=2).encode())  # the commit point
+        commit_manifest(path, new)
     except BaseException:
         for fp in written:
             with contextlib.suppress(OSError):
