@@ -19,6 +19,7 @@ import bentoml  # noqa: E402
 
 from serving.auth import BearerAuth, BodyLimit, ErrorEnvelope  # noqa: E402
 from serving.core import Core, Settings, respond  # noqa: E402
+from serving.lifecycle import die_with_parent  # noqa: E402
 from serving.schemas import AddItem, Input  # noqa: E402
 
 SETTINGS = Settings()
@@ -28,6 +29,7 @@ SETTINGS = Settings()
 class CMCService:
     def __init__(self) -> None:
         self.ready = False
+        die_with_parent()  # a worker never outlives `bentoml serve` (serving/lifecycle.py)
         self.core = Core.load(SETTINGS)  # model, warm-up, index, batcher
         self.ready = True
 
