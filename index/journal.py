@@ -32,6 +32,10 @@ BUSY_TIMEOUT_MS = 30_000
 Row = tuple[int, str, bytes]  # (seq, op, payload)
 
 
+class Gap(Exception):
+    """Log rows a process needs were pruned: it must reload from the committed snapshot."""
+
+
 def unpack(payload: bytes) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(payload), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}

@@ -36,7 +36,7 @@ class Maintenance:
                 return
             for step in (self._refresh, self._train_due, self._maybe_snapshot):
                 try:
-                    step()
+                    step(**({"background": True} if step == self._train_due else {}))
                 except NotWritableError:
                     if self._closed:
                         return
@@ -131,12 +131,16 @@ class Maintenance:
         self._manifest = manifest
 
     # ------------------------------------------------------------------ IVF/PQ training
-    def _train_due(self) -> None:
-        if self.readonly:
+    def _train_due(self, background: bool = False) -> None:
+        if self.readonly or (background and time.monotonic() < self._train_retry_at):
             return
         for name, v in list(self._views.items()):
             if v.due_for_training:
-                self._train(name)
+                try:
+                    self._train(name)
+                except Exception:
+                    self._train_retry_at = time.monotonic() + MAX_BACKOFF_S  # e.g. out of memory: not every round
+                    raise
 
     def _train(self, name: str) -> None:
         """Train a copy of a pending view with no lock held, replay what arrived meanwhile, swap it in."""

@@ -206,6 +206,19 @@ def test_training_failure_keeps_serving(tmp_path, monkeypatch):
     s.close()
 
 
+def test_lagging_follower_reloads_after_the_log_was_pruned(tmp_path):
+    s = make(tmp_path, follow=False)
+    lagging = IndexStore.open(tmp_path / "ix", follow=False)  # applies nothing until its next search
+    for i in range(6):
+        s.add([f"k{i}"], {"v": vec(i)})
+        s.snapshot()  # two snapshots later the log rows it needs are pruned
+    assert wal_rows(tmp_path / "ix") == 1 and lagging.applied_seq == 0
+    assert_all_found(lagging, [f"k{i}" for i in range(6)])  # gap detected: reloaded from the snapshot
+    assert lagging.applied_seq == 6
+    lagging.close()
+    s.close()
+
+
 def test_closed_store_refuses_calls(tmp_path):
     s = make(tmp_path)
     s.add(["k0"], {"v": vec(0)})
