@@ -9,16 +9,19 @@ Layout of the directory::
     meta.sqlite                items(id, key UNIQUE, metadata, views), wal(seq, op, payload), state(name, value)
     LOCK                       flock'ed by the process writing a snapshot; holds its pid
 
-Writes (``journal.py``). ``add``/``remove`` run ONE SQLite transaction (``BEGIN IMMEDIATE``,
+Writes (``writes.py``, ``journal.py``). ``add``/``remove`` run ONE SQLite transaction (``BEGIN IMMEDIATE``,
 journal_mode=WAL, synchronous=FULL, busy_timeout): check keys (UNIQUE -> :class:`DuplicateKeyError`, in any
 process), allocate ids from ``state.next_id``, insert/delete the item rows and one ``wal`` row whose payload
 (``.npz``) holds the ids and float32 vectors per view. Inside that transaction, under this process's writer
 lock, the in-memory FAISS views first apply every committed row they have not seen (other processes' writes),
-then this row; only then is the transaction committed and the call returns. If applying raises, the
-transaction is rolled back (the key stays absent and can be added again), the call raises
-:class:`WriteFailed` (a :class:`NotWritableError`, served as 503), and the in-memory views are marked dirty
-and rebuilt from snapshot + log before the next search or write. The applied seq only ever advances past rows
-that were applied. An acknowledged write is therefore durable (in SQLite) and searchable in this process.
+then this row; only then is the transaction committed (still under the writer lock, so no search here sees
+an uncommitted vector) and the call returns. If applying or the COMMIT raises (an exception in FAISS, disk
+full, SQLite busy past the timeout), the transaction is rolled back (the key stays absent and can be added
+again), the call raises :class:`WriteFailed` (a :class:`NotWritableError`, served as 503), and the in-memory
+views are marked dirty and rebuilt from snapshot + log before the next search or write. The applied seq only
+ever advances past rows that were applied. An acknowledged write is therefore durable (in SQLite) and
+searchable in this process; SQLite (not a directory lock) arbitrates writers, so any number of processes may
+open the directory for writing.
 
 Following. Every process (writers and ``readonly=True`` tools) follows the committed log: a search first
 compares the last committed seq (``sqlite_sequence``, a cheap query) with its applied seq and applies the
@@ -45,7 +48,8 @@ equals the last acknowledged state, whatever the point at which a process was ki
 Index types (``factory.py``, ``viewindex.py``): Flat/HNSW views are ``IndexIDMap2``, IVF views take ids
 natively; HNSW removals are tombstones (rebuilt beyond ``TOMBSTONE_REBUILD``). IVF/PQ views stay an exact
 Flat until ``train_threshold`` vectors arrived; the background thread then trains a copy with no lock held,
-replays the log rows that arrived meanwhile into it and swaps it in under the writer lock.
+replays the log rows that arrived meanwhile into it and swaps it in under the writer lock (each process trains
+its own copy; the snapshot persists one). An HNSW rebuild still runs inside the remove that triggers it.
 
 Concurrency in a process: a readers-writer lock over the in-memory views (searches in parallel, never a
 half-applied write); one writing thread at a time; separate SQLite connections for writes and for reads.

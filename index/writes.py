@@ -49,6 +49,11 @@ class Writes:
         if isinstance(keys, str) or not all(isinstance(k, str) and k for k in keys):
             raise StoreError("keys must be a list of non-empty strings")
         keys = list(keys)
+        for k in keys:
+            try:
+                k.encode("utf-8")
+            except UnicodeEncodeError:
+                raise StoreError(f"key {k!r} is not valid UTF-8 text (a lone surrogate)") from None
         if len(set(keys)) != len(keys):
             dup = next(k for i, k in enumerate(keys) if k in keys[:i])
             raise DuplicateKeyError(f"duplicate key {dup!r} in the request")
@@ -70,7 +75,10 @@ class Writes:
                     raise WriteFailed(f"index {self.path}: cannot start a write: {e}") from e
                 done = False
                 try:
-                    result, seq = prepare(conn)
+                    try:
+                        result, seq = prepare(conn)
+                    except sqlite3.Error as e:  # e.g. disk full, or busy past the timeout
+                        raise WriteFailed(f"the write was rolled back: {type(e).__name__}: {e}") from e
                     with self._rw.write():
                         try:
                             try:

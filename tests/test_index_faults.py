@@ -219,6 +219,20 @@ def test_lagging_follower_reloads_after_the_log_was_pruned(tmp_path):
     s.close()
 
 
+def test_idle_follower_applies_within_a_second(tmp_path):
+    s = make(tmp_path)
+    idle = IndexStore.open(tmp_path / "ix")  # never searched below: its follower thread does the work
+    for i in range(3):
+        s.add([f"k{i}"], {"v": vec(i)})
+        t0 = time.time()
+        while idle.applied_seq < s.applied_seq:
+            assert time.time() - t0 < 1.0, "the follower lags more than 1 s"
+            time.sleep(0.01)
+    assert_all_found(idle, ["k0", "k1", "k2"])
+    idle.close()
+    s.close()
+
+
 def test_closed_store_refuses_calls(tmp_path):
     s = make(tmp_path)
     s.add(["k0"], {"v": vec(0)})
@@ -285,12 +299,10 @@ def test_two_processes_write_one_store(tmp_path):
             if line.startswith("k"):
                 acked.append(line)
                 t0 = time.time()
-                while True:  # acknowledged in another process -> searchable here within 1 s
-                    hit = watcher.search_items(vec(int(line[1:])), "v", 1)[0]
-                    if hit and hit[0]["key"] == line:
-                        break
-                    assert time.time() - t0 < 1.0, f"{line} not searchable after 1 s"
-                    time.sleep(0.01)
+                # acknowledged in another process -> found by the very next search here (it follows the log
+                # before searching), so the lag is one search, whatever the load
+                hit = watcher.search_items(vec(int(line[1:])), "v", 1)[0]
+                assert hit and hit[0]["key"] == line, f"{line} not searchable right after its acknowledgement"
                 lags.append(time.time() - t0)
             else:
                 tail[key.data].append(line)
@@ -299,7 +311,7 @@ def test_two_processes_write_one_store(tmp_path):
     assert tail[a][0] == tail[b][0] == f"PEERS {n}"  # each writer finds all of the other's items
     assert sorted([tail[a][1], tail[b][1]]) == ["DUP", "OK"]  # a key is unique across processes
     assert_all_found(watcher, acked)
-    assert len(watcher) == 2 * n + 1 and max(lags) < 1.0
+    assert len(watcher) == 2 * n + 1 and len(lags) == 2 * n
     watcher.close()
     s = IndexStore.open(path)
     assert_all_found(s, acked)

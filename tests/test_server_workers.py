@@ -93,17 +93,19 @@ def test_two_workers_take_writes_and_follow_each_other(world):
     srv = Server(world["env"] | {"CMC_WORKERS": "2"}, world["base"] / "two.log").wait_ready()
     try:
         workers = psutil.Process(srv.proc.pid).children(recursive=True)
+        cpu0 = {p.pid: sum(p.cpu_times()[:2]) for p in workers}
         lags = []
         for i in range(200, 300):  # 100 adds over fresh connections: every one answered 200
             add(srv.url, i)
             t0 = time.time()
-            for _ in range(2):  # fresh-connection searches land on either worker; all must see the item
-                while top_key(srv.url, i) != f"new-{i}":
-                    assert time.time() - t0 < LAG_S, f"new-{i} not searchable {LAG_S} s after its add"
-                    time.sleep(0.02)
+            for _ in range(2):  # fresh-connection searches land on either worker; each follows the log before
+                # searching, so the item is found at once, and the lag bound holds whatever the load
+                assert top_key(srv.url, i) == f"new-{i}", f"new-{i} not found right after its add"
+            assert time.time() - t0 < 10 * LAG_S  # a sanity bound on an overloaded machine
             lags.append(time.time() - t0)
         assert len(lags) == 100
-        assert sum(1 for p in workers if p.is_running()) >= 2
+        busy = [p.pid for p in workers if sum(p.cpu_times()[:2]) - cpu0[p.pid] > 0.3]
+        assert len(busy) >= 2, f"requests did not reach both workers: {busy} of {[p.cmdline() for p in workers]}"
         for i in range(200, 300, 7):  # and once more, long after
             assert top_key(srv.url, i) == f"new-{i}"
         r = post(srv.url, "/index/add", {"items": [{"key": "new-200", "inputs": {"rgb": image(200)}}]})
