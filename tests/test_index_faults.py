@@ -318,3 +318,36 @@ def test_two_processes_write_one_store(tmp_path):
     ids = s.ids_of(acked + ["both"])
     assert len(set(ids)) == 2 * n + 1  # ids allocated once across processes
     s.close()
+
+
+@pytest.mark.slow
+def test_kill9_soak(tmp_path):
+    """20 writer processes killed at random moments (snapshots every 3 adds, so many kills land inside one),
+    then one stalled in each snapshot phase; prints the reliability figures for BENCHMARKS.md."""
+    path = tmp_path / "ix"
+    make(tmp_path).close()
+    rng = np.random.default_rng(0)
+    acked: list[str] = []
+    kills = 0
+    for round_ in range(23):
+        phase = ["file", "manifest", "gc"][round_ - 20] if round_ >= 20 else None
+        proc = writer(path, "--snapshot-ops", "3", "--start", str(1000 * round_), *(["--stall", phase] if phase else []))
+        n_round = int(rng.integers(5, 40))
+        for _ in range(n_round):
+            line = proc.stdout.readline()
+            if not line or line.startswith("STALL"):
+                break
+            acked.append(line.strip())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        acked += [x.strip() for x in proc.stdout if x.startswith("k")]
+        s = IndexStore.open(path)
+        lost = [k for k, i in zip(acked, s.ids_of(acked)) if i is None]
+        assert not lost, lost
+        s.close()
+    s = IndexStore.open(path)
+    assert_all_found(s, acked)
+    print(f"kill -9 soak: {kills} writer processes killed, {len(acked)} acknowledged adds, 0 lost, "
+          f"{len(s) - len(acked)} unacknowledged adds that landed")
+    s.close()
