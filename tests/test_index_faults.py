@@ -287,7 +287,7 @@ def test_two_processes_write_one_store(tmp_path):
         sel.register(p.stdout, selectors.EVENT_READ, p)
     acked, tail, lags = [], {a: [], b: []}, []
     open_ = 2
-    t_end = time.time() + 120
+    t_end = time.time() + 600  # an upper bound only (a loaded CI machine)
     while open_ and time.time() < t_end:
         for key, _ in sel.select(timeout=1):
             line = key.fileobj.readline()
@@ -306,7 +306,7 @@ def test_two_processes_write_one_store(tmp_path):
                 lags.append(time.time() - t0)
             else:
                 tail[key.data].append(line)
-    assert a.wait(30) == 0 and b.wait(30) == 0
+    assert a.wait(60) == 0 and b.wait(60) == 0, (tail, acked[-3:])
     assert len(acked) == 2 * n
     assert tail[a][0] == tail[b][0] == f"PEERS {n}"  # each writer finds all of the other's items
     assert sorted([tail[a][1], tail[b][1]]) == ["DUP", "OK"]  # a key is unique across processes
