@@ -233,6 +233,26 @@ def test_idle_follower_applies_within_a_second(tmp_path):
     s.close()
 
 
+def test_snapshot_lock_names_its_holder(tmp_path):
+    s = make(tmp_path)
+    s.add(["k0"], {"v": vec(0)})
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                               "from index.snapshots import SnapshotLock\nSnapshotLock(Path(sys.argv[1])).acquire()\n"
+                               "print('held', flush=True)\ntime.sleep(60)", str(tmp_path / "ix")],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreError, match=f"held by pid {holder.pid}"):
+            s.snapshot(timeout=0.2)
+        s.add(["k1"], {"v": vec(1)})  # writes go on meanwhile
+    finally:
+        holder.kill()
+        holder.wait()
+    s.snapshot(timeout=5)  # released by the kernel when its holder died
+    assert snapshots.manifest_seq(committed(tmp_path / "ix")) == 2
+    s.close()
+
+
 def test_closed_store_refuses_calls(tmp_path):
     s = make(tmp_path)
     s.add(["k0"], {"v": vec(0)})
