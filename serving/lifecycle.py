@@ -3,8 +3,9 @@
 ``bentoml serve`` starts its workers as child processes. When the main process is killed with SIGKILL, nothing
 tells the workers, and an orphan would keep the port and keep serving a stale configuration. :func:`die_with_parent`
 closes that gap twice over: on Linux, ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` has the kernel send SIGTERM when the
-parent goes away, and a daemon thread polls ``os.getppid()`` (a change means the parent died; it covers other
-systems and the case where PDEATHSIG fired for a parent *thread* rather than the process). On the parent's death
+parent goes away (strictly: when the parent *thread* that started us exits; BentoML's arbiter starts workers from
+its main thread, so that is the process's death), and a daemon thread polls ``os.getppid()`` every ``poll_s``
+(a change means the parent died; this also covers systems without prctl). On the parent's death
 the worker first gets SIGTERM (a graceful shutdown: the index store is closed), then is ended with ``os._exit``
 after ``grace_s`` if it is still alive. The index needs neither to be durable: every acknowledged write is in
 SQLite.
