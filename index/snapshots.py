@@ -25,7 +25,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index.durable import _atomic_write, _fsync_path, _now
+from index.durable import _atomic_write, _fsync_path, _now, _sha256
 
 LOG = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -112,15 +112,11 @@ def read_view(path: Path, spec: dict[str, Any], which: str) -> tuple[faiss.Index
     for name in candidates(spec, which):
         fp = path / name
         try:
-            data = fp.read_bytes()
-        except OSError:
-            continue
-        if hashlib.sha256(data).hexdigest() != snap["sha256"]:
-            continue
-        try:
-            return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)), name
-        except RuntimeError as e:
-            LOG.warning("%s matches its sha256 but does not load: %s", fp, e)
+            if _sha256(fp) != snap["sha256"]:
+                continue
+            return faiss.read_index(str(fp)), name
+        except (OSError, RuntimeError) as e:  # missing, or deleted by a newer snapshot meanwhile, or corrupt
+            LOG.debug("%s: %s", fp, e)
     return None
 
 
@@ -159,9 +155,14 @@ def write_snapshot(path: Path, disk: dict[str, Any], blobs: dict[str, np.ndarray
         new["updated"] = _now()
         commit_manifest(path, new)
     except BaseException:
-        for fp in written:
-            with contextlib.suppress(OSError):
-                fp.unlink()
+        try:  # the rename may have happened before the failure (e.g. of the directory fsync): keep what it names
+            keep = named_files(json.loads((path / MANIFEST).read_text()))
+        except (OSError, ValueError, KeyError):
+            keep = None  # unknown: delete nothing now, the next snapshot collects the garbage
+        for fp in written if keep is not None else []:
+            if fp.name not in keep:
+                with contextlib.suppress(OSError):
+                    fp.unlink()
         raise
     collect_garbage(path, new)
     return new
@@ -175,7 +176,6 @@ def _with_file(spec: dict[str, Any], which: str) -> dict[str, Any] | None:
 def normalize(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Older manifests name one file per view (``<view>.faiss``, rotated to ``.prev``): record in each
     snapshot entry the file that holds it now (by sha256), so that later snapshots never touch it."""
-    from index.durable import _sha256
     for spec in manifest["views"].values():
         for which in ("snapshot", "previous"):
             snap = spec.get(which)

@@ -85,11 +85,12 @@ def test_disk_full_during_snapshot(tmp_path, monkeypatch):
     assert len(failures) >= 3
     with pytest.raises(StoreError, match="No space left"):
         s.snapshot()
-    # the committed manifest and every file it names are untouched; no half-written file is left behind
-    assert committed(path) == before
-    assert {f: snapshots.hashlib.sha256((path / f).read_bytes()).hexdigest() for f in named} == sha
-    assert {p.name for p in path.glob("*.faiss")} == named
-    assert wal_rows(path) == 41  # the log keeps everything since the snapshots
+    with s._snap_mutex:  # between two background attempts (none is half-way while we look)
+        # the committed manifest and every file it names are untouched; no half-written file is left behind
+        assert committed(path) == before
+        assert {f: snapshots.hashlib.sha256((path / f).read_bytes()).hexdigest() for f in named} == sha
+        assert {p.name for p in path.glob("*.faiss")} == named
+        assert wal_rows(path) == 41  # the log keeps everything since the snapshots
     assert_all_found(s, acked)
     # a crash now (no close): reopening shows every acknowledged item
     r = IndexStore.open(path, readonly=True)
@@ -107,6 +108,28 @@ def test_disk_full_during_snapshot(tmp_path, monkeypatch):
     s = IndexStore.open(path)
     assert_all_found(s, acked)
     assert len(s) == len(acked)
+    s.close()
+
+
+def test_failure_after_the_manifest_rename_keeps_its_files(tmp_path, monkeypatch):
+    s = make(tmp_path)
+    s.add(["k0"], {"v": vec(0)})
+    real = snapshots.commit_manifest
+
+    def renamed_then_failed(path, manifest):  # e.g. the directory fsync fails after the rename
+        real(path, manifest)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(snapshots, "commit_manifest", renamed_then_failed)
+    with pytest.raises(StoreError, match="Input/output error"):
+        s.snapshot()
+    m = committed(tmp_path / "ix")
+    assert snapshots.manifest_seq(m) == 1
+    assert all((tmp_path / "ix" / f).exists() for f in snapshots.named_files(m))
+    s.close(snapshot=False)
+    monkeypatch.undo()
+    s = IndexStore.open(tmp_path / "ix")
+    assert_all_found(s, ["k0"])
     s.close()
 
 
