@@ -2,7 +2,8 @@
 
 Flat/HNSW views are ``IndexIDMap2``; IVF views take ids natively. HNSW cannot remove: removed ids become
 tombstones excluded at search time with ``IDSelectorNot`` and the view is rebuilt when they exceed
-``TOMBSTONE_REBUILD`` of it. IVF/PQ views stay an exact Flat until enough vectors arrived to train on.
+``TOMBSTONE_REBUILD`` of it. IVF/PQ views stay an exact Flat until enough vectors arrived to train on; the store then trains a copy off
+the request path (:func:`trained_copy`) and swaps it in (:meth:`_View.swap`).
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ class _View:
         if not self.index.is_trained:  # exact Flat until there is enough data to train on
             self.index = fac.make_index("Flat", self.dim, self.metric)
         self.loaded_seq = 0
-        self.cur_loc: str | None = None  # which file holds the manifest's current snapshot
         self.tomb: set[int] = set()
         self._sel: tuple[Any, Any] | None = None
         self.pending = False
@@ -59,10 +59,17 @@ class _View:
     def ids(self) -> np.ndarray:
         return faiss.vector_to_array(self.index.id_map).astype(np.int64)
 
+    @property
+    def due_for_training(self) -> bool:
+        return self.pending and self.index.ntotal >= self.threshold
+
     def add(self, ids: np.ndarray, x: np.ndarray) -> None:
         self.index.add_with_ids(x, ids)
-        if self.pending and self.index.ntotal >= self.threshold:
-            self._train_and_switch()
+
+    def swap(self, new: faiss.Index) -> None:
+        """Replace the (pending) Flat index by its trained copy, which holds the same vectors."""
+        self.index = new
+        self.refresh_state()
 
     def remove(self, ids: np.ndarray) -> None:
         if fac.is_hnsw(self.index):
@@ -73,24 +80,7 @@ class _View:
             self.index.remove_ids(ids)
 
     def _chunks(self, chunk: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        base, ids = fac.base_of(self.index), self.ids()
-        for s in range(0, len(ids), chunk):
-            e = min(s + chunk, len(ids))
-            yield ids[s:e], base.reconstruct_n(s, e - s)
-
-    def _train_and_switch(self) -> None:
-        n = int(self.index.ntotal)
-        size = min(n, fac.train_sample_size(self.factory, self.dim, self.metric))
-        pos = np.sort(np.random.default_rng(0).choice(n, size=size, replace=False))
-        sample = fac.base_of(self.index).reconstruct_batch(pos)  # (size, dim)
-        new = fac.make_index(self.factory, self.dim, self.metric)
-        t0 = time.perf_counter()
-        new.train(sample)
-        for ids, x in self._chunks():
-            new.add_with_ids(x, ids)
-        LOG.info("view %s: trained %s on %d of %d vectors in %.1fs", self.name, self.factory, size, n,
-                 time.perf_counter() - t0)
-        self.index, self.pending = new, False
+        yield from _chunks(self.index, chunk)
 
     def rebuild(self) -> None:
         """Rebuild without tombstoned ids (HNSW)."""
@@ -103,3 +93,26 @@ class _View:
         LOG.info("view %s: rebuilt without %d tombstones (%d live)", self.name, len(dead), new.ntotal)
         self.index = new
         self.set_tomb(set())
+
+
+def _chunks(index: faiss.Index, chunk: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    base, ids = fac.base_of(index), faiss.vector_to_array(index.id_map).astype(np.int64)
+    for s in range(0, len(ids), chunk):
+        e = min(s + chunk, len(ids))
+        yield ids[s:e], base.reconstruct_n(s, e - s)  # (e - s,), (e - s, dim)
+
+
+def trained_copy(name: str, factory: str, metric: str, flat: faiss.Index) -> faiss.Index:
+    """A trained ``factory`` index holding every vector of ``flat`` (an IDMap2,Flat), built without touching
+    any live index (so it runs without the store's locks)."""
+    dim, n = flat.d, int(flat.ntotal)
+    size = min(n, fac.train_sample_size(factory, dim, metric))
+    pos = np.sort(np.random.default_rng(0).choice(n, size=size, replace=False))
+    sample = fac.base_of(flat).reconstruct_batch(pos)  # (size, dim)
+    new = fac.make_index(factory, dim, metric)
+    t0 = time.perf_counter()
+    new.train(sample)
+    for ids, x in _chunks(flat):
+        new.add_with_ids(x, ids)
+    LOG.info("view %s: trained %s on %d of %d vectors in %.1fs", name, factory, size, n, time.perf_counter() - t0)
+    return new

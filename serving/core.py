@@ -84,25 +84,28 @@ class Core:
 
     @staticmethod
     def open_index(ref: str | None, fingerprint: str) -> tuple[Any, str]:
-        """CMC_INDEX (a directory; '' or 'none' for none) or else the model's default index if it exists."""
-        from index.store import IndexStore, NotWritableError, StoreError
+        """CMC_INDEX (a directory; '' or 'none' for none) or else the model's default index if it exists.
+
+        Every worker opens the index for writing: SQLite arbitrates the writers and each worker follows the
+        others' committed writes (see index/store.py), so all workers serve every endpoint."""
+        from index.store import IndexStore, StoreError
         if ref is not None and ref.strip().lower() in ("", "none", "off"):
             return None, "index disabled (CMC_INDEX=none)"
         path = Path(ref).expanduser() if ref else default_index_dir(fingerprint)
         if not ref and not (path / "manifest.json").exists():
             return None, f"no index: CMC_INDEX is unset and the model's default index {path} does not exist"
         try:
-            return IndexStore.open(path, fingerprint=fingerprint), f"index {path}"
-        except NotWritableError:
-            LOG.warning("index %s is open for writing by another worker; serving it read-only here", path)
-            return IndexStore.open(path, fingerprint=fingerprint, readonly=True), f"index {path} (read-only)"
+            return IndexStore.open(path, fingerprint=fingerprint, follow=True), f"index {path}"
         except StoreError as e:
             raise RuntimeError(f"cannot open the index {path}: {e}") from None
 
     def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        store, self.store = self.store, None
+        if store is not None:
+            try:
+                store.close()
+            except Exception:  # noqa: BLE001 - shutting down: every acknowledged write is in the log already
+                LOG.exception("closing the index failed")
 
     # ------------------------------------------------------------------ embedding
     async def _decode(self, fn: Callable[[], T]) -> T:

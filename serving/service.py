@@ -30,7 +30,7 @@ from serving.core import Core, Settings, respond  # noqa: E402
 from serving.guard import ContentGuard, FormSpec, install_route_metrics  # noqa: E402
 from serving.schemas import AddItem, Base64Image, Input, Key, Vector, ViewName, max_items  # noqa: E402
 from serving.fastjson import FastJSON  # noqa: E402
-from serving.schemas import AddItem, Input  # noqa: E402
+from serving.lifecycle import die_with_parent  # noqa: E402
 
 SETTINGS = Settings()
 N = SETTINGS.max_items
@@ -50,6 +50,7 @@ class CMCService:
 
     def __init__(self) -> None:
         self.ready = False
+        die_with_parent()  # a worker never outlives `bentoml serve` (serving/lifecycle.py)
         if not SETTINGS.model and MODEL_IN_STORE:
             SETTINGS.model = self.model.path  # the declared model (inside a Bento: the one it carries)
         self.core = Core.load(SETTINGS)  # model, warm-up, index, batcher

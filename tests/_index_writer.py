@@ -1,9 +1,21 @@
-"""Helper for the kill -9 test: add keys one at a time, print each key once add() returned."""
+"""A writer process for the fault tests: adds keys one at a time and prints each key once add() returned.
+
+    python tests/_index_writer.py DIR [--snapshot-ops N] [--start I] [--count N] [--peer-start J --peer-count M]
+                                      [--shared KEY] [--stall file|manifest|gc]
+
+``--stall`` makes every snapshot stop at a phase (half of a snapshot file written; all files written, manifest not
+yet committed; manifest committed, old files not yet deleted), printing ``STALL <phase>`` first, so that the
+parent can ``kill -9`` it there. ``--peer-*``: at the end, wait until the other writer's keys are all
+searchable here, then print ``PEERS <n>``. ``--shared``: then add that key, printing ``OK`` or ``DUP``.
+"""
+import argparse
 import sys
+import time
 
 import numpy as np
 
-from index.store import IndexStore
+from index import snapshots
+from index.store import DuplicateKeyError, IndexStore
 
 
 def vec(i: int, dim: int = 16) -> np.ndarray:
@@ -11,14 +23,74 @@ def vec(i: int, dim: int = 16) -> np.ndarray:
     return x / np.linalg.norm(x)
 
 
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def install_stall(phase: str) -> None:
+    def stall() -> None:
+        say(f"STALL {phase}")
+        time.sleep(60)
+
+    if phase == "file":
+        def write_file(fp, blob):
+            with open(fp, "wb") as f:
+                f.write(memoryview(blob)[: len(blob) // 2])
+                f.flush()
+            stall()
+        snapshots.write_file = write_file
+    elif phase == "manifest":
+        orig = snapshots.commit_manifest
+
+        def commit_manifest(path, manifest):
+            if any((s.get("previous") or {}).get("seq") for s in manifest["views"].values()):
+                stall()
+            orig(path, manifest)
+        snapshots.commit_manifest = commit_manifest
+    elif phase == "gc":
+        orig_gc = snapshots.collect_garbage
+
+        def collect_garbage(path, manifest):
+            stall()
+            orig_gc(path, manifest)
+        snapshots.collect_garbage = collect_garbage
+
+
 def main() -> None:
-    store = IndexStore.open(sys.argv[1], snapshot_ops=int(sys.argv[2]) if len(sys.argv) > 2 else 7)
-    i = 0
-    while True:
+    p = argparse.ArgumentParser()
+    p.add_argument("dir")
+    p.add_argument("--snapshot-ops", type=int, default=7)
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--count", type=int, default=10**9)
+    p.add_argument("--peer-start", type=int, default=None)
+    p.add_argument("--peer-count", type=int, default=0)
+    p.add_argument("--shared", default=None)
+    p.add_argument("--stall", default=None, choices=["file", "manifest", "gc"])
+    a = p.parse_args()
+    if a.stall:
+        install_stall(a.stall)
+    store = IndexStore.open(a.dir, snapshot_ops=a.snapshot_ops)
+    for i in range(a.start, a.start + a.count):
         store.add([f"k{i}"], {"v": vec(i)}, [{"i": i}])
-        sys.stdout.write(f"k{i}\n")
-        sys.stdout.flush()
-        i += 1
+        say(f"k{i}")
+    if a.peer_start is not None:
+        want = {f"k{j}": j for j in range(a.peer_start, a.peer_start + a.peer_count)}
+        t0 = time.time()
+        while want and time.time() - t0 < 300:  # generous: the peer may start late on a loaded machine
+            for key, j in list(want.items()):
+                hit = store.search_items(vec(j), "v", 1)[0]
+                if hit and hit[0]["key"] == key:
+                    del want[key]
+            time.sleep(0.05)
+        say(f"PEERS {a.peer_count - len(want)}")
+    if a.shared:
+        try:
+            store.add([a.shared], {"v": vec(999_999)})
+            say("OK")
+        except DuplicateKeyError:
+            say("DUP")
+    store.close()
 
 
 if __name__ == "__main__":

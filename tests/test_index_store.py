@@ -1,7 +1,9 @@
 """IndexStore: exact/ANN recall, add/remove semantics, durability (WAL, kill -9, corruption), concurrency."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 from index.factory import choose_factory, normalize_factory
-from index.store import IndexStore, StoreError
+from index.store import DuplicateKeyError, IndexStore, NotWritableError, StoreError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -202,14 +204,15 @@ def test_corrupt_file_falls_back_to_previous(tmp_path):
     s.snapshot()
     D2, I2 = s.search(xq, "v", 5)
     s.close()
-    f = tmp_path / "ix" / "v.faiss"
+    spec = json.loads((tmp_path / "ix" / "manifest.json").read_text())["views"]["v"]
+    f, prev = tmp_path / "ix" / spec["snapshot"]["file"], tmp_path / "ix" / spec["previous"]["file"]
+    assert f != prev and spec["previous"]["seq"] < spec["snapshot"]["seq"]
     f.write_bytes(f.read_bytes()[:100])  # truncate the current snapshot
-    with pytest.raises(StoreError, match=r"v\.faiss is corrupt or truncated.*recover=True"):
+    with pytest.raises(StoreError, match=re.escape(f.name) + r" is corrupt or truncated.*recover=True"):
         IndexStore.open(tmp_path / "ix")
     # the previous snapshot alone is what the first snapshot held
     import faiss
-    prev = faiss.read_index(str(f) + ".prev")
-    Dp, Ip = prev.search(xq, 5)
+    Dp, Ip = faiss.read_index(str(prev)).search(xq, 5)
     assert (Ip == I1).all() and np.allclose(Dp, D1)
     # recover: previous snapshot + log replay = the last acknowledged state
     s = IndexStore.open(tmp_path / "ix", recover=True)
@@ -221,20 +224,40 @@ def test_corrupt_file_falls_back_to_previous(tmp_path):
     s.close()
 
 
-def test_fingerprint_and_single_writer(tmp_path):
+def test_only_named_files_are_kept(tmp_path):
+    s = make(tmp_path)
+    for i in range(4):
+        s.add(keys_of(10, 10 * i), {"v": unit(10, 16, seed=i)})
+        s.snapshot()
+    s.close()
+    m = json.loads((tmp_path / "ix" / "manifest.json").read_text())
+    named = {sp[w]["file"] for sp in m["views"].values() for w in ("snapshot", "previous")}
+    assert {p.name for p in (tmp_path / "ix").glob("*.faiss*")} == named and len(named) == 4
+
+
+def test_fingerprint_and_processes(tmp_path):
     s = make(tmp_path)
     with pytest.raises(StoreError, match="fp-A.*fp-B"):
         IndexStore.open(tmp_path / "ix", fingerprint="fp-B")
-    with pytest.raises(StoreError, match="already open for writing"):
-        IndexStore.open(tmp_path / "ix")
+    t = IndexStore.open(tmp_path / "ix")  # several writers may open one directory
     s.add(["a"], {"v": unit(1, 16)})
-    r = IndexStore.open(tmp_path / "ix", readonly=True)  # readers take no lock
-    assert r.count("v") == 1
-    with pytest.raises(StoreError, match="readonly"):
-        r.add(["b"], {"v": unit(1, 16)})
+    assert t.ids_of(["a"]) == [0] and t.count("v") == 1  # followed at once
+    with pytest.raises(DuplicateKeyError, match="'a' already exists"):
+        t.add(["a"], {"v": unit(1, 16)})
+    t.add(["b"], {"v": unit(1, 16, seed=1)})
+    r = IndexStore.open(tmp_path / "ix", readonly=True)
+    assert r.count("v") == 2
+    with pytest.raises(NotWritableError, match="readonly"):
+        r.add(["c"], {"v": unit(1, 16)})
+    s.add(["c"], {"v": unit(1, 16, seed=2)})
+    assert r.count("v") == 3 and r.search(unit(1, 16, seed=2), "v", 1)[1][0, 0] == 2  # readers follow too
     r.close()
+    t.close()
     s.close()
-    IndexStore.open(tmp_path / "ix").close()  # lock released on close
+    with pytest.raises(NotWritableError, match="closed"):
+        s.search(unit(1, 16), "v", 1)
+    with pytest.raises(NotWritableError, match="closed"):
+        s.lookup([0])
     with pytest.raises(StoreError, match="already exists"):
         make(tmp_path)
 

@@ -1,0 +1,176 @@
+"""The committed log of an index directory: ``meta.sqlite`` (items, the write-ahead log of vector changes, state).
+
+SQLite is the commit point for items and log rows and arbitrates writers across threads and processes:
+``journal_mode=WAL``, ``synchronous=FULL``, ``busy_timeout``; a write is one ``BEGIN IMMEDIATE`` transaction
+that checks keys, allocates ids (``state.next_id``), inserts the items and one ``wal`` row, and commits.
+``wal.seq`` is AUTOINCREMENT and writers serialize, so seqs are committed in increasing order without holes;
+rows are only ever deleted from the low end (:meth:`Journal.prune`), which is how a follower detects that rows
+it still needed are gone (:meth:`Journal.rows_after` returns ``None``).
+
+Two connections per store: ``write`` (used by the one writer thread of the process, inside transactions) and
+``read`` (searches' lookups, following the log); both are guarded by their own lock by the caller.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items(id INTEGER PRIMARY KEY, key TEXT UNIQUE NOT NULL, metadata TEXT, views TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS wal(seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS state(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO state VALUES ('next_id', 0), ('snapshot_seq', 0), ('prev_seq', 0);
+"""
+BUSY_TIMEOUT_MS = 30_000
+Row = tuple[int, str, bytes]  # (seq, op, payload)
+
+
+class Gap(Exception):
+    """Log rows a process needs were pruned: it must reload from the committed snapshot."""
+
+
+def unpack(payload: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(payload), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+class Journal:
+    """SQLite side of a store. Methods taking ``conn`` run on the connection the caller holds the lock of."""
+
+    def __init__(self, path: Path, readonly: bool) -> None:
+        db = path / "meta.sqlite"
+        self.readonly = readonly
+        self.read_lock, self.write_lock = threading.Lock(), threading.Lock()
+        self.write: sqlite3.Connection | None = None
+        if not readonly:
+            self.write = self._connect(db, False)
+            self.write.executescript(SCHEMA)
+        self.read: sqlite3.Connection | None = self._connect(db, readonly)
+
+    @staticmethod
+    def _connect(db: Path, readonly: bool) -> sqlite3.Connection:
+        if readonly:
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
+        else:
+            conn = sqlite3.connect(db, check_same_thread=False, isolation_level=None,
+                                   timeout=BUSY_TIMEOUT_MS / 1000)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        return conn
+
+    def close(self) -> None:
+        with self.write_lock, self.read_lock:
+            for conn in (self.write, self.read):
+                if conn is not None:
+                    conn.close()
+            self.write = self.read = None
+
+    @property
+    def closed(self) -> bool:
+        return self.read is None
+
+    # ------------------------------------------------------------------ transactions
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` on the write connection (caller holds ``write_lock``); COMMIT on success,
+        ROLLBACK on any exception (re-raised)."""
+        conn = self.write
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        try:
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+
+    # ------------------------------------------------------------------ queries (any connection)
+    @staticmethod
+    def state(conn: sqlite3.Connection, name: str) -> int:
+        row = conn.execute("SELECT value FROM state WHERE name=?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    @staticmethod
+    def last_seq(conn: sqlite3.Connection) -> int:
+        """The seq of the last committed log row (0 if none ever)."""
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='wal'").fetchone()
+        return int(row[0]) if row else 0
+
+    @staticmethod
+    def rows_after(conn: sqlite3.Connection, seq: int, upto: int | None = None) -> list[Row] | None:
+        """Log rows with ``seq < s <= upto`` (default: the last committed) in order, or None when some of them
+        were pruned (a gap: the caller must reload from a snapshot)."""
+        upto = Journal.last_seq(conn) if upto is None else upto
+        rows = [(int(s), op, p) for s, op, p in conn.execute(
+            "SELECT seq, op, payload FROM wal WHERE seq > ? AND seq <= ? ORDER BY seq", (seq, upto))]
+        if len(rows) != max(0, upto - seq) or (rows and rows[0][0] != seq + 1):
+            return None
+        return rows
+
+    @staticmethod
+    def rows_for(conn: sqlite3.Connection, keys: list[str]) -> dict[str, tuple[int, str]]:
+        out: dict[str, tuple[int, str]] = {}
+        for s in range(0, len(keys), 500):
+            part = keys[s:s + 500]
+            q = f"SELECT key, id, views FROM items WHERE key IN ({','.join('?' * len(part))})"
+            out.update({k: (i, vs) for k, i, vs in conn.execute(q, part)})
+        return out
+
+    @staticmethod
+    def items_by_id(conn: sqlite3.Connection, ids: list[int]) -> dict[int, dict[str, Any]]:
+        found: dict[int, dict[str, Any]] = {}
+        for s in range(0, len(ids), 500):
+            part = ids[s:s + 500]
+            q = f"SELECT id, key, metadata FROM items WHERE id IN ({','.join('?' * len(part))})"
+            for i, key, meta in conn.execute(q, part):
+                found[i] = {"id": i, "key": key, "metadata": json.loads(meta) if meta else {}}
+        return found
+
+    @staticmethod
+    def live_ids(conn: sqlite3.Connection, view: str) -> np.ndarray:
+        return np.fromiter((r[0] for r in conn.execute(
+            "SELECT items.id FROM items, json_each(items.views) WHERE json_each.value = ?", (view,))), dtype=np.int64)
+
+    @staticmethod
+    def count_items(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+
+    # ------------------------------------------------------------------ writes (inside transaction())
+    @staticmethod
+    def insert_add(conn: sqlite3.Connection, keys: list[str], meta_json: list[str], views_json: str,
+                   payload_of: Any) -> tuple[np.ndarray, int]:
+        """Allocate ids, insert items and the log row (``payload_of(ids) -> bytes``); returns (ids, seq).
+        Raises sqlite3.IntegrityError on a duplicate key."""
+        start = Journal.state(conn, "next_id")
+        ids = np.arange(start, start + len(keys), dtype=np.int64)
+        conn.executemany("INSERT INTO items VALUES (?, ?, ?, ?)",
+                         zip(ids.tolist(), keys, meta_json, [views_json] * len(keys)))
+        cur = conn.execute("INSERT INTO wal(op, payload) VALUES ('add', ?)", (payload_of(ids),))
+        conn.execute("UPDATE state SET value=? WHERE name='next_id'", (start + len(keys),))
+        return ids, int(cur.lastrowid)
+
+    @staticmethod
+    def insert_remove(conn: sqlite3.Connection, ids: list[int], payload: bytes) -> int:
+        conn.executemany("DELETE FROM items WHERE id=?", [(i,) for i in ids])
+        cur = conn.execute("INSERT INTO wal(op, payload) VALUES ('remove', ?)", (payload,))
+        return int(cur.lastrowid)
+
+    @staticmethod
+    def prune(conn: sqlite3.Connection, snapshot_seq: int, prev_seq: int) -> None:
+        """Record the committed snapshots' seqs and delete log rows both of them cover."""
+        conn.execute("UPDATE state SET value=? WHERE name='snapshot_seq'", (snapshot_seq,))
+        conn.execute("UPDATE state SET value=? WHERE name='prev_seq'", (prev_seq,))
+        conn.execute("DELETE FROM wal WHERE seq <= ?", (prev_seq,))
