@@ -185,7 +185,7 @@ def table(res: dict) -> str:
              f"{'row':28} {'form':6} {'items/s':>9} {'in-proc':>9} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
              f"{'p99/p50':>7} {'+p50 ms':>8} {'batch':>6} {'gen cpu s':>9} {'err':>4}"]
     for r in res["rows"]:
-        name = (f"/search k=10, 1 client" if r["endpoint"] == "search"
+        name = ("/search k=10, 1 client" if r["endpoint"] == "search"
                 else f"{r['images']} img/req, {r['clients']} client{'s' if r['clients'] > 1 else ''}")
         if "skipped" in r:
             lines.append(f"{name:28} {r['form']:6} skipped: {r['skipped']}")

@@ -106,6 +106,7 @@ class Core:
                 store.close()
             except Exception:  # noqa: BLE001 - shutting down: every acknowledged write is in the log already
                 LOG.exception("closing the index failed")
+        self._decoders.shutdown(wait=False)
 
     # ------------------------------------------------------------------ embedding
     async def _decode(self, fn: Callable[[], T]) -> T:
