@@ -17,9 +17,10 @@ from typing import Any, Optional  # noqa: E402
 
 import bentoml  # noqa: E402
 
-from serving.auth import BearerAuth, BodyLimit, ErrorEnvelope  # noqa: E402
+from serving.auth import PUBLIC_PATHS, BearerAuth, BodyLimit, ErrorEnvelope  # noqa: E402
 from serving.core import Core, Settings, respond  # noqa: E402
 from serving.schemas import AddItem, Input  # noqa: E402
+from serving import web  # noqa: E402
 
 SETTINGS = Settings()
 
@@ -77,7 +78,8 @@ class CMCService:
 
 
 CMCService.add_asgi_middleware(ErrorEnvelope)
-CMCService.add_asgi_middleware(BearerAuth, token=SETTINGS.token)
+CMCService.add_asgi_middleware(BearerAuth, token=SETTINGS.token, public_paths=PUBLIC_PATHS | web.PUBLIC_PATHS)
+CMCService.mount_asgi_app(web.app, path="/")  # the web page, thumbnails, search by key (serving/web.py)
 CMCService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_mb << 20)
 
 __all__: list[Any] = ["CMCService"]
