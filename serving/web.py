@@ -92,6 +92,13 @@ def _key(v: Any, field: str = "key") -> str:
     return v
 
 
+def _view_spec(core: Any, view: Any, field: str = "view") -> dict:
+    if not isinstance(view, str) or view not in core.rt.views:
+        raise ApiError("invalid_input", f"unknown {field} {view!r}; the model has views {sorted(core.rt.views)}",
+                       field)
+    return core.rt.views[view]
+
+
 def _kind(core: Any, view: Any, kind: Any) -> str | None:
     if kind not in (None, ""):
         if kind not in ("rgb", "depth", "normals"):
@@ -99,8 +106,7 @@ def _kind(core: Any, view: Any, kind: Any) -> str | None:
         return kind
     if view in (None, ""):
         return None
-    v = core._view(view, "view")
-    return kind_of_view(view, v["source"])
+    return kind_of_view(view, _view_spec(core, view)["source"])
 
 
 def _lookup_thumb(ts: ThumbStore | None, key: str, kind: str | None) -> tuple[str, str, bytes] | None:
@@ -197,7 +203,7 @@ async def search_by_key(request: Request) -> Response:
         body = await _json_body(request)
         key = _key(body.get("key"))
         view = body.get("view")
-        spec = core._view(view, "view")
+        spec = _view_spec(core, view)
         src = spec["source"] if spec["source"] != "vector" else view
 
         def load() -> bytes | None:

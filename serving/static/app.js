@@ -218,7 +218,8 @@ function render(res, thumbs) {
     score.textContent = `cos ${fmt(r.score, 4)} \u00b7 critic ${Math.exp(r.score / tau).toPrecision(4)}`;
     const meta = document.createElement("div");
     meta.className = "meta";
-    meta.textContent = Object.entries(r.metadata || {}).map(([k, v]) => `${k}: ${v}`).join(", ");
+    meta.textContent = Object.entries(r.metadata || {}).filter(([k, v]) => !(k === "key" && v === r.key))
+      .map(([k, v]) => `${k}: ${typeof v === "object" ? JSON.stringify(v) : v}`).join(", ");
     card.append(key, score, meta);
     card.addEventListener("click", () => {
       setQuery({ kind: "key", key: r.key }, src, `query: gallery item ${r.key}`);
