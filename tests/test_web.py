@@ -185,3 +185,30 @@ def test_a_bad_file_shows_the_server_error(world, browser):
     text = re.sub(r" at 0x[0-9a-f]+", "", _el(drv, "#error").text)
     assert text.startswith("400 invalid_input: ") and detail in text, (text, detail)
     assert _results(drv) == []
+
+
+def test_web_routes_answer_bad_input_with_4xx(world):
+    url, auth = world["server"].url, {"Authorization": f"Bearer {TOKEN}"}
+    key = world["ds"].keys[1]
+    cases = [
+        ("/search_by_key", {"key": "nope", "view": "L", "target_view": "ab"}, 404, "key"),
+        ("/search_by_key", {"key": key, "view": "rgbx", "target_view": "ab"}, 400, "view"),
+        ("/search_by_key", {"key": key, "view": "L", "target_view": "zz"}, 400, "target_view"),
+        ("/search_by_key", {"key": key, "view": "L", "k": 0}, 400, "k"),
+        ("/search_by_key", {"key": 7, "view": "L"}, 400, "key"),
+        ("/search_by_key", [1, 2], 400, "body"),
+        ("/thumbs", {"keys": "abc"}, 400, "keys"),
+        ("/thumbs", {"keys": [key], "kind": "x-ray"}, 400, "kind"),
+    ]
+    for path, body, status, field in cases:
+        r = httpx.post(url + path, json=body, headers=auth)
+        assert r.status_code == status and r.json()["field"] == field, (path, body, r.text)
+    r = httpx.post(url + "/search_by_key", content=b"{not json", headers=auth | {"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["field"] == "body"
+    # a stored item queried by key in L comes first in ab, as in the page
+    r = httpx.post(url + "/search_by_key", json={"key": key, "view": "L", "target_view": "ab", "k": 3}, headers=auth)
+    assert r.status_code == 200 and r.json()["results"][0]["key"] == key and r.json()["query_key"] == key
+    got = httpx.post(url + "/thumbs", json={"keys": [key, "nope"], "view": "depth"}, headers=auth).json()["thumbs"]
+    assert got[key].startswith("data:image/png;base64,") and got["nope"] is None
+    r = httpx.get(url + "/gallery/random", headers=auth)
+    assert r.status_code == 200 and r.json()["key"] in world["ds"].keys
