@@ -212,3 +212,25 @@ def test_web_routes_answer_bad_input_with_4xx(world):
     assert got[key].startswith("data:image/png;base64,") and got["nope"] is None
     r = httpx.get(url + "/gallery/random", headers=auth)
     assert r.status_code == 200 and r.json()["key"] in world["ds"].keys
+
+
+def test_an_added_item_gets_a_thumbnail(world):
+    url, auth = world["server"].url, {"Authorization": f"Bearer {TOKEN}"}
+    from models.imageio import encode_png
+    rgb = np.random.default_rng(3).integers(0, 256, (200, 120, 3), dtype=np.uint8)
+    depth = (np.arange(200 * 120, dtype=np.uint16).reshape(200, 120) * 2)
+    item = {"key": "added-1", "metadata": {"note": "from /index/add"},
+            "inputs": {"rgb": base64.b64encode(encode_png(rgb)).decode(),
+                       "depth": base64.b64encode(encode_png(depth)).decode()}}
+    r = httpx.post(url + "/index/add", json={"items": [item]}, headers=auth, timeout=60)
+    assert r.status_code == 200, r.text
+    from PIL import Image
+    import io
+    for view, mime in (("ab", "image/webp"), ("depth", "image/png")):
+        r = httpx.get(url + "/thumb/added-1", params={"view": view}, headers=auth)
+        assert r.status_code == 200 and r.headers["content-type"] == mime
+        assert Image.open(io.BytesIO(r.content)).size == (58, 96)  # bounded to 96 px, aspect kept
+    r = httpx.post(url + "/search_by_key", json={"key": "added-1", "view": "depth", "target_view": "depth", "k": 1},
+                   headers=auth)
+    assert r.status_code == 200 and r.json()["results"][0]["key"] == "added-1"
+    assert r.json()["results"][0]["score"] > 0.999  # the stored input gives the indexed embedding back
