@@ -21,6 +21,7 @@ from models.card import CardError
 from models.data import DataError, Dataset
 from models.runtime import InputError, Runtime
 from .store import IndexStore, StoreError
+from .thumbs import ThumbStore
 
 LOG = logging.getLogger(__name__)
 
@@ -51,9 +52,10 @@ def add_chunk(store: IndexStore, rt: Runtime, chunk: Dataset, views: list[str],
 def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[str] | None, out: str | Path, *,
                 model_ref: str | None = None, split: str = "test", factory: str | None = None,
                 batch_size: int = 256, memory_budget_mb: int = 2048, n_hint: int = 0,
-                progress: bool = True, tune_sample: int = 20_000) -> Path:
+                progress: bool = True, tune_sample: int = 20_000, thumbs: bool = True) -> Path:
     """Build an index directory at ``out`` (which must not hold an index yet). ANN views get their
-    nprobe / efSearch tuned to recall@10 >= 0.95 against exact search on a sample of the stored vectors."""
+    nprobe / efSearch tuned to recall@10 >= 0.95 against exact search on a sample of the stored vectors.
+    ``thumbs``: also keep each item's thumbnails and query inputs for the web page (index/thumbs.py)."""
     rt = model if isinstance(model, Runtime) else Runtime(model)
     views = views or list(rt.views)
     for v in views:
@@ -70,10 +72,14 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
     sample_ids: list[np.ndarray] = []
     sample_x: dict[str, list[np.ndarray]] = {v: [] for v in views}
     kept = 0
+    th = ThumbStore(out) if thumbs else None
     try:
         with tqdm(total=total, desc="index", unit="item", disable=not progress, dynamic_ncols=True) as bar:
             for chunk in chunks:
                 ids, vec = add_chunk(store, rt, chunk, views, split)
+                if th is not None:
+                    th.add_sources(list(chunk.keys or [f"item-{i}" for i in range(len(chunk))]), chunk.sources,
+                                   {v: rt.views[v]["source"] for v in views}, rt.image_size)
                 if kept < tune_sample:  # the first items: a sample for tuning search parameters
                     sample_ids.append(ids)
                     for v in views:
@@ -87,6 +93,8 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
         store.snapshot()
     finally:
         store.close()
+        if th is not None:
+            th.close()
     return Path(out)
 
 
@@ -121,12 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256, help="items embedded and added per chunk")
     p.add_argument("--memory-mb", type=int, default=2048, help="memory budget for choosing the index type")
     p.add_argument("--n-hint", type=int, default=0, help="expected item count (streamed folders)")
+    p.add_argument("--no-thumbs", action="store_true", help="keep no thumbnails for the web page (thumbs.sqlite)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         views = [v.strip() for v in a.views.split(",")] if a.views else None
         out = build_index(a.model, a.data, views, a.out, model_ref=a.model, split=a.split, factory=a.index_factory,
-                          batch_size=a.batch_size, memory_budget_mb=a.memory_mb, n_hint=a.n_hint)
+                          batch_size=a.batch_size, memory_budget_mb=a.memory_mb, n_hint=a.n_hint,
+                          thumbs=not a.no_thumbs)
     except (DataError, StoreError, CardError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

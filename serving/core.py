@@ -326,6 +326,8 @@ class Core:
         parts = await asyncio.gather(*(one(src, vs) for src, vs in by_source.items()))
         vectors = dict(p for part in parts for p in part)
         ids = await anyio.to_thread.run_sync(lambda: store.add(keys, vectors, metas))
+        from index.thumbs import add_request_items  # thumbnails for the web page; logs, never fails the add
+        await anyio.to_thread.run_sync(lambda: add_request_items(store.path, keys, items, self.rt))
         return {"added": len(keys), "ids": [int(i) for i in ids], "views": sorted(vectors)}
 
     async def index_remove(self, keys: list) -> dict:

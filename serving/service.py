@@ -24,13 +24,14 @@ from pydantic import Field  # noqa: E402
 
 from models.artifact import declared_model  # noqa: E402
 from serving.observability import QuietAccessLog, logging_config, tracing_config  # noqa: E402
-from serving.auth import BearerAuth, BodyLimit, ErrorEnvelope  # noqa: E402
+from serving.auth import PUBLIC_PATHS, BearerAuth, BodyLimit, ErrorEnvelope  # noqa: E402
 from serving.binary import BinaryEmbed, Encoding, embed_answer  # noqa: E402
 from serving.core import Core, Settings, respond  # noqa: E402
 from serving.guard import ContentGuard, FormSpec, install_route_metrics  # noqa: E402
 from serving.schemas import AddItem, Base64Image, Input, Key, Vector, ViewName, max_items  # noqa: E402
 from serving.fastjson import FastJSON  # noqa: E402
 from serving.lifecycle import die_with_parent  # noqa: E402
+from serving import web  # noqa: E402
 
 SETTINGS = Settings()
 N = SETTINGS.max_items
@@ -38,7 +39,7 @@ JSON_ROUTES = ("/embed", "/similarity", "/search", "/index/add", "/index/remove"
 FORM_ROUTES = {"/embed_file": FormSpec(files=("image",), texts=("view",))}
 # metrics are labelled by these paths only (every other path counts as /other)
 install_route_metrics(JSON_ROUTES + tuple(FORM_ROUTES) + ("/", "/docs", "/docs.json", "/metrics", "/readyz",
-                                                          "/livez", "/healthz"))
+                                                          "/livez", "/healthz") + web.METRIC_ROUTES)
 MODEL_TAG, MODEL_IN_STORE = declared_model(Path(__file__).resolve().parents[1])
 
 
@@ -111,7 +112,8 @@ class CMCService:
 
 CMCService.add_asgi_middleware(QuietAccessLog)  # outermost of ours: sees every answer, 401s included
 CMCService.add_asgi_middleware(ErrorEnvelope)
-CMCService.add_asgi_middleware(BearerAuth, token=SETTINGS.token)
+CMCService.add_asgi_middleware(BearerAuth, token=SETTINGS.token, public_paths=PUBLIC_PATHS | web.PUBLIC_PATHS)
+CMCService.mount_asgi_app(web.app, path="/")  # the web page, thumbnails, search by key (serving/web.py)
 CMCService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_mb << 20)
 CMCService.add_asgi_middleware(BinaryEmbed)  # binary forms of /embed, after auth and the body limit
 CMCService.add_asgi_middleware(ContentGuard, json_routes=JSON_ROUTES, form_routes=FORM_ROUTES)

@@ -1,0 +1,242 @@
+"""The web page of the CMC server and the few routes it needs beside the JSON API (a Starlette app mounted on
+the BentoML service, so one ``bentoml serve`` process serves both).
+
+Routes (all but the page's own files go through the service's bearer-token middleware like any endpoint):
+
+* ``GET /`` and ``GET /ui``: the page (serving/static/index.html); ``/ui/app.js``, ``/ui/app.css``: its code.
+  Public: the page asks for the token itself and sends it as ``Authorization: Bearer``.
+* ``GET /docs``: BentoML's own OpenAPI page (which ``/`` used to be).
+* ``GET /thumb/{key}?view=V`` (or ``?kind=rgb|depth|normals``): an item's thumbnail (WebP/PNG, <= 96 px).
+* ``POST /thumbs {"keys": [...], "view": V}``: ``{"thumbs": {key: data URI or null}}``, one request per result grid.
+* ``GET /gallery/random``: ``{"key", "metadata", "thumb"}`` of a random stored item.
+* ``POST /search_by_key {"key", "view", "target_view", "k"}``: search with a stored item as the query in ``view``.
+  The query is the item's stored input for that view's source (index/thumbs.py keeps it already fitted to the
+  model's input size, lossless), sent through the same path as an uploaded image - so it works for every index
+  type (FAISS ``reconstruct`` does not, for IVF/PQ/HNSW-with-tombstones) and gives the exact indexed embedding.
+
+Errors use the service's ``{"error", "detail", "field"}`` shape.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+from pathlib import Path
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from index.thumbs import ThumbStore, kind_of_view
+
+from .core import ApiError, to_api_error
+from .schemas import error_body
+
+LOG = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+# the page's own files: served without a token (they hold no data)
+PUBLIC_PATHS = frozenset({"/", "/ui", "/ui/app.js", "/ui/app.css"})
+# fixed paths labelled in /metrics (thumbnails by key count under /other: keys are unbounded)
+METRIC_ROUTES = ("/ui", "/ui/app.js", "/ui/app.css", "/thumbs", "/gallery/random", "/search_by_key")
+MAX_KEY_LEN = 512
+
+_thumbs: dict[str, ThumbStore] = {}
+
+
+def _core() -> Any:
+    import bentoml
+    try:
+        return bentoml.get_current_service().core
+    except Exception:  # noqa: BLE001 - not instantiated yet
+        raise ApiError("unavailable", "the service is still starting", None) from None
+
+
+def _store(core: Any) -> Any:
+    if core.store is None:
+        raise ApiError("no_index", f"this server has no index ({core.index_note})", None)
+    return core.store
+
+
+def thumbs_of(store: Any) -> ThumbStore | None:
+    """The (cached, read-only) thumbnail file of an index directory, or None when it has none yet."""
+    path = str(store.path)
+    ts = _thumbs.get(path)
+    if ts is None and ThumbStore.exists(path):
+        ts = _thumbs[path] = ThumbStore(path, readonly=True)
+    return ts
+
+
+def _err(e: BaseException) -> JSONResponse:
+    api = to_api_error(e)
+    if api is None:
+        LOG.exception("unexpected error in the web routes")
+        return JSONResponse(error_body("internal", f"{type(e).__name__}: {e}"), status_code=500)
+    return JSONResponse(api.body(), status_code=api.status)
+
+
+async def _json_body(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError("invalid_input", "the body must be a JSON object", "body") from None
+    if not isinstance(body, dict):
+        raise ApiError("invalid_input", "the body must be a JSON object", "body")
+    return body
+
+
+def _key(v: Any, field: str = "key") -> str:
+    if not isinstance(v, str) or not v or len(v) > MAX_KEY_LEN:
+        raise ApiError("invalid_input", f"{field} must be a non-empty string of at most {MAX_KEY_LEN} characters",
+                       field)
+    return v
+
+
+def _view_spec(core: Any, view: Any, field: str = "view") -> dict:
+    if not isinstance(view, str) or view not in core.rt.views:
+        raise ApiError("invalid_input", f"unknown {field} {view!r}; the model has views {sorted(core.rt.views)}",
+                       field)
+    return core.rt.views[view]
+
+
+def _kind(core: Any, view: Any, kind: Any) -> str | None:
+    if kind not in (None, ""):
+        if kind not in ("rgb", "depth", "normals"):
+            raise ApiError("invalid_input", f"kind must be rgb, depth or normals, not {kind!r}", "kind")
+        return kind
+    if view in (None, ""):
+        return None
+    return kind_of_view(view, _view_spec(core, view)["source"])
+
+
+def _lookup_thumb(ts: ThumbStore | None, key: str, kind: str | None) -> tuple[str, str, bytes] | None:
+    if ts is None:
+        return None
+    return ts.get(key, kind) or (ts.get(key) if kind else None)  # fall back to any picture of the item
+
+
+def _data_uri(t: tuple[str, str, bytes] | None) -> str | None:
+    return None if t is None else f"data:{t[1]};base64,{base64.b64encode(t[2]).decode()}"
+
+
+# ---------------------------------------------------------------------------------------------- routes
+async def page(request: Request) -> Response:
+    return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
+
+
+async def static_file(request: Request) -> Response:
+    name = request.path_params["name"]
+    types = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+    if name not in types:
+        return JSONResponse(error_body("not_found", f"no file {name!r}"), status_code=404)
+    return FileResponse(STATIC / name, media_type=types[name])
+
+
+async def docs(request: Request) -> Response:
+    import _bentoml_impl.server as srv
+    return FileResponse(Path(srv.__file__).parent / "main-openapi.html", media_type="text/html; charset=utf-8")
+
+
+async def thumb(request: Request) -> Response:
+    try:
+        core = _core()
+        store = _store(core)
+        key = _key(request.path_params["key"])
+        kind = _kind(core, request.query_params.get("view"), request.query_params.get("kind"))
+        t = await anyio.to_thread.run_sync(lambda: _lookup_thumb(thumbs_of(store), key, kind))
+        if t is None:
+            raise ApiError("not_found", f"no thumbnail for key {key!r}", "key")
+        return Response(t[2], media_type=t[1], headers={"cache-control": "private, max-age=300"})
+    except Exception as e:  # noqa: BLE001 - every failure becomes an answer
+        return _err(e)
+
+
+async def thumbs(request: Request) -> Response:
+    try:
+        core = _core()
+        store = _store(core)
+        body = await _json_body(request)
+        keys = body.get("keys")
+        if not isinstance(keys, list) or len(keys) > core.settings.max_k:
+            raise ApiError("invalid_input", f"keys must be a list of at most {core.settings.max_k} keys", "keys")
+        keys = [_key(k, f"keys[{i}]") for i, k in enumerate(keys)]
+        kind = _kind(core, body.get("view"), body.get("kind"))
+
+        def run() -> dict:
+            ts = thumbs_of(store)
+            return {k: _data_uri(_lookup_thumb(ts, k, kind)) for k in keys}
+
+        return JSONResponse({"thumbs": await anyio.to_thread.run_sync(run)})
+    except Exception as e:  # noqa: BLE001
+        return _err(e)
+
+
+async def random_item(request: Request) -> Response:
+    try:
+        core = _core()
+        store = _store(core)
+
+        def run() -> dict:
+            ts = thumbs_of(store)
+            if ts is None:
+                raise ApiError("not_found", "this index keeps no thumbnails (built with --no-thumbs or before "
+                                            "they existed): upload an image instead", None)
+            for _ in range(50):  # keys of removed items may linger in thumbs.sqlite: skip them
+                key = ts.random_key()
+                if key is None:
+                    break
+                i = store.ids_of([key])[0]
+                if i is not None:
+                    item = store.lookup([i])[0] or {}
+                    return {"key": key, "metadata": item.get("metadata", {}), "thumb": _data_uri(ts.get(key))}
+            raise ApiError("not_found", "no stored item has a thumbnail", None)
+
+        return JSONResponse(await anyio.to_thread.run_sync(run))
+    except Exception as e:  # noqa: BLE001
+        return _err(e)
+
+
+async def search_by_key(request: Request) -> Response:
+    try:
+        core = _core()
+        store = _store(core)
+        body = await _json_body(request)
+        key = _key(body.get("key"))
+        view = body.get("view")
+        spec = _view_spec(core, view)
+        src = spec["source"] if spec["source"] != "vector" else view
+
+        def load() -> bytes | None:
+            if store.ids_of([key])[0] is None:
+                raise ApiError("not_found", f"no stored item has key {key!r}", "key")
+            ts = thumbs_of(store)
+            return ts.get_input(key, src) if ts is not None else None
+
+        data = await anyio.to_thread.run_sync(load)
+        if data is None:
+            raise ApiError("not_found", f"item {key!r} has no stored {src} input to query with in view {view!r}",
+                           "view")
+        if spec["source"] == "vector":
+            import numpy as np
+            query = {"view": view, "array": np.frombuffer(data, "<f4").tolist()}
+        else:
+            query = {"view": view, "image": base64.b64encode(data).decode()}
+        k = body.get("k", 10)
+        out = await core.search(query, body.get("target_view"), k)
+        return JSONResponse(out | {"query_key": key})
+    except Exception as e:  # noqa: BLE001
+        return _err(e)
+
+
+app = Starlette(routes=[
+    Route("/", page, methods=["GET"]),
+    Route("/ui", page, methods=["GET"]),
+    Route("/ui/{name}", static_file, methods=["GET"]),
+    Route("/docs", docs, methods=["GET"]),
+    Route("/thumb/{key:path}", thumb, methods=["GET"]),
+    Route("/thumbs", thumbs, methods=["POST"]),
+    Route("/gallery/random", random_item, methods=["GET"]),
+    Route("/search_by_key", search_by_key, methods=["POST"]),
+])
