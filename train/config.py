@@ -33,7 +33,7 @@ class Config:
     # --- augmentation (applied to the source before it is split into views, so views stay aligned)
     crop_min: float = 0.2  # random resized crop: smallest area fraction (0.08 for ResNets in the paper)
     flip: bool = True  # random horizontal flip
-    vector_corrupt: float = 0.3  # vector views: fraction of features replaced by the same feature of random training rows (SCARF)
+    vector_corrupt: float = 0.1  # vector views: fraction of features replaced by the same feature of random training rows (SCARF)
     vector_noise: float = 0.1  # vector views: Gaussian noise, in units of each feature's std
     mlp_layers: int = 2  # hidden layers of the MLP encoder of vector views (hidden width 1024 * --width, at least 128)
     mlp_dropout: float = 0.0  # dropout after each hidden layer of the MLP encoder
