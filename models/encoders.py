@@ -146,11 +146,12 @@ class ResNet(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, in_dim: int, feat_dim: int = 128, hidden: int = 512, layers: int = 2):
+    def __init__(self, in_dim: int, feat_dim: int = 128, hidden: int = 512, layers: int = 2, dropout: float = 0.0):
         super().__init__()
         mods, d = [], in_dim
         for _ in range(layers):
             mods += [nn.Linear(d, hidden), nn.LayerNorm(hidden), nn.ReLU(inplace=True)]
+            mods += [nn.Dropout(dropout)] if dropout > 0 else []
             d = hidden
         self.body = nn.Sequential(*mods)
         self.feat_dim_in = d
@@ -168,13 +169,14 @@ class MLP(nn.Module):
         return f, F.normalize(self.head(f), dim=1)
 
 
-def build_encoder(arch: str, in_ch: int, feat_dim: int = 128, image_size: int = 64, width: float = 0.5) -> nn.Module:
+def build_encoder(arch: str, in_ch: int, feat_dim: int = 128, image_size: int = 64, width: float = 0.5,
+                  mlp_layers: int = 2, mlp_dropout: float = 0.0) -> nn.Module:
     if arch == "alexnet":
         return AlexNetHalf(in_ch, feat_dim, image_size)
     if arch in ResNet.DEPTHS:
         return ResNet(in_ch, arch, width, feat_dim, image_size)
     if arch == "mlp":
-        return MLP(in_ch, feat_dim, hidden=max(128, int(1024 * width)))
+        return MLP(in_ch, feat_dim, hidden=max(128, int(1024 * width)), layers=mlp_layers, dropout=mlp_dropout)
     raise ValueError(f"unknown encoder {arch!r}; choose from {', '.join(ARCHS)}")
 
 
@@ -183,13 +185,14 @@ class ViewModel(nn.Module):
     This is the module that is exported to ONNX. The view transform always runs in float32, also under
     autocast, so training sees the inputs that the exported float32 graph computes."""
 
-    def __init__(self, spec: ViewSpec, arch: str, feat_dim: int = 128, image_size: int = 64, width: float = 0.5):
+    def __init__(self, spec: ViewSpec, arch: str, feat_dim: int = 128, image_size: int = 64, width: float = 0.5,
+                 **mlp):
         super().__init__()
         self.spec = spec
         if not spec.is_image:
             arch = "mlp"
         self.transform = make_transform(spec, image_size)
-        self.encoder = build_encoder(arch, spec.channels, feat_dim, image_size, width)
+        self.encoder = build_encoder(arch, spec.channels, feat_dim, image_size, width, **mlp)
         self._takes_crop = isinstance(self.transform, DepthToNormals)
 
     def view_input(self, source: Tensor, crop: Tensor | None = None) -> Tensor:
@@ -212,13 +215,14 @@ class ViewModel(nn.Module):
 class CMCModel(nn.Module):
     """The per-view models, keyed by view name. forward(sources) -> {view: (N, D)}; ``sources`` maps a source
     name ('rgb', 'depth') or a vector view's name to its batch, and optionally CROP_KEY to the crop
-    matrices (N, 2, 3) that the training augmentation applied to the image sources."""
+    matrices (N, 2, 3) that the training augmentation applied to the image sources. ``mlp``
+    (mlp_layers, mlp_dropout) shapes the encoders of vector views."""
 
     def __init__(self, specs: list[ViewSpec], arch: str = "resnet18", feat_dim: int = 128, image_size: int = 64,
-                 width: float = 0.5):
+                 width: float = 0.5, **mlp):
         super().__init__()
         self.specs = {s.name: s for s in specs}
-        self.views = nn.ModuleDict({s.name: ViewModel(s, arch, feat_dim, image_size, width) for s in specs})
+        self.views = nn.ModuleDict({s.name: ViewModel(s, arch, feat_dim, image_size, width, **mlp) for s in specs})
 
     def forward(self, sources: dict[str, Tensor]) -> dict[str, Tensor]:
         crop = sources.get(CROP_KEY)

@@ -29,9 +29,14 @@ class Config:
     negatives: str = "batch"  # batch (other samples of the global batch) or memory (momentum memory bank)
     nce_k: int = 4096  # memory-bank negatives per anchor
     nce_momentum: float = 0.5  # memory-bank momentum
+    negatives_sharing: str = "shared"  # memory-bank negatives: shared (K drawn once per batch, one (B,D)x(D,K) product; an anchor's own sample is masked out) or per-sample (K per anchor, a (B,K,D) gather)
     # --- augmentation (applied to the source before it is split into views, so views stay aligned)
     crop_min: float = 0.2  # random resized crop: smallest area fraction (0.08 for ResNets in the paper)
     flip: bool = True  # random horizontal flip
+    vector_corrupt: float = 0.1  # vector views: fraction of features replaced by the same feature of random training rows (SCARF)
+    vector_noise: float = 0.1  # vector views: Gaussian noise, in units of each feature's std
+    mlp_layers: int = 2  # hidden layers of the MLP encoder of vector views (hidden width 1024 * --width, at least 128)
+    mlp_dropout: float = 0.0  # dropout after each hidden layer of the MLP encoder
     # --- optimisation
     epochs: int = 3  # passes over the training data
     batch_size: int = 128  # global batch (split across ranks under torchrun)
@@ -42,9 +47,12 @@ class Config:
     weight_decay: float = 1e-4  # weight decay
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); for smoke tests
     seed: int = 0  # seed of initialisation, data order, augmentation and negatives
+    val_fraction: float = -1.0  # training items held out to select the epoch with the best cross-view recall@1; -1 = auto (0.1 when every view is a vector view, else 0)
+    patience: int = 0  # with validation: stop after this many epochs without a better recall (0 = run all epochs)
     # --- runtime
     device: str = "auto"  # auto (cuda when present, else cpu), cpu, cuda, cuda:1
-    amp: str = "auto"  # auto (bf16 autocast on cuda), bf16, off
+    amp: str = "auto"  # auto (bf16 autocast on cuda and on CPUs with native bf16, else fp32), bf16, off; transforms and loss stay fp32
+    channels_last: bool = True  # channels_last memory format for conv encoders (CPU and CUDA)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     out: str = "runs/default"  # run directory: checkpoint.pt, metrics.jsonl, export/
     resume: bool = False  # continue from OUT/checkpoint.pt
@@ -68,6 +76,15 @@ class Config:
             (self.nce_k >= 1, f"--nce-k must be >= 1, not {self.nce_k}"),
             (self.image_size == 0 or 16 <= self.image_size <= 512, f"--image-size must be 0 or 16..512, not {self.image_size}"),
             (self.width > 0, f"--width must be > 0, not {self.width}"),
+            (self.negatives_sharing in ("shared", "per-sample"),
+             f"--negatives-sharing must be shared or per-sample, not {self.negatives_sharing!r}"),
+            (0 <= self.vector_corrupt < 1, f"--vector-corrupt must be in [0, 1), not {self.vector_corrupt}"),
+            (self.vector_noise >= 0, f"--vector-noise must be >= 0, not {self.vector_noise}"),
+            (self.mlp_layers >= 1, f"--mlp-layers must be >= 1, not {self.mlp_layers}"),
+            (0 <= self.mlp_dropout < 1, f"--mlp-dropout must be in [0, 1), not {self.mlp_dropout}"),
+            (self.val_fraction == -1 or 0 <= self.val_fraction < 0.5,
+             f"--val-fraction must be -1 (auto) or in [0, 0.5), not {self.val_fraction}"),
+            (self.patience >= 0, f"--patience must be >= 0, not {self.patience}"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -46,7 +46,7 @@ def load_run(run: str | Path, device="cpu", random_init: bool = False) -> tuple[
     cfg = from_dict(state["config"])
     specs = [spec_from_dict(d) for d in state["views"]]
     torch.manual_seed(cfg.seed + (9_999 if random_init else 0))
-    model = CMCModel(specs, cfg.arch, cfg.feat_dim, state["image_size"], cfg.width)
+    model = CMCModel(specs, cfg.arch, cfg.feat_dim, state["image_size"], cfg.width, mlp_layers=cfg.mlp_layers)
     sd = state["model"]
     if random_init:  # keep the vector standardisation statistics, which are data, not learned weights
         sd = {k: v for k, v in sd.items() if ".transform." in k}

@@ -5,7 +5,10 @@ Critic: h(v1, v2) = exp(cos(v1, v2) / tau). For a pair of views (i, j) and ancho
     L^{i,j} = -E_n log [ h(z_i[n], z_j[n]) / sum_{m in candidates} h(z_i[n], c_m) ]          (CMC eq. 3-5)
 
 with candidates = the positive plus k-1 negatives: the other samples of the batch (``batch``) or K entries
-of view j's momentum memory bank (``memory``, softmax form). The two-view loss is symmetric,
+of view j's momentum memory bank (``memory``, softmax form). Memory-bank negatives are either drawn per
+anchor (``per-sample``: an (N, K, D) gather) or drawn once per batch and shared by its anchors
+(``shared``: one (N, D) x (D, K) product); a shared draw that hits an anchor's own sample is masked out of
+that anchor's candidates, so no anchor ever has its own sample as a negative. The two-view loss is symmetric,
 L(V_i, V_j) = L^{i,j} + L^{j,i} (eq. 7); several views sum pairs: the core view L_C = sum_j L(V_1, V_j)
 (eq. 8) or the full graph L_F = sum_{i<j} L(V_i, V_j) (eq. 9-10). For every pair, log(k) - L^{i,j} bounds
 the mutual information I(z_i; z_j) from below (eq. 6); we report the mean over both directions.
@@ -35,29 +38,38 @@ def critic(z1: Tensor, z2: Tensor, tau: float) -> Tensor:
     return torch.exp((z1 * z2).sum(-1) / tau)
 
 
-def nce_direction(anchor: Tensor, positive: Tensor, negatives: Tensor | None, tau: float) -> Tensor:
+def nce_direction(anchor: Tensor, positive: Tensor, negatives: Tensor | None, tau: float,
+                  neg_mask: Tensor | None = None) -> Tensor:
     """L^{i,j}: softmax cross-entropy of the positive against negatives, mean over anchors.
 
-    anchor, positive: (N, D). negatives: None for in-batch negatives (the other rows of ``positive``), or
-    (N, K, D) per-anchor negatives (memory bank)."""
+    anchor, positive: (N, D). negatives: None for in-batch negatives (the other rows of ``positive``),
+    (N, K, D) per-anchor negatives, or (K, D) negatives shared by every anchor (memory bank); ``neg_mask``
+    (N, K), True where negative k must not count for anchor n (its own sample)."""
     if negatives is None:
         logits = anchor @ positive.t() / tau  # (N, N): row n's positive is column n
         target = torch.arange(anchor.shape[0], device=anchor.device)
         return F.cross_entropy(logits, target)
     pos = (anchor * positive).sum(-1, keepdim=True)  # (N, 1)
-    neg = torch.einsum("nd,nkd->nk", anchor, negatives)  # (N, K)
+    if negatives.dim() == 2:
+        neg = anchor @ negatives.t()  # (N, K): one product for the whole batch
+    else:
+        neg = torch.einsum("nd,nkd->nk", anchor, negatives)  # (N, K)
+    if neg_mask is not None:
+        neg = neg.masked_fill(neg_mask, float("-inf"))
     logits = torch.cat([pos, neg], dim=1) / tau  # (N, K+1): the positive is column 0
     return F.cross_entropy(logits, torch.zeros(anchor.shape[0], dtype=torch.long, device=anchor.device))
 
 
 def cmc_loss(z: Mapping[str, Tensor], tau: float, graph: str = "full",
              targets: Mapping[str, Tensor] | None = None,
-             negatives: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, float]]:
+             negatives: Mapping[str, Tensor] | None = None,
+             neg_mask: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """Sum of symmetric two-view losses over view pairs (CMC eq. 7-10); z[v] is (N, D), unit norm.
 
     Batch form (default): the positive of z[i][n] is z[j][n], negatives are the other rows of z[j].
     Memory form: pass ``targets[v]`` (N, D), the bank's entries of the batch's own samples (positives), and
-    ``negatives[v]`` (N, K, D), K bank entries per anchor that exclude the anchor's own sample.
+    ``negatives[v]`` (N, K, D), K bank entries per anchor that exclude the anchor's own sample, or (K, D)
+    entries shared by the batch with ``neg_mask`` (N, K) marking each anchor's own sample among them.
     Returns the loss and, per pair 'i~j', the loss and the mutual-information bound log(k) - L/2.
     """
     views = list(z)
@@ -70,9 +82,9 @@ def cmc_loss(z: Mapping[str, Tensor], tau: float, graph: str = "full",
             k = z[a].shape[0]
         else:
             assert targets is not None, "memory form needs targets"
-            l_ab = nce_direction(z[a], targets[b], negatives[b], tau)
-            l_ba = nce_direction(z[b], targets[a], negatives[a], tau)
-            k = negatives[b].shape[1] + 1
+            l_ab = nce_direction(z[a], targets[b], negatives[b], tau, neg_mask)
+            l_ba = nce_direction(z[b], targets[a], negatives[a], tau, neg_mask)
+            k = negatives[b].shape[-2] + 1
         pair = l_ab + l_ba
         total = total + pair
         stats[f"loss/{a}~{b}"] = float(pair.detach())
@@ -104,9 +116,18 @@ class MemoryBank:
         r = torch.randint(0, self.n - 1, (idx.shape[0], k), generator=generator).to(idx.device)
         return r + (r >= idx[:, None]).long()  # skip the anchor's own slot
 
+    def sample_shared(self, idx: Tensor, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(N,) sample indices -> (K,) negative indices drawn once for the batch, and the (N, K) mask of
+        draws that hit anchor n's own sample (excluded from its candidates)."""
+        if self.n < 2:
+            raise ValueError("a memory bank needs at least two samples")
+        neg = torch.randint(0, self.n, (k,), generator=generator).to(idx.device)
+        return neg, neg[None, :] == idx[:, None]
+
     def gather(self, idx: Tensor, neg_idx: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Positives (N, D) and negatives (N, K, D), or (K, D) for shared (K,) indices, per view."""
         targets = {v: m[idx] for v, m in self.memory.items()}  # (N, D)
-        negatives = {v: m[neg_idx] for v, m in self.memory.items()}  # (N, K, D)
+        negatives = {v: m[neg_idx] for v, m in self.memory.items()}  # (N, K, D) or (K, D)
         return targets, negatives
 
     @torch.no_grad()

@@ -29,7 +29,10 @@ from .distributed import convert_global_batchnorm, restore_batchnorm
 from .export import ExportError
 from .losses import MemoryBank, cmc_loss
 from .pipeline import DeviceData, augment, crop_params, epoch_order, step_generator
+from .selection import Selector, embed_all, mean_cross_view_recall, resolve_val_fraction, split_validation
 from .setup import prepare
+from .speed import use_amp, use_channels_last
+from .vector_aug import VectorAugment, vector_pool
 
 LOG = logging.getLogger(__name__)
 
@@ -98,7 +101,8 @@ def save_atomic(obj, path: Path) -> None:
 
 def build_model(cfg: Config, specs: list[ViewSpec], image_size: int, ds: Dataset | None = None) -> CMCModel:
     torch.manual_seed(cfg.seed)
-    model = CMCModel(specs, cfg.arch, cfg.feat_dim, image_size, cfg.width)
+    model = CMCModel(specs, cfg.arch, cfg.feat_dim, image_size, cfg.width, mlp_layers=cfg.mlp_layers,
+                     mlp_dropout=cfg.mlp_dropout)
     if ds is not None:  # per-feature statistics of vector views, kept in the model (and the exported graph)
         for s in specs:
             if not s.is_image:
@@ -106,9 +110,22 @@ def build_model(cfg: Config, specs: list[ViewSpec], image_size: int, ds: Dataset
     return model
 
 
+def speed_choices(cfg: Config, specs: list[ViewSpec], device: torch.device) -> tuple[bool, bool]:
+    """(bf16 autocast, channels_last) for this config on this device. On a CPU, autocast pays only with native
+    bf16 and for conv encoders (the MLPs of vector views are too small to gain and keep fp32)."""
+    has_conv = any(s.is_image for s in specs)
+    amp = use_amp(cfg.amp, device) and (cfg.amp == "bf16" or device.type == "cuda" or has_conv)
+    return amp, use_channels_last(cfg.channels_last, has_conv)
+
+
+def to_channels_last(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in batch.items()}
+
+
 def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, device: torch.device,
           world: Dist | None = None, model: nn.Module | None = None, loss_fn: LossFn | None = None) -> CMCModel:
-    """The training loop. Returns the trained (unwrapped) model; writes checkpoint.pt and metrics.jsonl.
+    """The training loop. Returns the trained (unwrapped) model: with a validation split, the weights of the
+    epoch with the best validation cross-view recall@1. Writes checkpoint.pt and metrics.jsonl.
 
     ``model`` and ``loss_fn`` swap in another model and objective (the analyses of train.experiments):
     ``loss_fn(model, batch, generator) -> (loss, stats with 'loss')`` on the augmented batch of sources,
@@ -117,9 +134,12 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    ds, val = split_validation(ds, resolve_val_fraction(cfg.val_fraction, specs), cfg.seed)
+    selector = Selector(cfg.patience)
     model = (build_model(cfg, specs, image_size, ds) if model is None else model).to(device)
     use_cuda = device.type == "cuda"
-    if use_cuda:
+    amp, channels_last = speed_choices(cfg, specs, device)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     bank = None
     if cfg.negatives == "memory" and loss_fn is None:
@@ -136,10 +156,11 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         if [s["name"] for s in state["views"]] != [s.name for s in specs]:
             raise TrainingError(f"--resume: checkpoint views {[s['name'] for s in state['views']]} differ from --views")
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state.get("last_model") or state["model"])
         opt.load_state_dict(state["optimizer"])
         if bank is not None and state.get("bank"):
             bank.load_state_dict(state["bank"])
+        selector.load_state_dict(state.get("selection"))
         step = int(state["step"])
         LOG.info("resumed from %s at step %d", ckpt_path, step)
     if world.main:
@@ -151,20 +172,28 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
         # where SyncBatchNorm refuses to run, GlobalBatchNorm (undone after training)
         ddp_model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if use_cuda else convert_global_batchnorm(model)
         ddp_model = nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device.index] if use_cuda else None)
-    amp = cfg.amp == "bf16" or (cfg.amp == "auto" and use_cuda)
     data = DeviceData(ds, specs, device, pin=use_cuda)
+    vec_aug = VectorAugment(vector_pool(data.host, [s.name for s in specs if not s.is_image]),
+                            cfg.vector_corrupt, cfg.vector_noise)
     local_bs = cfg.batch_size // world.world
     if local_bs * world.world != cfg.batch_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by {world.world} processes")
 
-    def checkpoint() -> None:
+    def checkpoint(final: bool = False) -> None:
         if world.main:
-            save_atomic({"config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
+            weights = model.state_dict()
+            extra = {}
+            if final and selector.best_state is not None:  # the selected epoch is the model; keep the last to resume
+                weights, extra = selector.best_state, {"last_model": model.state_dict()}
+            save_atomic({"config": asdict(cfg), "model": weights, **extra, "optimizer": opt.state_dict(),
+                         "selection": selector.state_dict() if val is not None else None,
                          "bank": bank.state_dict() if bank else None, "step": step, "views": [s.to_dict() for s in specs],
                          "image_size": image_size, "data_info": {k: v for k, v in ds.info.items() if k != "skipped_files"},
                          "n_train": len(ds)}, ckpt_path)
 
     last = total if not cfg.max_steps else min(total, cfg.max_steps)
+    if selector.should_stop:  # a resumed run that had already stopped early
+        last = step
     bar = tqdm(total=last, initial=step, desc="pretrain", disable=not world.main or step >= last, dynamic_ncols=True)
     ddp_model.train()
     t_last, n_since = time.perf_counter(), 0
@@ -177,10 +206,9 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
                 g = step_generator(cfg.seed, step)
                 theta = crop_params(cfg.batch_size, cfg.crop_min, cfg.flip, g)
                 lo, hi = world.rank * local_bs, (world.rank + 1) * local_bs
-                batch = augment(data.batch(idx[lo:hi]), theta[lo:hi])
-                if use_cuda:
-                    batch = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
-                             for k, v in batch.items()}
+                batch = vec_aug(augment(data.batch(idx[lo:hi]), theta[lo:hi]), g, cfg.batch_size, lo)
+                if channels_last:
+                    batch = to_channels_last(batch)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(cfg, step, total)
                 loss, stats = train_step(ddp_model, opt, bank, batch, idx.to(device), cfg, world, g, amp, loss_fn)
@@ -191,6 +219,9 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
                 n_since += cfg.batch_size
                 now = time.perf_counter()
                 sps = n_since / max(now - t_last, 1e-9)
+                epoch_end = step % steps_per_epoch == 0
+                if epoch_end and val is not None:  # every rank measures (same weights), so all stop together
+                    stats = stats | validate(model, val, device, selector, epoch + 1)
                 if world.main:
                     rec = {"step": step, "epoch": epoch + 1, "lr": round(opt.param_groups[0]["lr"], 8),
                            "samples_per_s": round(sps, 1), **{k: round(v, 6) for k, v in stats.items()}}
@@ -200,15 +231,29 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
                     bar.update(1)
                 if now - t_last > 10:
                     t_last, n_since = now, 0
-                if step % steps_per_epoch == 0 or step == last:
+                if epoch_end and val is not None and selector.should_stop:
+                    LOG.info("early stop after epoch %d: no better validation recall for %d epochs (best %.4f at "
+                             "epoch %d)", epoch + 1, selector.since, selector.best, selector.best_epoch)
+                    last = step
+                if epoch_end or step == last:
                     mf.flush()
-                    checkpoint()
+                    checkpoint(final=step == last)
     except KeyboardInterrupt:
         checkpoint()
         bar.close()
         raise
     bar.close()
+    if selector.best_state is not None:
+        model.load_state_dict(selector.best_state)
+        LOG.info("selected epoch %d: validation cross-view recall@1 %.4f", selector.best_epoch, selector.best)
     return restore_batchnorm(model)
+
+
+def validate(model: CMCModel, val: Dataset, device: torch.device, selector: Selector, epoch: int) -> dict[str, float]:
+    """Validation cross-view recall@1 after an epoch (mean over ordered view pairs), fed to the selector."""
+    mean, per = mean_cross_view_recall(embed_all(model, val, device))
+    best = selector.update(model, epoch, mean)
+    return {"val_recall@1": mean, **{f"val_recall@1/{p}": r for p, r in per.items()}, "val_best": float(best)}
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, bank: MemoryBank | None, batch: dict[str, torch.Tensor],
@@ -226,9 +271,13 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, bank: MemoryBank | 
         return loss, stats
     with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=amp):
         z = model(batch)
-    z = world.gather({v: t.float() for v, t in z.items()})  # (B, D) per view, the global batch
-    if bank is not None:
-        targets, negs = bank.gather(idx, bank.sample(idx, cfg.nce_k, g))
+    z = world.gather({v: t.float() for v, t in z.items()})  # (B, D) per view, the global batch; the loss is fp32
+    if bank is not None and cfg.negatives_sharing == "shared":
+        neg_idx, own = bank.sample_shared(idx, cfg.nce_k, g)  # (K,), (B, K)
+        targets, negs = bank.gather(idx, neg_idx)  # (B, D), (K, D) per view
+        loss, stats = cmc_loss(z, cfg.tau, cfg.graph, targets, negs, own)
+    elif bank is not None:
+        targets, negs = bank.gather(idx, bank.sample(idx, cfg.nce_k, g))  # (B, D), (B, K, D) per view
         loss, stats = cmc_loss(z, cfg.tau, cfg.graph, targets, negs)
     else:
         loss, stats = cmc_loss(z, cfg.tau, cfg.graph)
