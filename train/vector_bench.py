@@ -21,10 +21,11 @@ cosine; its number of components and ridge are chosen per pair on a validation s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -157,7 +158,7 @@ def cmc_recall(cfg: Config, train: Dataset, test: Dataset, threads: int = 0) -> 
     names = list(train.sources)
     specs = parse_views(names, {k: v.shape[1] for k, v in train.sources.items()})
     t = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):  # no progress bars
         model = train_cmc(replace(cfg, out=tmp), train, specs, 0, torch.device("cpu"))
         state = torch.load(Path(tmp) / "checkpoint.pt", map_location="cpu", weights_only=False)
     sel = state.get("selection") or {}
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a small check: epochs 5,20")
     p.add_argument("--cca", default="closed-form", choices=("closed-form", "sklearn"),
                    help="how the chosen CCA is fitted: closed form (seconds) or scikit-learn's NIPALS (minutes a pair)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds of every CMC row; the row is their mean")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field of every CMC run (repeatable), e.g. --set mlp_dropout=0.1")
@@ -213,7 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write all results here")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # one table, not a progress bar per run
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
@@ -237,12 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = [{"method": f"CCA ({a.cca}, per pair)", "epochs": None, "recall@1": cca, **cca_info}]
     print(f"{'method':<26} {'epochs':>6} {'test R@1':>9} {'val R@1':>8} {'best ep':>7} {'kNN':>6} {'s':>6}")
     print(f"{rows[0]['method']:<26} {'-':>6} {100 * cca:>8.1f}%")
+    seeds = [int(x) for x in a.seeds.split(",")]
     for v in variants:
         for e in epochs:
-            r = cmc_recall(replace(cfg0, epochs=e, **VARIANTS[v]), train, test)
-            rows.append({"method": f"CMC {v}", "epochs": e, **r})
+            runs = [cmc_recall(replace(cfg0, epochs=e, seed=sd, **VARIANTS[v]), train, test) for sd in seeds]
+            r = {k: float(np.mean([x[k] for x in runs])) if isinstance(runs[0][k], (int, float)) else runs[0][k]
+                 for k in runs[0]}  # means over seeds (the first seed's per-pair figures)
+            rows.append({"method": f"CMC {v}", "epochs": e, "seeds": seeds, **r, "runs": runs})
             val = "-" if r["val_recall@1"] is None else f"{100 * r['val_recall@1']:.1f}%"
-            print(f"{'CMC ' + v:<26} {e:>6} {100 * r['recall@1']:>8.1f}% {val:>8} {r['best_epoch'] or '-':>7} "
+            best_ep = "-" if r["best_epoch"] is None else f"{r['best_epoch']:.0f}"
+            print(f"{'CMC ' + v:<26} {e:>6} {100 * r['recall@1']:>8.1f}% {val:>8} {best_ep:>7} "
                   f"{100 * r['knn']:>5.1f}% {r['seconds']:>6.0f}", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"dataset": a.dataset, "config": overrides, "rows": rows}, indent=2))
