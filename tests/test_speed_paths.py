@@ -114,20 +114,14 @@ def _sources(size=32, n=4, seed=0):
     return {"rgb": torch.rand(n, 3, size, size, generator=g), "depth": torch.rand(n, 1, size, size, generator=g)}
 
 
-# Today rgb_to_lab's einsum and the normals' conv2d run in bf16 under CPU autocast; making every transform
-# fp32 under autocast is finding 2 of issue 10, fixed in models/ on another branch: until it is merged these
-# may fail (non-strict xfail), afterwards they pass and guard the training path that turns autocast on.
-_PENDING = pytest.mark.xfail(strict=False, reason="fp32 transforms under autocast: issue 10 finding 2 (models/)")
-
-
-@pytest.mark.parametrize("view", [pytest.param(v, marks=_PENDING) for v in ("L", "ab", "depth", "normals")])
+@pytest.mark.parametrize("view", ["L", "ab", "depth", "normals"])
 def test_transforms_stay_fp32_under_training_autocast(view):
     spec = parse_views(f"{view},rgb")[0]
     m = CMCModel([spec, parse_views("rgb,L")[0]], "resnet10", 16, 32, 0.25).views[view]
     src = _sources()[spec.source]
-    ref = m.transform(src)
+    ref = m.transform(src)  # the float32 transform, as exported
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = m.transform(src)
+        got = m.view_input(src)  # what the encoder receives in training under autocast
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
 
