@@ -184,7 +184,7 @@ class IndexStore(Writes, Maintenance):
             except sqlite3.Error as e:
                 raise StoreError(f"cannot open {p / 'meta.sqlite'}: {e}") from e
             with store._rw.write():
-                recovered = store._load(recover, manifest)
+                recovered = store._load_current(recover, manifest)
             if recovered and not readonly:
                 store._snapshot(timeout=60.0, force=True)
         except BaseException:
@@ -221,6 +221,24 @@ class IndexStore(Writes, Maintenance):
         self.close()
 
     # ------------------------------------------------------------------ load / follow
+    def _load_current(self, recover: bool, manifest: dict[str, Any]) -> bool:
+        """``_load`` of the committed manifest. Another process may commit a newer snapshot between reading the
+        manifest and loading its files (and delete files no manifest names any more, or prune log rows): when
+        loading fails and the manifest has changed meanwhile, load the newer one."""
+        for _ in range(20):
+            try:
+                return self._load(recover, manifest)
+            except StoreError:
+                try:
+                    newer = snaps.read_manifest(self.path)
+                except (OSError, ValueError):
+                    raise
+                if newer == manifest:
+                    raise
+                manifest = newer
+                time.sleep(0.01)
+        return self._load(recover, manifest)
+
     def _load(self, recover: bool, manifest: dict[str, Any]) -> bool:
         """Load each view's snapshot and replay the log (caller holds the write lock). True if a previous
         snapshot was used."""
