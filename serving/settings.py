@@ -30,7 +30,9 @@ class Settings:
     """Server settings from the environment (read once, at import of the service and at start)."""
 
     def __init__(self) -> None:
-        self.workers = max(1, env_int("CMC_WORKERS", 1))
+        # one worker per CPU (up to 4) with one onnxruntime thread each: measured on 2 cores (BENCHMARKS.md,
+        # "Server"), 2 workers x 1 thread served 1.6x the items/s of 1 worker x 2 threads at 32 clients
+        self.workers = max(1, env_int("CMC_WORKERS", min(cpu_count(), 4)))
         self.threads = env_int("CMC_THREADS", 0) or max(1, cpu_count() // self.workers)
         spin = os.environ.get("CMC_SPIN", "").strip()  # onnxruntime intra-op spinning; unset: its default
         self.spin = env_flag("CMC_SPIN", True) if spin else None

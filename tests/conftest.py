@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Servers started by the tests run one worker (quick to start on 2 cores) unless a test asks for more
+# (tests/test_server_workers.py runs two); the product's default is one worker per CPU (serving/settings.py).
+os.environ.setdefault("CMC_WORKERS", "1")
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10.npz"
 
 
