@@ -121,23 +121,23 @@ class Journal:
         return rows
 
     @staticmethod
+    def _where_in(conn: sqlite3.Connection, sql: str, values: list) -> Iterator[tuple]:
+        """Rows of ``sql`` (with one ``{}`` for the placeholders of ``... IN ({})``) over ``values`` in chunks
+        of 500 (SQLite's limit on host parameters)."""
+        for s in range(0, len(values), 500):
+            part = values[s:s + 500]
+            yield from conn.execute(sql.format(",".join("?" * len(part))), part)
+
+    @staticmethod
     def rows_for(conn: sqlite3.Connection, keys: list[str]) -> dict[str, tuple[int, str]]:
-        out: dict[str, tuple[int, str]] = {}
-        for s in range(0, len(keys), 500):
-            part = keys[s:s + 500]
-            q = f"SELECT key, id, views FROM items WHERE key IN ({','.join('?' * len(part))})"
-            out.update({k: (i, vs) for k, i, vs in conn.execute(q, part)})
-        return out
+        return {k: (i, vs) for k, i, vs in Journal._where_in(conn, "SELECT key, id, views FROM items WHERE key IN ({})",
+                                                             keys)}
 
     @staticmethod
     def items_by_id(conn: sqlite3.Connection, ids: list[int]) -> dict[int, dict[str, Any]]:
-        found: dict[int, dict[str, Any]] = {}
-        for s in range(0, len(ids), 500):
-            part = ids[s:s + 500]
-            q = f"SELECT id, key, metadata FROM items WHERE id IN ({','.join('?' * len(part))})"
-            for i, key, meta in conn.execute(q, part):
-                found[i] = {"id": i, "key": key, "metadata": json.loads(meta) if meta else {}}
-        return found
+        return {i: {"id": i, "key": key, "metadata": json.loads(meta) if meta else {}}
+                for i, key, meta in Journal._where_in(conn, "SELECT id, key, metadata FROM items WHERE id IN ({})",
+                                                      ids)}
 
     @staticmethod
     def live_ids(conn: sqlite3.Connection, view: str) -> np.ndarray:

@@ -164,6 +164,11 @@ class ThumbStore:
             self._db.executemany("INSERT OR REPLACE INTO thumbs(key, kind, mime, data) VALUES (?, ?, ?, ?)", rows)
         return len(rows)
 
+    def remove(self, keys: list[str]) -> None:
+        """Forget the rows of removed items."""
+        with self._lock, self._db:
+            self._db.executemany("DELETE FROM thumbs WHERE key = ?", [(k,) for k in keys])
+
     def add_sources(self, keys: list[str], sources: Mapping[str, np.ndarray], views: Mapping[str, str],
                     image_size: int) -> int:
         """A batch of a Dataset's sources (arrays aligned on the first axis) -> rows for every key."""
@@ -235,3 +240,14 @@ def add_request_items(index_dir: str | Path, keys: list[str], items: list[dict],
     except (ImageError, binascii.Error, ValueError, TypeError, OSError, sqlite3.Error) as e:
         LOG.warning("thumbnails of %d added items not written: %s", len(keys), e)
         return 0
+
+
+def remove_items(index_dir: str | Path, keys: list[str]) -> None:
+    """Drop the thumbnails of items just removed through ``/index/remove``; never raises (logged)."""
+    if not ThumbStore.exists(index_dir):
+        return
+    try:
+        with ThumbStore(index_dir) as ts:
+            ts.remove(keys)
+    except sqlite3.Error as e:
+        LOG.warning("thumbnails of %d removed items not deleted: %s", len(keys), e)

@@ -334,6 +334,8 @@ class Core:
         store = self._need_store()
         keys = check_keys(self._check_count(keys, "keys"), "keys")
         n = await anyio.to_thread.run_sync(lambda: store.remove(list(keys)))
+        from index.thumbs import remove_items  # the web page's thumbnails go with their items
+        await anyio.to_thread.run_sync(lambda: remove_items(store.path, list(keys)))
         return {"removed": int(n)}
 
     def batch_stats(self) -> dict:

@@ -183,7 +183,7 @@ async def random_item(request: Request) -> Response:
             if ts is None:
                 raise ApiError("not_found", "this index keeps no thumbnails (built with --no-thumbs or before "
                                             "they existed): upload an image instead", None)
-            for _ in range(50):  # keys of removed items may linger in thumbs.sqlite: skip them
+            for _ in range(50):  # an item removed by another tool (index.store directly) may keep its row: skip it
                 key = ts.random_key()
                 if key is None:
                     break

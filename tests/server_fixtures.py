@@ -64,4 +64,13 @@ def build_index(index_dir: Path, model_dir: Path, ds, n: int) -> list[str]:
     return keys
 
 
+def model_and_index(base: Path, n: int, ds=None) -> dict:
+    """A random-init model and an index of the first ``n`` items of ``ds`` (default: 24 held-out scenes) under
+    ``base``; returns the server environment that serves them with their own BentoML and CMC homes."""
+    build_model(base / "model")
+    build_index(base / "index", base / "model", scenes(24) if ds is None else ds, n)
+    return {"CMC_MODEL": str(base / "model"), "CMC_INDEX": str(base / "index"), "CMC_THREADS": "1",
+            "BENTOML_HOME": str(base / "bentoml"), "CMC_HOME": str(base / "cmc")}
+
+
 Server = ServerProcess  # a real `bentoml serve` on a free port (serving/launch.py)

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from server_fixtures import Server, build_index, build_model, png_b64, scenes
+from server_fixtures import Server, model_and_index, png_b64, scenes
 
 pytestmark = pytest.mark.server
 TOKEN = "bin-token"
@@ -30,12 +30,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("binary")
-    build_model(base / "model")
     ds = scenes(16)
-    build_index(base / "index", base / "model", ds, 12)
-    common = {"CMC_MODEL": str(base / "model"), "CMC_INDEX": str(base / "index"), "CMC_THREADS": "1",
-              "CMC_API_TOKEN": TOKEN, "CMC_MAX_BODY_MB": "1", "CMC_MAX_ITEMS": "4",
-              "BENTOML_HOME": str(base / "bentoml"), "CMC_HOME": str(base / "cmc")}
+    common = model_and_index(base, 12, ds) | {"CMC_API_TOKEN": TOKEN, "CMC_MAX_BODY_MB": "1", "CMC_MAX_ITEMS": "4"}
     srv = Server(common, base / "server.log")
     route = Server(common | {"CMC_FAST_JSON": "0"}, base / "route.log")  # serves the index read-only
     try:

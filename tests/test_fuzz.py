@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from server_fixtures import Server, build_index, build_model, scenes
+from server_fixtures import Server, model_and_index
 
 pytestmark = pytest.mark.server
 EXAMPLES = 50
@@ -19,11 +19,7 @@ EXAMPLES = 50
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("fuzz")
-    build_model(base / "model")
-    build_index(base / "index", base / "model", scenes(24), 12)
-    srv = Server({"CMC_MODEL": str(base / "model"), "CMC_INDEX": str(base / "index"),
-                  "BENTOML_HOME": str(base / "bentoml"), "CMC_HOME": str(base / "cmc"), "CMC_THREADS": "1"},
-                 base / "server.log")
+    srv = Server(model_and_index(base, 12), base / "server.log")
     try:
         yield srv.wait_ready()
     finally:

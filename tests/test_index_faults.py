@@ -161,7 +161,8 @@ def test_apply_failure_rolls_back_and_the_key_can_be_added_again(tmp_path, monke
     other.close()
     s.close()
     s = IndexStore.open(tmp_path / "ix")
-    assert_all_found(s, ["k0", "k1"]) and len(s) == 2
+    assert_all_found(s, ["k0", "k1"])
+    assert len(s) == 2
     s.close()
 
 
@@ -328,7 +329,7 @@ def test_two_processes_write_one_store(tmp_path):
     sel = selectors.DefaultSelector()
     for p in (a, b):
         sel.register(p.stdout, selectors.EVENT_READ, p)
-    acked, tail, lags = [], {a: [], b: []}, []
+    acked, tail = [], {a: [], b: []}
     open_ = 2
     t_end = time.time() + 600  # an upper bound only (a loaded CI machine)
     while open_ and time.time() < t_end:
@@ -341,12 +342,10 @@ def test_two_processes_write_one_store(tmp_path):
             line = line.strip()
             if line.startswith("k"):
                 acked.append(line)
-                t0 = time.time()
                 # acknowledged in another process -> found by the very next search here (it follows the log
                 # before searching), so the lag is one search, whatever the load
                 hit = watcher.search_items(vec(int(line[1:])), "v", 1)[0]
                 assert hit and hit[0]["key"] == line, f"{line} not searchable right after its acknowledgement"
-                lags.append(time.time() - t0)
             else:
                 tail[key.data].append(line)
     assert a.wait(60) == 0 and b.wait(60) == 0, (tail, acked[-3:])
@@ -354,7 +353,7 @@ def test_two_processes_write_one_store(tmp_path):
     assert tail[a][0] == tail[b][0] == f"PEERS {n}"  # each writer finds all of the other's items
     assert sorted([tail[a][1], tail[b][1]]) == ["DUP", "OK"]  # a key is unique across processes
     assert_all_found(watcher, acked)
-    assert len(watcher) == 2 * n + 1 and len(lags) == 2 * n
+    assert len(watcher) == 2 * n + 1
     watcher.close()
     s = IndexStore.open(path)
     assert_all_found(s, acked)

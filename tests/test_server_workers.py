@@ -12,7 +12,7 @@ import numpy as np
 import psutil
 import pytest
 
-from server_fixtures import Server, build_index, build_model, png_b64, scenes
+from server_fixtures import Server, model_and_index, png_b64
 
 pytestmark = pytest.mark.server
 LAG_S = 1.0
@@ -21,11 +21,7 @@ LAG_S = 1.0
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("workers")
-    build_model(base / "model")
-    build_index(base / "index", base / "model", scenes(24), 8)
-    env = {"CMC_MODEL": str(base / "model"), "BENTOML_HOME": str(base / "bentoml"), "CMC_HOME": str(base / "cmc"),
-           "CMC_THREADS": "1", "CMC_INDEX": str(base / "index")}
-    return {"base": base, "env": env}
+    return {"base": base, "env": model_and_index(base, 8)}
 
 
 def image(i: int) -> str:
@@ -94,7 +90,6 @@ def test_two_workers_take_writes_and_follow_each_other(world):
     try:
         workers = psutil.Process(srv.proc.pid).children(recursive=True)
         cpu0 = {p.pid: sum(p.cpu_times()[:2]) for p in workers}
-        lags = []
         for i in range(200, 300):  # 100 adds over fresh connections: every one answered 200
             add(srv.url, i)
             t0 = time.time()
@@ -102,8 +97,6 @@ def test_two_workers_take_writes_and_follow_each_other(world):
                 # searching, so the item is found at once, and the lag bound holds whatever the load
                 assert top_key(srv.url, i) == f"new-{i}", f"new-{i} not found right after its add"
             assert time.time() - t0 < 10 * LAG_S  # a sanity bound on an overloaded machine
-            lags.append(time.time() - t0)
-        assert len(lags) == 100
         busy = [p.pid for p in workers if sum(p.cpu_times()[:2]) - cpu0[p.pid] > 0.3]
         assert len(busy) >= 2, f"requests did not reach both workers: {busy} of {[p.cmdline() for p in workers]}"
         for i in range(200, 300, 7):  # and once more, long after

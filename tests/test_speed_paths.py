@@ -64,7 +64,6 @@ def test_shared_equals_per_sample_form_with_the_same_draws():
     z = {v: _unit(8, 16, seed=i + 10) for i, v in enumerate(views)}
     idx = torch.arange(8) * 3
     neg_idx, own = bank.sample_shared(idx, 32, torch.Generator().manual_seed(0))
-    assert not own.any() or True
     keep = ~torch.isin(neg_idx, idx)  # draws that hit no anchor: then no masking is involved
     neg_idx = neg_idx[keep]
     targets, shared = bank.gather(idx, neg_idx)

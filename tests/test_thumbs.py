@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from index.thumbs import (THUMB_PX, VIRIDIS, ThumbStore, add_request_items, colormap_depth, item_rows,
-                          kind_of_view, normals_from_depth, render)
+                          kind_of_view, normals_from_depth, remove_items, render)
 from models.imageio import decode_depth, decode_image, encode_png, fit_image
 
 VIEWS = {"L": "rgb", "ab": "rgb", "depth": "depth", "normals": "depth", "fou": "vector"}
@@ -77,6 +77,10 @@ def test_store_and_get_by_key(tmp_path):
     with ThumbStore(tmp_path) as ts:  # re-adding a key replaces its pictures
         ts.add_sources(["a"], {"rgb": rgb[1:2]}, {"L": "rgb"}, image_size=32)
         assert (decode_image(ts.get_input("a", "rgb")) == fit_image(rgb[1], 32)).all()
+    remove_items(tmp_path, ["a", "c"])  # /index/remove's hook: removed items lose their pictures and inputs
+    with ThumbStore(tmp_path, readonly=True) as ts:
+        assert ts.get("a") is None and ts.get_input("c", "rgb") is None and len(ts) == 1
+        assert ts.get("b", "rgb")[0] == "rgb"
 
 
 def test_only_the_kinds_the_views_need():

@@ -74,6 +74,14 @@ def extract(model: CMCModel, ds: Dataset, device="cpu", batch_size: int = 256) -
     return {"embed": {k: torch.cat(v) for k, v in emb.items()}, "features": {k: torch.cat(v) for k, v in feat.items()}}
 
 
+def sample(ds: Dataset, n: int, seed: int = 0) -> Dataset:
+    """``n`` items of ``ds`` drawn at random (seeded, kept in file order), or all of them when ``n`` is 0 or
+    at least ``len(ds)``. Never the first ``n``: files may be sorted by class (CIFAR-10's npz is)."""
+    if n <= 0 or n >= len(ds):
+        return ds
+    return ds.subset(np.sort(np.random.default_rng(seed).permutation(len(ds))[:n]))
+
+
 def labelled(ds: Dataset, what: str = "evaluation") -> Dataset:
     """The items of ``ds`` that have a label (y >= 0); DataError when there are none."""
     if ds.y is None:
@@ -244,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         size = state["image_size"]
         train = datasets.load(spec, "train", image_size=size, progress=True)
         test = datasets.load(spec, "test", image_size=size, progress=True)
-        if a.limit_train:
-            train = train.subset(np.arange(min(a.limit_train, len(train))))
+        train = sample(train, a.limit_train)
         results = {"cmc": evaluate(model, train, test, a.device, a.knn_k, a.probe_epochs, not a.no_linear)}
         if a.random_init:
             rnd, _ = load_run(a.model, a.device, random_init=True)

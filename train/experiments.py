@@ -33,7 +33,7 @@ from models.data import DataError, Dataset
 from models.encoders import CMCModel
 from models.views import BUILTIN, ViewError, parse_views
 from .config import Config, ConfigError
-from .evaluate import evaluate
+from .evaluate import evaluate, sample
 from .pretrain import TrainingError, resolve_device, train
 from .setup import prepare
 
@@ -111,8 +111,7 @@ def load_data(ctx: Context, views: str) -> tuple[Dataset, Dataset, Dataset, list
     ds, test, specs, size = prepare(cfg, progress=True)
     if test is None or test.y is None or ds.y is None:
         raise DataError(f"data {b.data!r} needs labels and a held-out split for evaluation")
-    ev = ds if not b.eval_train else ds.subset(np.arange(min(b.eval_train, len(ds))))
-    test = test if not b.eval_test else test.subset(np.arange(min(b.eval_test, len(test))))
+    ev, test = sample(ds, b.eval_train), sample(test, b.eval_test)  # random: CIFAR-10's files are sorted by class
     if len(ds) < b.batch_size or len(test) < b.batch_size:
         raise DataError(f"data {b.data!r} has {len(ds)} training / {len(test)} held-out items: fewer than one "
                         f"batch of {b.batch_size}")

@@ -30,7 +30,7 @@ def quick_eval(cfg: Config, model: CMCModel, image_size: int, train: Dataset | N
     """kNN top-1 of every view (labelled held-out queries, labelled training gallery) for the model and for
     the same encoders at random initialisation: ``random`` with default batch-norm statistics, ``random-bn``
     with statistics re-estimated on unlabelled training images."""
-    from .evaluate import extract, knn_accuracy, labelled, recalibrate_bn
+    from .evaluate import extract, knn_accuracy, labelled, recalibrate_bn, sample
     from .pretrain import build_model
     if test is None or test.y is None or train is None or train.y is None:
         return {}
@@ -39,7 +39,7 @@ def quick_eval(cfg: Config, model: CMCModel, image_size: int, train: Dataset | N
     except DataError as e:
         LOG.warning("%s: skipping the held-out kNN check", e)
         return {}
-    gal = gal.subset(np.arange(min(len(gal), 5000)))
+    gal = sample(gal, 5000)
     specs = list(model.specs.values())
     rnd = build_model(cfg, specs, image_size, train).to(device).eval()  # same seed: the initial weights
     res = {}
