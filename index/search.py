@@ -13,7 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from models.card import CardError
 from models.data import DataError

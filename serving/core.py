@@ -256,7 +256,7 @@ class Core:
                 "ranking": [{"index": int(i), "view": cv[i], "score": float(scores[i]), "critic": float(crit[i])}
                             for i in order]}
 
-    def _need_store(self) -> Any:
+    def need_store(self) -> Any:
         if self.store is None:
             raise ApiError("no_index", f"this server has no index ({self.index_note}); set CMC_INDEX to an index "
                                        f"directory or build the default one with `python -m train.pretrain`", None)
@@ -264,7 +264,7 @@ class Core:
 
     async def search(self, query: Any, target_view: str | None = None, k: int = 10,
                      include_metadata: bool = True) -> dict:
-        store = self._need_store()
+        store = self.need_store()
         if not isinstance(k, int) or isinstance(k, bool) or k <= 0 or k > self.settings.max_k:
             raise ApiError("invalid_input", f"k must be an integer in 1..{self.settings.max_k} (CMC_MAX_K), got {k!r}",
                            "k")
@@ -278,7 +278,7 @@ class Core:
                 "results": trim_hits(hits[0], bool(include_metadata))}
 
     async def index_add(self, items: list) -> dict:
-        store = self._need_store()
+        store = self.need_store()
         items = [it.model_dump() if hasattr(it, "model_dump") else it for it in self._check_count(items, "items")]
         indexed = {v: (self.rt.views[v]["source"] if self.rt.views[v]["source"] != "vector" else v)
                    for v in store.views if v in self.rt.views}
@@ -331,7 +331,7 @@ class Core:
         return {"added": len(keys), "ids": [int(i) for i in ids], "views": sorted(vectors)}
 
     async def index_remove(self, keys: list) -> dict:
-        store = self._need_store()
+        store = self.need_store()
         keys = check_keys(self._check_count(keys, "keys"), "keys")
         n = await anyio.to_thread.run_sync(lambda: store.remove(list(keys)))
         from index.thumbs import remove_items  # the web page's thumbnails go with their items

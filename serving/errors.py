@@ -44,17 +44,23 @@ def to_api_error(e: BaseException) -> ApiError | None:
     return None
 
 
+def error_response(e: BaseException) -> Any:
+    """Any exception as the JSON error answer with its status: a known one as its ApiError, BentoML's
+    dispatcher timeout as 503, anything else as a logged 500."""
+    from starlette.responses import JSONResponse
+    api = to_api_error(e)
+    if api is None:
+        if type(e).__name__ == "ServiceUnavailable":  # bentoml's dispatcher: waited past max latency
+            api = ApiError("unavailable", f"server overloaded: {e}", None)
+        else:
+            LOG.exception("unexpected error")
+            return JSONResponse(error_body("internal", f"{type(e).__name__}: {e}"), status_code=500)
+    return JSONResponse(api.body(), status_code=api.status)
+
+
 async def respond(coro: Awaitable[Any]) -> Any:
     """Await an endpoint coroutine; errors become a JSON response with their status (never a crash)."""
-    from starlette.responses import JSONResponse
     try:
         return await coro
     except Exception as e:  # noqa: BLE001 - everything becomes an answer
-        api = to_api_error(e)
-        if api is None:
-            if type(e).__name__ == "ServiceUnavailable":  # bentoml's dispatcher: waited past max latency
-                api = ApiError("unavailable", f"server overloaded: {e}", None)
-            else:
-                LOG.exception("unexpected error")
-                return JSONResponse(error_body("internal", f"{type(e).__name__}: {e}"), status_code=500)
-        return JSONResponse(api.body(), status_code=api.status)
+        return error_response(e)

@@ -19,16 +19,16 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
 from typing import Any
 
 from .binary import _read_body
+from .settings import env_flag
 
 LOG = logging.getLogger(__name__)
 
 
 def fast_json_enabled() -> bool:
-    return os.environ.get("CMC_FAST_JSON", "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag("CMC_FAST_JSON", True)
 
 
 def qualifies(api: Any) -> bool:

@@ -16,9 +16,10 @@ Unless ``CMC_TRACE_HOT=1``, :func:`tracing_config` excludes the hot paths from t
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
+
+from .settings import env_flag
 
 LOG = logging.getLogger("bentoml.access")  # BentoML configures this one (INFO) in server processes
 
@@ -27,8 +28,7 @@ QUIET_PATHS = HOT_PATHS + ("/readyz", "/livez", "/healthz", "/metrics")
 
 
 def access_log_enabled() -> bool:
-    v = os.environ.get("CMC_ACCESS_LOG", "").strip().lower()
-    return v not in ("", "0", "false", "no", "off")
+    return env_flag("CMC_ACCESS_LOG", False)
 
 
 def logging_config() -> dict:
@@ -38,8 +38,7 @@ def logging_config() -> dict:
 
 def tracing_config() -> dict:
     """The ``tracing`` entry of ``@bentoml.service``: the hot paths excluded unless CMC_TRACE_HOT is on."""
-    v = os.environ.get("CMC_TRACE_HOT", "").strip().lower()
-    if v not in ("", "0", "false", "no", "off"):
+    if env_flag("CMC_TRACE_HOT", False):
         return {}
     return {"excluded_urls": [f"{p}$" for p in HOT_PATHS]}  # regexes over scheme://host/path (no query)
 

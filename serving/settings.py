@@ -52,6 +52,10 @@ class Settings:
         self.model = os.environ.get("CMC_MODEL") or None
         self.index = os.environ.get("CMC_INDEX")
         self.token = os.environ.get("CMC_API_TOKEN") or None
+        # speed switches (serving/fastjson.py, serving/observability.py read them through the same env_flag)
+        self.fast_json = env_flag("CMC_FAST_JSON", True)
+        self.access_log = env_flag("CMC_ACCESS_LOG", False)
+        self.trace_hot = env_flag("CMC_TRACE_HOT", False)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "token"} | {"auth": self.token is not None}

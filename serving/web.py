@@ -31,7 +31,9 @@ from starlette.routing import Route
 
 from index.thumbs import ThumbStore, kind_of_view
 
-from .core import ApiError, to_api_error
+from .core import ApiError
+from .errors import error_response as _err
+from .limits import check_key as _key
 from .schemas import error_body
 
 LOG = logging.getLogger(__name__)
@@ -41,7 +43,6 @@ STATIC = Path(__file__).resolve().parent / "static"
 PUBLIC_PATHS = frozenset({"/", "/ui", "/ui/app.js", "/ui/app.css"})
 # fixed paths labelled in /metrics (thumbnails by key count under /other: keys are unbounded)
 METRIC_ROUTES = ("/ui", "/ui/app.js", "/ui/app.css", "/thumbs", "/gallery/random", "/search_by_key")
-MAX_KEY_LEN = 512
 
 _thumbs: dict[str, ThumbStore] = {}
 
@@ -54,12 +55,6 @@ def _core() -> Any:
         raise ApiError("unavailable", "the service is still starting", None) from None
 
 
-def _store(core: Any) -> Any:
-    if core.store is None:
-        raise ApiError("no_index", f"this server has no index ({core.index_note})", None)
-    return core.store
-
-
 def thumbs_of(store: Any) -> ThumbStore | None:
     """The (cached, read-only) thumbnail file of an index directory, or None when it has none yet."""
     path = str(store.path)
@@ -67,14 +62,6 @@ def thumbs_of(store: Any) -> ThumbStore | None:
     if ts is None and ThumbStore.exists(path):
         ts = _thumbs[path] = ThumbStore(path, readonly=True)
     return ts
-
-
-def _err(e: BaseException) -> JSONResponse:
-    api = to_api_error(e)
-    if api is None:
-        LOG.exception("unexpected error in the web routes")
-        return JSONResponse(error_body("internal", f"{type(e).__name__}: {e}"), status_code=500)
-    return JSONResponse(api.body(), status_code=api.status)
 
 
 async def _json_body(request: Request) -> dict:
@@ -85,13 +72,6 @@ async def _json_body(request: Request) -> dict:
     if not isinstance(body, dict):
         raise ApiError("invalid_input", "the body must be a JSON object", "body")
     return body
-
-
-def _key(v: Any, field: str = "key") -> str:
-    if not isinstance(v, str) or not v or len(v) > MAX_KEY_LEN:
-        raise ApiError("invalid_input", f"{field} must be a non-empty string of at most {MAX_KEY_LEN} characters",
-                       field)
-    return v
 
 
 def _view_spec(core: Any, view: Any, field: str = "view") -> dict:
@@ -142,8 +122,8 @@ async def docs(request: Request) -> Response:
 async def thumb(request: Request) -> Response:
     try:
         core = _core()
-        store = _store(core)
-        key = _key(request.path_params["key"])
+        store = core.need_store()
+        key = _key(request.path_params["key"], "key")
         kind = _kind(core, request.query_params.get("view"), request.query_params.get("kind"))
         t = await anyio.to_thread.run_sync(lambda: _lookup_thumb(thumbs_of(store), key, kind))
         if t is None:
@@ -156,7 +136,7 @@ async def thumb(request: Request) -> Response:
 async def thumbs(request: Request) -> Response:
     try:
         core = _core()
-        store = _store(core)
+        store = core.need_store()
         body = await _json_body(request)
         keys = body.get("keys")
         if not isinstance(keys, list) or len(keys) > core.settings.max_k:
@@ -176,7 +156,7 @@ async def thumbs(request: Request) -> Response:
 async def random_item(request: Request) -> Response:
     try:
         core = _core()
-        store = _store(core)
+        store = core.need_store()
 
         def run() -> dict:
             ts = thumbs_of(store)
@@ -201,9 +181,9 @@ async def random_item(request: Request) -> Response:
 async def search_by_key(request: Request) -> Response:
     try:
         core = _core()
-        store = _store(core)
+        store = core.need_store()
         body = await _json_body(request)
-        key = _key(body.get("key"))
+        key = _key(body.get("key"), "key")
         view = body.get("view")
         spec = _view_spec(core, view)
         src = spec["source"] if spec["source"] != "vector" else view

@@ -49,10 +49,10 @@ def test_views_command(tmp_path, capsys):
 def test_predictive_command(tmp_path):
     rows = run_experiment("predictive", tmp_path)
     assert [r["method"] for r in rows] == ["contrastive", "predictive-regression", "predictive-classification",
-                                           "random-init"]
+                                           "random-init", "random-init-bn"]
     for r in rows:
         assert in_unit(r["linear_top1"], r["knn_top1"])
-    assert [r["steps"] for r in rows] == [2, 2, 2, 0]
+    assert [r["steps"] for r in rows] == [2, 2, 2, 0, 0]
 
 
 def test_patches_command(tmp_path, capsys):
@@ -185,6 +185,18 @@ def test_view_pair_table_and_the_evaluate_flag(tmp_path):
     direct = np.mean([math.log(16) - float(cmc_loss({"a": z["L"][i:i + 16], "b": z["ab"][i:i + 16]}, cfg.tau)[0]) / 2
                       for i in range(0, len(test) - 15, 16)])
     assert rows[0]["mi_bound"] == pytest.approx(direct, abs=1e-5)
+    # unlabelled held-out items (y = -1) count in the bound and the recalls, not in the accuracies
+    import dataclasses
+    half = dataclasses.replace(test, y=np.where(np.arange(len(test)) % 2 == 0, test.y, -1))
+    partial = view_pair_table(model, ds, half, tau=cfg.tau, k=16, linear=False)
+    only = view_pair_table(model, ds, test.subset(np.arange(0, len(test), 2)), tau=cfg.tau, k=16, linear=False)
+    full = view_pair_table(model, ds, test, tau=cfg.tau, k=16, linear=False)
+    for p, o, f in zip(partial, only, full):
+        assert p["top1_a"] == o["top1_a"] and p["top1_pair"] == o["top1_pair"]
+        assert p["mi_bound"] == pytest.approx(f["mi_bound"], abs=1e-6) and p["r1_ab"] == f["r1_ab"]
+    # accuracies measured already are taken as given, not measured again
+    given = view_pair_table(model, ds, test, tau=cfg.tau, k=16, linear=False, single={"L": 0.5, "ab": 0.25})
+    assert given[0]["top1_a"] == 0.5 and given[0]["top1_b"] == 0.25 and given[1]["top1_b"] == full[1]["top1_b"]
     text = format_view_pairs(rows)
     assert "L~depth" in text and "log k = 2.77" in text
     assert plot_view_pairs(rows, tmp_path / "vp.png").read_bytes()[:8] == PNG

@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pixels", action="store_true", help="also evaluate raw pixels")
     p.add_argument("--knn-k", type=int, default=200)
     p.add_argument("--probe-epochs", type=int, default=30)
-    p.add_argument("--limit-train", type=int, default=0, help="use the first N training items (0 = all)")
+    p.add_argument("--limit-train", type=int, default=0, help="use N training items, drawn at random (seeded; 0 = all)")
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plots", default=None, help="write training curves and a retrieval grid (PNG) here")
@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.view_pairs:  # the k of the MI bound is the training batch (in-batch negatives), at the training tau
             from .viewpairs import view_pair_table
             pair_rows = view_pair_table(model, train, test, state["config"]["tau"], state["config"]["batch_size"],
-                                        a.device, not a.no_linear, a.probe_epochs, a.knn_k)
+                                        a.device, not a.no_linear, a.probe_epochs, a.knn_k,
+                                        single=results["cmc"]["knn" if a.no_linear else "linear"])
     except (ConfigError, DataError, ViewError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,6 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -33,8 +32,8 @@ from models.data import DataError, Dataset
 from models.encoders import CMCModel
 from models.views import BUILTIN, ViewError, parse_views
 from .config import Config, ConfigError
-from .evaluate import evaluate, sample
-from .pretrain import TrainingError, resolve_device, train
+from .evaluate import evaluate, recalibrate_bn, sample
+from .pretrain import TrainingError, build_model, resolve_device, train
 from .setup import prepare
 
 LOG = logging.getLogger(__name__)
@@ -92,7 +91,8 @@ class Context:
     def cached(self, cfg: Config, compute) -> dict:
         """The row of a finished run with this exact config, else ``compute()`` (and remember it)."""
         path = Path(cfg.out) / "row.json"
-        key = {"config": asdict(cfg), "budget": asdict(self.budget), "patch": self.patch}
+        budget = {k: v for k, v in asdict(self.budget).items() if k != "seeds"}  # a new seed keeps the others
+        key = {"config": asdict(cfg), "budget": budget, "patch": self.patch}
         if path.is_file() and not self.fresh:
             saved = json.loads(path.read_text())
             if saved.get("key") == json.loads(json.dumps(key)):
@@ -164,7 +164,7 @@ def run_views(ctx: Context) -> list[dict]:
 def run_predictive(ctx: Context) -> list[dict]:
     from .predictive import PredictiveModel, predictive_loss
     ds, ev, test, specs, size = load_data(ctx, "L,ab")
-    methods = ["contrastive", "predictive-regression", "predictive-classification", "random-init"]
+    methods = ["contrastive", "predictive-regression", "predictive-classification", "random-init", "random-init-bn"]
     rows = []
     for method, seed in tqdm([(m, s) for m in methods for s in ctx.budget.seeds], desc="predictive", unit="run"):
         cfg = ctx.config(method, seed, len(ds), views="L,ab")
@@ -172,17 +172,19 @@ def run_predictive(ctx: Context) -> list[dict]:
         def compute() -> dict:
             if method == "contrastive":
                 model = train(cfg, ds, specs, size, ctx.device)
-            elif method == "random-init":  # the same L encoder at its initial weights (the contrastive run's seed)
-                torch.manual_seed(seed)
-                model = CMCModel(specs, cfg.arch, cfg.feat_dim, size, cfg.width)
+            elif method.startswith("random-init"):  # the same L encoder at its initial weights (the contrastive
+                model = build_model(cfg, specs, size)  # run's seed); -bn: batch-norm statistics re-estimated on ds
             else:
                 torch.manual_seed(seed)
                 pm = PredictiveModel(method.split("-")[1], cfg.arch, cfg.feat_dim, size, cfg.width)
                 model = train(cfg, ds, specs, size, ctx.device, model=pm, loss_fn=predictive_loss).cmc
-            r = scores(one_view(model, "L", features=True), ev, test, ctx)
+            m = one_view(model, "L", features=True)
+            if method == "random-init-bn":
+                m = recalibrate_bn(m, ds, ctx.device)
+            r = scores(m, ev, test, ctx)
             return {"linear_top1": r["linear"]["L"], "knn_top1": r["knn"]["L"]}
 
-        rows.append({"method": method, "seed": seed, "steps": 0 if method == "random-init" else ctx.budget.steps,
+        rows.append({"method": method, "seed": seed, "steps": 0 if method.startswith("random-init") else ctx.budget.steps,
                      **ctx.cached(cfg, compute)})
     return rows
 

@@ -40,26 +40,32 @@ def pair_mi_bound(za: Tensor, zb: Tensor, k: int, tau: float) -> float:
 
 
 def view_pair_table(model: CMCModel, train: Dataset, test: Dataset, tau: float, k: int = 256, device="cpu",
-                    linear: bool = True, probe_epochs: int = 30, knn_k: int = 200) -> list[dict]:
-    """One row per unordered pair of the model's views (see the module docstring)."""
+                    linear: bool = True, probe_epochs: int = 30, knn_k: int = 200,
+                    single: dict[str, float] | None = None) -> list[dict]:
+    """One row per unordered pair of the model's views (see the module docstring). The MI bound and the
+    recalls use every held-out item; the accuracies only the labelled ones (y >= 0). ``single``: each view's
+    top-1 already measured by ``train.evaluate.evaluate`` under the same probe (not measured again)."""
     from .evaluate import cross_view_recall, extract, knn_accuracy, linear_probe
     if train.y is None or test.y is None:
         raise DataError("the view-pair table needs labels ('y') in both splits")
     views = list(model.specs)
     if len(views) < 2:
         raise DataError("the view-pair table needs a model with at least two views")
+    ltr, lte = torch.from_numpy(train.y >= 0), torch.from_numpy(test.y >= 0)
+    if not ltr.any() or not lte.any():
+        raise DataError("the view-pair table needs labelled items (y >= 0) in both splits")
     k = min(k, len(test))
-    ytr, yte = torch.from_numpy(train.y).long(), torch.from_numpy(test.y).long()
+    ytr, yte = torch.from_numpy(train.y).long()[ltr], torch.from_numpy(test.y).long()[lte]
     ftr, fte = extract(model, train, device), extract(model, test, device)
 
     def top1(vs: list[str]) -> float:
-        if linear:
-            return linear_probe(torch.cat([ftr["features"][v] for v in vs], 1), ytr,
-                                torch.cat([fte["features"][v] for v in vs], 1), yte, probe_epochs)
-        return knn_accuracy(torch.cat([ftr["embed"][v] for v in vs], 1), ytr,
-                            torch.cat([fte["embed"][v] for v in vs], 1), yte, knn_k)
+        key = "features" if linear else "embed"
+        xtr = torch.cat([ftr[key][v] for v in vs], 1)[ltr]
+        xte = torch.cat([fte[key][v] for v in vs], 1)[lte]
+        return linear_probe(xtr, ytr, xte, yte, probe_epochs) if linear else knn_accuracy(xtr, ytr, xte, yte, knn_k)
 
-    single = {v: top1([v]) for v in views}
+    single = {v: (single or {}).get(v) for v in views}
+    single = {v: top1([v]) if acc is None else acc for v, acc in single.items()}
     rows = []
     for a, b in pairs(views, "full"):
         za, zb = fte["embed"][a], fte["embed"][b]
