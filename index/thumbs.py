@@ -220,7 +220,10 @@ def _bytes(v: Any) -> bytes:
 def add_request_items(index_dir: str | Path, keys: list[str], items: list[dict], rt: Any) -> int:
     """Thumbnails of items just added through ``/index/add`` (``inputs`` by source: base64 or bytes images,
     vectors by view name). Never raises: the items are already durable, a picture is a nicety; a failure is
-    logged and the count of items written is returned."""
+    logged and the count of items written is returned. An index keeps thumbnails when it has ``thumbs.sqlite``
+    (``index.build`` makes one unless ``--no-thumbs``): an index without one gets none here either."""
+    if not ThumbStore.exists(index_dir):
+        return 0
     views = {v: spec["source"] for v, spec in rt.views.items()}
     try:
         rows = []

@@ -45,6 +45,7 @@ def scenes(n: int = 24, size: int = 32, seed: int = 5, split: str = "test"):
 def build_index(index_dir: Path, model_dir: Path, ds, n: int) -> list[str]:
     """Index the first n items of a dataset in every view of the model (keys 'item-<i>'); returns the keys."""
     from index.store import IndexStore
+    from index.thumbs import ThumbStore
     from models.runtime import Runtime
 
     rt = Runtime(model_dir)
@@ -61,6 +62,7 @@ def build_index(index_dir: Path, model_dir: Path, ds, n: int) -> list[str]:
         store.add(keys, vecs, [{"i": i, "label": int(ds.y[i])} for i in range(n)])
     finally:
         store.close()
+    ThumbStore(index_dir).close()  # as index.build does: items added over HTTP get thumbnails
     return keys
 
 

@@ -102,6 +102,9 @@ def test_request_items_hook(tmp_path):
     depth = (np.arange(600, dtype=np.uint16).reshape(20, 30) * 100)
     items = [{"key": "x", "inputs": {"rgb": "data:image/png;base64," + base64.b64encode(encode_png(rgb)).decode(),
                                      "depth": base64.b64encode(encode_png(depth)).decode(), "fou": [1.0] * 8}}]
+    # an index without thumbs.sqlite (built with --no-thumbs) keeps none: no file appears
+    assert add_request_items(tmp_path, ["x"], items, _Rt()) == 0 and not ThumbStore.exists(tmp_path)
+    ThumbStore(tmp_path).close()  # what index.build does unless --no-thumbs
     assert add_request_items(tmp_path, ["x"], items, _Rt()) == 1
     with ThumbStore(tmp_path, readonly=True) as ts:
         assert {k for k in ("rgb", "depth", "normals") if ts.get("x", k)} == {"rgb", "depth", "normals"}
