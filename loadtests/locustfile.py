@@ -5,7 +5,9 @@ PNG depth maps, vector views arrays of the card's length; adds carry exactly the
 Every answer is checked for its shape, and a wrong answer counts as a failure.
 
 Weights by environment variable: CMC_W_EMBED, CMC_W_EMBED16, CMC_W_PAIR, CMC_W_RANK, CMC_W_SEARCH, CMC_W_ADD
-(0 disables a task). CMC_API_TOKEN is sent as a bearer token when set. CMC_LOAD_REPORT names a JSON file that
+(0 disables a task). CMC_CHURN=N: each user keeps at most N of the items it added and removes the oldest
+(/index/remove) after each add beyond that, so the index stays the same size (a soak for leaks, not data
+growth); 0 (the default) removes nothing. CMC_API_TOKEN is sent as a bearer token when set. CMC_LOAD_REPORT names a JSON file that
 receives, at the end, the plan and the requests per view and endpoint (loadtests/run.py prints it), and
 CMC_LOAD_STATS a CSV file for locust's final statistics (its periodic --csv file can lag by a second).
 """
@@ -18,7 +20,7 @@ import os
 import random
 import sys
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 from locust import HttpUser, between, events, task
@@ -30,6 +32,7 @@ from loadtests.plan import Plan  # noqa: E402
 
 _PLANS: dict[str, Plan] = {}
 SENT: Counter = Counter()  # (endpoint, view) -> requests answered
+CHURN = int(os.environ.get("CMC_CHURN", "0"))  # items a user keeps before removing its oldest
 
 
 def plan_for(info: dict) -> Plan:
@@ -62,20 +65,23 @@ class CMCUser(HttpUser):
         r = self.client.post("/info", json={}, headers=self.h)
         r.raise_for_status()  # no plan without /info: the user stops and locust reports the error
         self.plan = plan_for(r.json())
+        self.mine: deque[str] = deque()  # keys this user added and has not removed (CMC_CHURN)
 
-    def _post(self, name: str, body: dict, check, views: tuple[str, ...]) -> None:
+    def _post(self, name: str, body: dict, check, views: tuple[str, ...]) -> bool:
+        """POST, count it, check the answer; True when it succeeded."""
         with self.client.post(name, json=body, headers=self.h, catch_response=True) as r:
             for v in set(views):  # answered requests only, as locust's statistics count them
                 SENT[(name, v)] += 1
             if r.status_code != 200:
                 r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
-                return
+                return False
             try:
                 problem = check(r.json())
             except Exception as e:  # noqa: BLE001 - any malformed answer is a failure
                 problem = f"bad answer: {e!r}"
             if problem:
                 r.failure(problem)
+            return not problem
 
     def _items(self, k: int) -> list[int]:
         return random.sample(range(self.plan.n), k)
@@ -136,9 +142,16 @@ class CMCUser(HttpUser):
             return
         key = f"load-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
         item = {"key": key, "metadata": {"source": "locust"}, "inputs": self.plan.add_inputs(self._items(1)[0])}
-        self._post("/index/add", {"items": [item]},
-                   lambda j: None if j["added"] == 1 and sorted(j["views"]) == sorted(self.plan.index_views)
-                   else f"not added to every indexed view: {str(j)[:120]}", tuple(self.plan.index_views))
+        views = tuple(self.plan.index_views)
+        added = self._post("/index/add", {"items": [item]},
+                           lambda j: None if j["added"] == 1 and sorted(j["views"]) == sorted(views)
+                           else f"not added to every indexed view: {str(j)[:120]}", views)
+        if added and CHURN > 0:
+            self.mine.append(key)
+            while len(self.mine) > CHURN:
+                old = self.mine.popleft()
+                self._post("/index/remove", {"keys": [old]},
+                           lambda j: None if j["removed"] == 1 else f"{old!r} not removed: {str(j)[:120]}", views)
 
 
 @events.quitting.add_listener

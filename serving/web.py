@@ -202,7 +202,7 @@ async def search_by_key(request: Request) -> Response:
             import numpy as np
             query = {"view": view, "array": np.frombuffer(data, "<f4").tolist()}
         else:
-            query = {"view": view, "image": base64.b64encode(data).decode()}
+            query = {"view": view, "image": data}  # Core.prepare takes raw bytes as they are
         k = body.get("k", 10)
         out = await core.search(query, body.get("target_view"), k)
         return JSONResponse(out | {"query_key": key})

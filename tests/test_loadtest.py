@@ -46,10 +46,11 @@ def image_model(tmp_path):
     return tmp_path / "model", tmp_path / "index"
 
 
-def smoke(tmp_path, model_dir, index_dir) -> dict:
+def smoke(tmp_path, model_dir, index_dir, **env) -> dict:
     out = tmp_path / "out"
     r = run_cli(["loadtests/run.py", "--users", "2", "--spawn-rate", "2", "--run-time", "12s", "--out", str(out)],
-                timeout=240, env={"CMC_MODEL": str(model_dir), "CMC_INDEX": str(index_dir), "CMC_THREADS": "1"})
+                timeout=240, env={"CMC_MODEL": str(model_dir), "CMC_INDEX": str(index_dir), "CMC_THREADS": "1",
+                                  **env})
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     summary = json.loads((out / "summary.json").read_text())
     rows = {e["endpoint"]: e for e in summary["endpoints"]}
@@ -67,8 +68,21 @@ def smoke(tmp_path, model_dir, index_dir) -> dict:
 @pytest.mark.parametrize("kind", ["image", "vector"])
 def test_locust_smoke_zero_failures(tmp_path, kind):
     model_dir, index_dir = (image_model if kind == "image" else vector_model)(tmp_path)
-    s = smoke(tmp_path, model_dir, index_dir)
+    # the vector run churns (CMC_CHURN=2): each user keeps at most 2 of its adds, so the index size is fixed
+    s = smoke(tmp_path, model_dir, index_dir, **({"CMC_CHURN": "2"} if kind == "vector" else {}))
     views = s["views"]["views"]
+    rows = {e["endpoint"]: e for e in s["endpoints"]}
+    if kind == "vector":
+        adds, removes = rows["POST /index/add"]["requests"], rows["POST /index/remove"]["requests"]
+        assert removes > 0 and rows["POST /index/remove"]["failures"] == 0
+        assert 0 <= adds - removes <= 2 * 2  # 2 users x CMC_CHURN
+        from index.store import IndexStore
+        with IndexStore.open(index_dir, readonly=True) as store:  # the user's index: served from a copy
+            n0 = len(store)
+        with IndexStore.open(tmp_path / "out" / "index", readonly=True) as store:  # the scratch copy served
+            assert len(store) == n0 + adds - removes  # the gallery's items stay; removed adds are gone
+    else:
+        assert "POST /index/remove" not in rows
     if kind == "image":
         assert {v: d["source"] for v, d in views.items()} == {"L": "rgb", "ab": "rgb", "depth": "depth",
                                                               "fou": "vector"}
