@@ -81,6 +81,8 @@ from index.maintenance import Maintenance
 from index.writes import Writes
 from index.viewindex import TOMBSTONE_REBUILD, _View  # noqa: F401 - re-exported
 
+SEARCH_RETRIES = 5  # search_items: searches again when a hit was removed by another process meanwhile
+
 LOG = logging.getLogger(__name__)
 
 FORMAT_VERSION = snaps.FORMAT_VERSION
@@ -399,11 +401,18 @@ class IndexStore(Writes, Maintenance):
         return [rows[k][0] if k in rows else None for k in keys]
 
     def search_items(self, xq: np.ndarray, view: str, k: int, **kw: Any) -> list[list[dict]]:
-        """Per query ``[{'id', 'key', 'score', 'metadata'}]`` (search and lookup see one consistent state)."""
-        self._refresh()
-        with self._rw.read():
-            D, I = self._search(xq, view, k, kw.get("nprobe"), kw.get("ef_search"))
-            items = self.lookup(I.ravel())
+        """Per query ``[{'id', 'key', 'score', 'metadata'}]``. The views are searched as of the last log row
+        this process applied, the items are read from SQLite as of now: when another process removed a hit in
+        between, its row is gone, so the search catches up and runs again (up to ``SEARCH_RETRIES`` times)
+        rather than answer fewer than ``k`` items."""
+        for _ in range(SEARCH_RETRIES):
+            self._refresh()
+            with self._rw.read():
+                D, I = self._search(xq, view, k, kw.get("nprobe"), kw.get("ef_search"))
+                items = self.lookup(I.ravel())
+            if all(it is not None or i < 0 for it, i in zip(items, I.ravel().tolist())):
+                break
+            LOG.debug("index %s: a hit was removed by another process during the search; searching again", self.path)
         out: list[list[dict]] = []
         for qi in range(I.shape[0]):
             row = []

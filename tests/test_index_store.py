@@ -235,6 +235,35 @@ def test_only_named_files_are_kept(tmp_path):
     assert {p.name for p in (tmp_path / "ix").glob("*.faiss*")} == named and len(named) == 4
 
 
+def test_search_items_never_drops_a_hit_removed_by_another_writer_mid_search(tmp_path):
+    """Two writers of one index (as two server workers are): one removes a hit after the other searched its
+    views but before it read the items. The searcher catches up and searches again: k items, none removed."""
+    a = make(tmp_path, follow=False)
+    x = unit(50, 16, seed=3)
+    a.add(keys_of(50), {"v": x, "w": x})
+    b = IndexStore.open(tmp_path / "ix", follow=False)
+    q = x[:1]
+    top = b.search_items(q, "v", 5)[0][0]["key"]
+    assert top == "k0"
+    search, calls = b._search, []
+
+    def racing(*args):
+        out = search(*args)
+        if not calls:  # the first search only: the other writer removes the top hit right after it
+            calls.append(1)
+            a.remove([top])
+        return out
+
+    b._search = racing
+    hits = b.search_items(q, "v", 5)[0]
+    keys = [h["key"] for h in hits]
+    assert calls and len(hits) == 5 and top not in keys, keys
+    gt = exact_topk(q, x[1:], 5)[0] + 1  # the exact top 5 of what is left
+    assert keys == [f"k{i}" for i in gt]
+    a.close()
+    b.close()
+
+
 def test_fingerprint_and_processes(tmp_path):
     s = make(tmp_path)
     with pytest.raises(StoreError, match="fp-A.*fp-B"):
