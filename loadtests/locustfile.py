@@ -7,8 +7,8 @@ Every answer is checked for its shape, and a wrong answer counts as a failure.
 Weights by environment variable: CMC_W_EMBED, CMC_W_EMBED16, CMC_W_PAIR, CMC_W_RANK, CMC_W_SEARCH, CMC_W_ADD
 (0 disables a task). CMC_CHURN=N: each user keeps at most N of the items it added and removes the oldest
 (/index/remove) after each add beyond that, so the index stays the same size (a soak for leaks, not data
-growth); 0 (the default) removes nothing. CMC_API_TOKEN is sent as a bearer token when set. CMC_LOAD_REPORT names a JSON file that
-receives, at the end, the plan and the requests per view and endpoint (loadtests/run.py prints it), and
+growth); 0 (the default) removes nothing. CMC_API_TOKEN is sent as a bearer token when set. CMC_LOAD_REPORT
+names a JSON file that receives, at the end, the plan and the requests per view and endpoint (loadtests/run.py prints it), and
 CMC_LOAD_STATS a CSV file for locust's final statistics (its periodic --csv file can lag by a second).
 """
 from __future__ import annotations

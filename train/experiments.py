@@ -184,8 +184,8 @@ def run_predictive(ctx: Context) -> list[dict]:
             r = scores(m, ev, test, ctx)
             return {"linear_top1": r["linear"]["L"], "knn_top1": r["knn"]["L"]}
 
-        rows.append({"method": method, "seed": seed, "steps": 0 if method.startswith("random-init") else ctx.budget.steps,
-                     **ctx.cached(cfg, compute)})
+        steps = 0 if method.startswith("random-init") else ctx.budget.steps
+        rows.append({"method": method, "seed": seed, "steps": steps, **ctx.cached(cfg, compute)})
     return rows
 
 
