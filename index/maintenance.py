@@ -1,7 +1,8 @@
 """Work of an index store off the request path: the background thread that follows the committed log, writes
-snapshots and trains IVF/PQ views (a mixin of :class:`index.store.IndexStore`; see its module docstring)."""
+snapshots, trains IVF/PQ views and rebuilds HNSW views without their tombstones (a mixin of :class:`index.store.IndexStore`; see its module docstring)."""
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -12,7 +13,7 @@ import faiss
 from index import snapshots as snaps
 from index.errors import NotWritableError, StoreError
 from index.journal import Journal, unpack
-from index.viewindex import trained_copy
+from index.viewindex import rebuilt_copy, trained_copy
 
 LOG = logging.getLogger(__name__)
 MAX_BACKOFF_S = 60.0
@@ -34,9 +35,9 @@ class Maintenance:
             self._wake.clear()
             if self._stop.is_set():
                 return
-            for step in (self._refresh, self._train_due, self._maybe_snapshot):
+            for step in (self._refresh, self._train_due, self._rebuild_due, self._maybe_snapshot):
                 try:
-                    step(**({"background": True} if step == self._train_due else {}))
+                    step(**({"background": True} if step in (self._train_due, self._rebuild_due) else {}))
                 except NotWritableError:
                     if self._closed:
                         return
@@ -45,7 +46,7 @@ class Maintenance:
 
     def _note_write(self) -> None:
         self._ops_since += 1
-        if self._snapshot_due() or any(v.due_for_training for v in self._views.values()):
+        if self._snapshot_due() or any(v.due_for_training or v.due_for_rebuild for v in self._views.values()):
             self._wake.set()
 
     # ------------------------------------------------------------------ snapshots
@@ -78,6 +79,7 @@ class Maintenance:
         if self.readonly:
             raise NotWritableError("index is open readonly; cannot snapshot")
         self._train_due()
+        self._rebuild_due()
         try:
             self._snapshot(timeout=timeout)
         except snaps.SnapshotLockHeld as e:
@@ -169,3 +171,43 @@ class Maintenance:
                         new.remove_ids(z[f"ids::{name}"])
                 v.swap(new)
         self._wake.set()  # a snapshot soon persists the trained index
+
+    def _rebuild_due(self, background: bool = False) -> None:
+        if self.readonly or (background and time.monotonic() < self._train_retry_at):
+            return
+        for name, v in list(self._views.items()):
+            if v.due_for_rebuild:
+                try:
+                    self._rebuild(name)
+                except Exception:
+                    self._train_retry_at = time.monotonic() + MAX_BACKOFF_S  # e.g. out of memory: not every round
+                    raise
+
+    def _rebuild(self, name: str) -> None:
+        """Rebuild a copy of an HNSW view without its tombstones with no lock held (searches and writes go on
+        meanwhile), replay what arrived meanwhile, swap it in."""
+        with self._train_mutex:
+            with self._rw.read():
+                v = self._views[name]
+                if not v.due_for_rebuild:
+                    return
+                seq0, old, dead, blob = self._applied, v.index, set(v.tomb), faiss.serialize_index(v.index)
+            new = rebuilt_copy(name, v.factory, v.dim, v.metric, faiss.deserialize_index(blob), dead)
+            del blob
+            jr = self._journal
+            with self._rw.write():
+                if self._views.get(name) is not v or v.index is not old or self._dirty:
+                    return  # reloaded or rebuilt inline meanwhile: the next round looks again
+                with jr.read_lock:
+                    rows = Journal.rows_after(jr.read, seq0, self._applied)
+                if rows is None:
+                    LOG.warning("view %s: log rows pruned while rebuilding; rebuilding again later", name)
+                    return
+                fresh = copy.copy(v)  # the same view over the new index: replayed exactly as _apply does
+                fresh.index = new
+                fresh.set_tomb(set())
+                for _, op, payload in rows:
+                    self._apply(op, unpack(payload), [fresh])
+                v.index = fresh.index
+                v.set_tomb(fresh.tomb)
+        self._wake.set()  # a snapshot soon persists the compact index

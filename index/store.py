@@ -46,10 +46,11 @@ larger seq. If it is missing or corrupt, ``open`` raises :class:`StoreError` nam
 equals the last acknowledged state, whatever the point at which a process was killed.
 
 Index types (``factory.py``, ``viewindex.py``): Flat/HNSW views are ``IndexIDMap2``, IVF views take ids
-natively; HNSW removals are tombstones (rebuilt beyond ``TOMBSTONE_REBUILD``). IVF/PQ views stay an exact
-Flat until ``train_threshold`` vectors arrived; the background thread then trains a copy with no lock held,
-replays the log rows that arrived meanwhile into it and swaps it in under the writer lock (each process trains
-its own copy; the snapshot persists one). An HNSW rebuild still runs inside the remove that triggers it.
+natively; HNSW removals are tombstones. IVF/PQ views stay an exact Flat until ``train_threshold`` vectors
+arrived; the background thread then trains a copy with no lock held, replays the log rows that arrived
+meanwhile into it and swaps it in under the writer lock (each process trains its own copy; the snapshot
+persists one). HNSW views past ``TOMBSTONE_REBUILD`` tombstones are rebuilt the same way, off the request path;
+only past ``TOMBSTONE_INLINE`` (no background thread, or one far behind) does a remove rebuild inline.
 
 Concurrency in a process: a readers-writer lock over the in-memory views (searches in parallel, never a
 half-applied write); one writing thread at a time; separate SQLite connections for writes and for reads.
@@ -79,7 +80,7 @@ from index.errors import (DuplicateKeyError, NotWritableError, StoreError, Unkno
 from index.journal import Gap as _Gap, Journal, unpack
 from index.maintenance import Maintenance
 from index.writes import Writes
-from index.viewindex import TOMBSTONE_REBUILD, _View  # noqa: F401 - re-exported
+from index.viewindex import TOMBSTONE_INLINE, TOMBSTONE_REBUILD, _View  # noqa: F401 - re-exported
 
 SEARCH_RETRIES = 5  # search_items: searches again when a hit was removed by another process meanwhile
 

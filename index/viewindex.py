@@ -1,8 +1,9 @@
 """One view's mutable FAISS index: ids, HNSW tombstones and rebuilds, the IVF/PQ training switch.
 
 Flat/HNSW views are ``IndexIDMap2``; IVF views take ids natively. HNSW cannot remove: removed ids become
-tombstones excluded at search time with ``IDSelectorNot`` and the view is rebuilt when they exceed
-``TOMBSTONE_REBUILD`` of it. IVF/PQ views stay an exact Flat until enough vectors arrived to train on; the store then trains a copy off
+tombstones excluded at search time with ``IDSelectorNot``. Past ``TOMBSTONE_REBUILD`` of the view the store's
+background thread rebuilds a copy without them off the request path (:func:`rebuilt_copy`) and swaps it in;
+only past ``TOMBSTONE_INLINE`` (a store without that thread, or one far behind) does the remove rebuild inline. IVF/PQ views stay an exact Flat until enough vectors arrived to train on; the store then trains a copy off
 the request path (:func:`trained_copy`) and swaps it in (:meth:`_View.swap`).
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 from index import factory as fac
 
 LOG = logging.getLogger(__name__)
-TOMBSTONE_REBUILD = 0.2
+TOMBSTONE_REBUILD = 0.2  # background rebuild of an HNSW view past this fraction of tombstones
+TOMBSTONE_INLINE = 0.5  # ... and inline, in the remove, past this one
 
 
 class _View:
@@ -71,10 +73,14 @@ class _View:
         self.index = new
         self.refresh_state()
 
+    @property
+    def due_for_rebuild(self) -> bool:
+        return fac.is_hnsw(self.index) and len(self.tomb) > TOMBSTONE_REBUILD * max(self.index.ntotal, 1)
+
     def remove(self, ids: np.ndarray) -> None:
         if fac.is_hnsw(self.index):
             self.set_tomb(self.tomb | set(ids.tolist()))
-            if len(self.tomb) > TOMBSTONE_REBUILD * max(self.index.ntotal, 1):
+            if len(self.tomb) > TOMBSTONE_INLINE * max(self.index.ntotal, 1):
                 self.rebuild()
         else:
             self.index.remove_ids(ids)
@@ -83,16 +89,22 @@ class _View:
         yield from _chunks(self.index, chunk)
 
     def rebuild(self) -> None:
-        """Rebuild without tombstoned ids (HNSW)."""
-        new = fac.make_index(self.factory, self.dim, self.metric)
-        dead = np.fromiter(self.tomb, dtype=np.int64, count=len(self.tomb))
-        for ids, x in self._chunks():
-            keep = ~np.isin(ids, dead)
-            if keep.any():
-                new.add_with_ids(np.ascontiguousarray(x[keep]), ids[keep])
-        LOG.info("view %s: rebuilt without %d tombstones (%d live)", self.name, len(dead), new.ntotal)
-        self.index = new
+        """Rebuild without tombstoned ids (HNSW), in place."""
+        self.index = rebuilt_copy(self.name, self.factory, self.dim, self.metric, self.index, self.tomb)
         self.set_tomb(set())
+
+
+def rebuilt_copy(name: str, factory: str, dim: int, metric: str, index: faiss.Index, dead: set[int]) -> faiss.Index:
+    """A new index of ``factory`` holding ``index``'s vectors except the ids in ``dead`` (reads ``index``
+    only: the store hands it a copy to build from with no lock held)."""
+    new = fac.make_index(factory, dim, metric)
+    gone = np.fromiter(dead, dtype=np.int64, count=len(dead))
+    for ids, x in _chunks(index):
+        keep = ~np.isin(ids, gone)
+        if keep.any():
+            new.add_with_ids(np.ascontiguousarray(x[keep]), ids[keep])
+    LOG.info("view %s: rebuilt without %d tombstones (%d live)", name, len(gone), new.ntotal)
+    return new
 
 
 def _chunks(index: faiss.Index, chunk: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +236,59 @@ def test_only_named_files_are_kept(tmp_path):
     assert {p.name for p in (tmp_path / "ix").glob("*.faiss*")} == named and len(named) == 4
 
 
+def test_hnsw_tombstones_are_rebuilt_off_the_request_path(tmp_path, monkeypatch):
+    """Past TOMBSTONE_REBUILD a remove only tombstones; the rebuild builds a copy with no lock held, and the
+    writes that land meanwhile are replayed into it before the swap."""
+    import index.maintenance as maint
+    from index.viewindex import TOMBSTONE_INLINE, TOMBSTONE_REBUILD
+    xb = clustered(1500, 16)
+    s = make(tmp_path, "HNSW32,Flat", follow=False)
+    s.add(keys_of(1500), {"v": xb, "w": xb[:, ::-1]})
+    assert TOMBSTONE_REBUILD < 400 / 1500 < TOMBSTONE_INLINE
+    s.remove(keys_of(400))  # the remove itself does not rebuild
+    v = s._views["v"]
+    assert v.index.ntotal == 1500 and len(v.tomb) == 400 and v.due_for_rebuild
+    extra = unit(1, 16, seed=9)
+    build, calls = maint.rebuilt_copy, []
+
+    def meanwhile(*args):
+        out = build(*args)
+        if not calls:  # while the first view's copy is built, a write and a remove land
+            calls.append(1)
+            s.add(["new"], {"v": extra, "w": extra[:, ::-1]})
+            s.remove(["k500"])
+        return out
+
+    monkeypatch.setattr(maint, "rebuilt_copy", meanwhile)
+    s._rebuild_due()
+    # v: built from the state before the write and the remove, which were replayed into the copy; w: built
+    # after them (the remove of k500 is one of its tombstones), so nothing to replay
+    (v, w) = s._views["v"], s._views["w"]
+    assert v.index.ntotal == 1101 and v.tomb == {500} and not v.due_for_rebuild
+    assert w.index.ntotal == 1100 and w.tomb == set()
+    assert s.count() == {"v": 1100, "w": 1100}
+    _, I = s.search(np.vstack([xb, extra]), "v", 5)
+    assert not (set(range(400)) | {500}) & set(I.ravel().tolist())
+    assert I[-1, 0] == 1500 and (I[600:700, 0] == np.arange(600, 700)).all()  # the new item, and the rest
+    s.close()
+    with IndexStore.open(tmp_path / "ix") as t:  # and it reopens to the same items
+        assert len(t) == 1100 and t.ids_of(["new", "k500", "k0"]) == [1500, None, None]
+
+
+def test_hnsw_rebuild_runs_in_the_background_thread(tmp_path):
+    xb = clustered(1000, 16)
+    s = make(tmp_path, "HNSW32,Flat", follow_interval=0.05)
+    s.add(keys_of(1000), {"v": xb, "w": xb})
+    s.remove(keys_of(300))
+    deadline = time.monotonic() + 60
+    while any(v.tomb for v in s._views.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(v.index.ntotal == 700 and not v.tomb for v in s._views.values())
+    _, I = s.search(xb, "v", 1)
+    assert (I[300:, 0] == np.arange(300, 1000)).mean() > 0.95 and not set(range(300)) & set(I.ravel().tolist())
+    s.close()
+
+
 def test_search_items_never_drops_a_hit_removed_by_another_writer_mid_search(tmp_path):
     """Two writers of one index (as two server workers are): one removes a hit after the other searched its
     views but before it read the items. The searcher catches up and searches again: k items, none removed."""
@@ -331,3 +385,11 @@ def test_concurrent_search_during_writes(tmp_path, factory):
     live_ids = set(i for i in s.ids_of(sorted(alive)))
     assert set(I[:, 0].tolist()) <= live_ids
     s.close()
+
+
+def test_rebuild_bench_runs_both_modes(tmp_path, capsys):
+    from index.rebuild_bench import main, run
+    x = unit(2000, 8, seed=4)
+    rows = [run(m, x, str(tmp_path)) for m in ("inline", "background")]
+    assert [r["live"] for r in rows] == [2000 - 400 - 100] * 2 and all(r["searches"] > 0 for r in rows)
+    assert main(["--n", "10"]) == 2 and "at least 1000" in capsys.readouterr().err
