@@ -198,6 +198,8 @@ class Maintenance:
             with self._rw.write():
                 if self._views.get(name) is not v or v.index is not old or self._dirty:
                     return  # reloaded or rebuilt inline meanwhile: the next round looks again
+                if self._closed or jr is None or jr.closed:
+                    return  # closed meanwhile: the copy is dropped, the view is as it was
                 with jr.read_lock:
                     rows = Journal.rows_after(jr.read, seq0, self._applied)
                 if rows is None:
