@@ -6,7 +6,7 @@ import copy
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import faiss
 
@@ -35,9 +35,9 @@ class Maintenance:
             self._wake.clear()
             if self._stop.is_set():
                 return
-            for step in (self._refresh, self._train_due, self._rebuild_due, self._maybe_snapshot):
+            for step in (self._refresh, self._views_due, self._maybe_snapshot):
                 try:
-                    step(**({"background": True} if step in (self._train_due, self._rebuild_due) else {}))
+                    step(**({"background": True} if step == self._views_due else {}))
                 except NotWritableError:
                     if self._closed:
                         return
@@ -74,12 +74,11 @@ class Maintenance:
             self._backoff = min(MAX_BACKOFF_S, self._backoff * 2)
 
     def snapshot(self, timeout: float = 60.0) -> None:
-        """Write a snapshot of every view now (trains due IVF views first); raises StoreError on failure,
+        """Write a snapshot of every view now (trains due IVF views and rebuilds due HNSW views first); raises StoreError on failure,
         naming the process that holds the snapshot lock if another one does for ``timeout`` seconds."""
         if self.readonly:
             raise NotWritableError("index is open readonly; cannot snapshot")
-        self._train_due()
-        self._rebuild_due()
+        self._views_due()
         try:
             self._snapshot(timeout=timeout)
         except snaps.SnapshotLockHeld as e:
@@ -132,67 +131,34 @@ class Maintenance:
                 v.params = dict(manifest["views"][n].get("search_params") or {})
         self._manifest = manifest
 
-    # ------------------------------------------------------------------ IVF/PQ training
-    def _train_due(self, background: bool = False) -> None:
+    # ------------------------------------------------------------------ IVF/PQ training, HNSW rebuilds
+    def _views_due(self, background: bool = False) -> None:
+        """Train the IVF/PQ views that have enough vectors, rebuild the HNSW views past their tombstone limit."""
         if self.readonly or (background and time.monotonic() < self._train_retry_at):
             return
         for name, v in list(self._views.items()):
-            if v.due_for_training:
-                try:
-                    self._train(name)
-                except Exception:
-                    self._train_retry_at = time.monotonic() + MAX_BACKOFF_S  # e.g. out of memory: not every round
-                    raise
+            try:
+                if v.due_for_training:
+                    self._replace(name, lambda w: w.due_for_training,
+                                  lambda w, idx, dead: trained_copy(name, w.factory, w.metric, idx))
+                elif v.due_for_rebuild:
+                    self._replace(name, lambda w: w.due_for_rebuild,
+                                  lambda w, idx, dead: rebuilt_copy(name, w.factory, w.dim, w.metric, idx, dead))
+            except Exception:
+                self._train_retry_at = time.monotonic() + MAX_BACKOFF_S  # e.g. out of memory: not every round
+                raise
 
-    def _train(self, name: str) -> None:
-        """Train a copy of a pending view with no lock held, replay what arrived meanwhile, swap it in."""
+    def _replace(self, name: str, due: Callable[[Any], bool], build: Callable[[Any, Any, set[int]], Any]) -> None:
+        """Build a new index for a view from a copy of it with no lock held (searches and writes go on meanwhile):
+        ``build(view, copy, tombstones)``; then, under the writer lock, replay into it the log rows that arrived
+        meanwhile, exactly as ``_apply`` does, and swap it in."""
         with self._train_mutex:
             with self._rw.read():
                 v = self._views[name]
-                if not v.due_for_training:
-                    return
-                seq0, flat = self._applied, faiss.serialize_index(v.index)
-            new = trained_copy(name, v.factory, v.metric, faiss.deserialize_index(flat))
-            del flat
-            jr = self._journal
-            with self._rw.write():
-                if self._views.get(name) is not v or self._dirty:
-                    return  # reloaded meanwhile: the next round trains the new view
-                with jr.read_lock:
-                    rows = Journal.rows_after(jr.read, seq0, self._applied)
-                if rows is None:
-                    LOG.warning("view %s: log rows pruned while training; training again later", name)
-                    return
-                for _, op, payload in rows:
-                    z = unpack(payload)
-                    if op == "add" and f"x::{name}" in z:
-                        new.add_with_ids(z[f"x::{name}"], z["ids"])
-                    elif op == "remove" and f"ids::{name}" in z:
-                        new.remove_ids(z[f"ids::{name}"])
-                v.swap(new)
-        self._wake.set()  # a snapshot soon persists the trained index
-
-    def _rebuild_due(self, background: bool = False) -> None:
-        if self.readonly or (background and time.monotonic() < self._train_retry_at):
-            return
-        for name, v in list(self._views.items()):
-            if v.due_for_rebuild:
-                try:
-                    self._rebuild(name)
-                except Exception:
-                    self._train_retry_at = time.monotonic() + MAX_BACKOFF_S  # e.g. out of memory: not every round
-                    raise
-
-    def _rebuild(self, name: str) -> None:
-        """Rebuild a copy of an HNSW view without its tombstones with no lock held (searches and writes go on
-        meanwhile), replay what arrived meanwhile, swap it in."""
-        with self._train_mutex:
-            with self._rw.read():
-                v = self._views[name]
-                if not v.due_for_rebuild:
+                if not due(v):
                     return
                 seq0, old, dead, blob = self._applied, v.index, set(v.tomb), faiss.serialize_index(v.index)
-            new = rebuilt_copy(name, v.factory, v.dim, v.metric, faiss.deserialize_index(blob), dead)
+            new = build(v, faiss.deserialize_index(blob), dead)
             del blob
             jr = self._journal
             with self._rw.write():
@@ -203,13 +169,13 @@ class Maintenance:
                 with jr.read_lock:
                     rows = Journal.rows_after(jr.read, seq0, self._applied)
                 if rows is None:
-                    LOG.warning("view %s: log rows pruned while rebuilding; rebuilding again later", name)
+                    LOG.warning("view %s: log rows pruned while building its new index; building again later", name)
                     return
-                fresh = copy.copy(v)  # the same view over the new index: replayed exactly as _apply does
+                fresh = copy.copy(v)  # the same view over the new index
                 fresh.index = new
                 fresh.set_tomb(set())
                 for _, op, payload in rows:
                     self._apply(op, unpack(payload), [fresh])
-                v.index = fresh.index
-                v.set_tomb(fresh.tomb)
-        self._wake.set()  # a snapshot soon persists the compact index
+                v.tomb = fresh.tomb
+                v.swap(fresh.index)
+        self._wake.set()  # a snapshot soon persists the new index

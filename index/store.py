@@ -80,7 +80,7 @@ from index.errors import (DuplicateKeyError, NotWritableError, StoreError, Unkno
 from index.journal import Gap as _Gap, Journal, unpack
 from index.maintenance import Maintenance
 from index.writes import Writes
-from index.viewindex import TOMBSTONE_INLINE, TOMBSTONE_REBUILD, _View  # noqa: F401 - re-exported
+from index.viewindex import TOMBSTONE_REBUILD, _View  # noqa: F401 - re-exported
 
 SEARCH_RETRIES = 5  # search_items: searches again when a hit was removed by another process meanwhile
 
@@ -427,8 +427,8 @@ class IndexStore(Writes, Maintenance):
     def tune_search(self, view: str, xq: np.ndarray, gt_I: np.ndarray, *, k: int = 10,
                     target_recall: float = 0.95) -> dict[str, Any]:
         """Smallest nprobe / efSearch reaching ``target_recall`` @k against exact ids ``gt_I`` (nq, >=k);
-        stored as the view's default (persisted at the next snapshot). Trains a due IVF view first."""
-        self._train_due()
+        stored as the view's default (persisted at the next snapshot). Trains a due IVF view (rebuilds a due HNSW view) first."""
+        self._views_due()
         v = self._views[view]
         gt = np.asarray(gt_I)[:, :k]
         if fac.is_hnsw(v.index):

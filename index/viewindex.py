@@ -69,7 +69,8 @@ class _View:
         self.index.add_with_ids(x, ids)
 
     def swap(self, new: faiss.Index) -> None:
-        """Replace the (pending) Flat index by its trained copy, which holds the same vectors."""
+        """Replace the index by a new one holding the same items (a trained copy of a pending Flat, or an HNSW
+        graph rebuilt without its tombstones; set ``tomb`` to the new index's tombstones first)."""
         self.index = new
         self.refresh_state()
 

@@ -260,7 +260,7 @@ def test_hnsw_tombstones_are_rebuilt_off_the_request_path(tmp_path, monkeypatch)
         return out
 
     monkeypatch.setattr(maint, "rebuilt_copy", meanwhile)
-    s._rebuild_due()
+    s._views_due()
     # v: built from the state before the write and the remove, which were replayed into the copy; w: built
     # after them (the remove of k500 is one of its tombstones), so nothing to replay
     (v, w) = s._views["v"], s._views["w"]
