@@ -19,6 +19,7 @@ Errors use the service's ``{"error", "detail", "field"}`` shape.
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,18 @@ def _data_uri(t: tuple[str, str, bytes] | None) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- routes
+def _index_route(fn: Any) -> Any:
+    """A route over the served index: ``fn(request, core, store)``; every failure becomes the error envelope."""
+    @functools.wraps(fn)
+    async def route(request: Request) -> Response:
+        try:
+            core = _core()
+            return await fn(request, core, core.need_store())
+        except Exception as e:  # noqa: BLE001 - every failure becomes an answer
+            return _err(e)
+    return route
+
+
 async def page(request: Request) -> Response:
     return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
 
@@ -119,95 +132,78 @@ async def docs(request: Request) -> Response:
     return FileResponse(Path(srv.__file__).parent / "main-openapi.html", media_type="text/html; charset=utf-8")
 
 
-async def thumb(request: Request) -> Response:
-    try:
-        core = _core()
-        store = core.need_store()
-        key = _key(request.path_params["key"], "key")
-        kind = _kind(core, request.query_params.get("view"), request.query_params.get("kind"))
-        t = await anyio.to_thread.run_sync(lambda: _lookup_thumb(thumbs_of(store), key, kind))
-        if t is None:
-            raise ApiError("not_found", f"no thumbnail for key {key!r}", "key")
-        return Response(t[2], media_type=t[1], headers={"cache-control": "private, max-age=300"})
-    except Exception as e:  # noqa: BLE001 - every failure becomes an answer
-        return _err(e)
+@_index_route
+async def thumb(request: Request, core: Any, store: Any) -> Response:
+    key = _key(request.path_params["key"], "key")
+    kind = _kind(core, request.query_params.get("view"), request.query_params.get("kind"))
+    t = await anyio.to_thread.run_sync(lambda: _lookup_thumb(thumbs_of(store), key, kind))
+    if t is None:
+        raise ApiError("not_found", f"no thumbnail for key {key!r}", "key")
+    return Response(t[2], media_type=t[1], headers={"cache-control": "private, max-age=300"})
 
 
-async def thumbs(request: Request) -> Response:
-    try:
-        core = _core()
-        store = core.need_store()
-        body = await _json_body(request)
-        keys = body.get("keys")
-        if not isinstance(keys, list) or len(keys) > core.settings.max_k:
-            raise ApiError("invalid_input", f"keys must be a list of at most {core.settings.max_k} keys", "keys")
-        keys = [_key(k, f"keys[{i}]") for i, k in enumerate(keys)]
-        kind = _kind(core, body.get("view"), body.get("kind"))
+@_index_route
+async def thumbs(request: Request, core: Any, store: Any) -> Response:
+    body = await _json_body(request)
+    keys = body.get("keys")
+    if not isinstance(keys, list) or len(keys) > core.settings.max_k:
+        raise ApiError("invalid_input", f"keys must be a list of at most {core.settings.max_k} keys", "keys")
+    keys = [_key(k, f"keys[{i}]") for i, k in enumerate(keys)]
+    kind = _kind(core, body.get("view"), body.get("kind"))
 
-        def run() -> dict:
-            ts = thumbs_of(store)
-            return {k: _data_uri(_lookup_thumb(ts, k, kind)) for k in keys}
+    def run() -> dict:
+        ts = thumbs_of(store)
+        return {k: _data_uri(_lookup_thumb(ts, k, kind)) for k in keys}
 
-        return JSONResponse({"thumbs": await anyio.to_thread.run_sync(run)})
-    except Exception as e:  # noqa: BLE001
-        return _err(e)
+    return JSONResponse({"thumbs": await anyio.to_thread.run_sync(run)})
 
 
-async def random_item(request: Request) -> Response:
-    try:
-        core = _core()
-        store = core.need_store()
+@_index_route
+async def random_item(request: Request, core: Any, store: Any) -> Response:
+    def run() -> dict:
+        ts = thumbs_of(store)
+        if ts is None:
+            raise ApiError("not_found", "this index keeps no thumbnails (built with --no-thumbs or before "
+                                        "they existed): upload an image instead", None)
+        for _ in range(50):  # an item removed by another tool (index.store directly) may keep its row: skip it
+            key = ts.random_key()
+            if key is None:
+                break
+            i = store.ids_of([key])[0]
+            if i is not None:
+                item = store.lookup([i])[0] or {}
+                return {"key": key, "metadata": item.get("metadata", {}), "thumb": _data_uri(ts.get(key))}
+        raise ApiError("not_found", "no stored item has a thumbnail", None)
 
-        def run() -> dict:
-            ts = thumbs_of(store)
-            if ts is None:
-                raise ApiError("not_found", "this index keeps no thumbnails (built with --no-thumbs or before "
-                                            "they existed): upload an image instead", None)
-            for _ in range(50):  # an item removed by another tool (index.store directly) may keep its row: skip it
-                key = ts.random_key()
-                if key is None:
-                    break
-                i = store.ids_of([key])[0]
-                if i is not None:
-                    item = store.lookup([i])[0] or {}
-                    return {"key": key, "metadata": item.get("metadata", {}), "thumb": _data_uri(ts.get(key))}
-            raise ApiError("not_found", "no stored item has a thumbnail", None)
-
-        return JSONResponse(await anyio.to_thread.run_sync(run))
-    except Exception as e:  # noqa: BLE001
-        return _err(e)
+    return JSONResponse(await anyio.to_thread.run_sync(run))
 
 
-async def search_by_key(request: Request) -> Response:
-    try:
-        core = _core()
-        store = core.need_store()
-        body = await _json_body(request)
-        key = _key(body.get("key"), "key")
-        view = body.get("view")
-        spec = _view_spec(core, view)
-        src = spec["source"] if spec["source"] != "vector" else view
+@_index_route
+async def search_by_key(request: Request, core: Any, store: Any) -> Response:
+    body = await _json_body(request)
+    key = _key(body.get("key"), "key")
+    view = body.get("view")
+    spec = _view_spec(core, view)
+    src = spec["source"] if spec["source"] != "vector" else view
 
-        def load() -> bytes | None:
-            if store.ids_of([key])[0] is None:
-                raise ApiError("not_found", f"no stored item has key {key!r}", "key")
-            ts = thumbs_of(store)
-            return ts.get_input(key, src) if ts is not None else None
+    def load() -> bytes | None:
+        if store.ids_of([key])[0] is None:
+            raise ApiError("not_found", f"no stored item has key {key!r}", "key")
+        ts = thumbs_of(store)
+        return ts.get_input(key, src) if ts is not None else None
 
-        data = await anyio.to_thread.run_sync(load)
-        if data is None:
-            raise ApiError("not_found", f"item {key!r} has no stored {src} input to query with in view {view!r}",
-                           "view")
-        if spec["source"] == "vector":
-            import numpy as np
-            query = {"view": view, "array": np.frombuffer(data, "<f4").tolist()}
-        else:
-            query = {"view": view, "image": data}  # Core.prepare takes raw bytes as they are
-        k = body.get("k", 10)
-        out = await core.search(query, body.get("target_view"), k)
-        return JSONResponse(out | {"query_key": key})
-    except Exception as e:  # noqa: BLE001
-        return _err(e)
+    data = await anyio.to_thread.run_sync(load)
+    if data is None:
+        raise ApiError("not_found", f"item {key!r} has no stored {src} input to query with in view {view!r}",
+                       "view")
+    if spec["source"] == "vector":
+        import numpy as np
+        query = {"view": view, "array": np.frombuffer(data, "<f4").tolist()}
+    else:
+        query = {"view": view, "image": data}  # Core.prepare takes raw bytes as they are
+    k = body.get("k", 10)
+    out = await core.search(query, body.get("target_view"), k)
+    return JSONResponse(out | {"query_key": key})
 
 
 app = Starlette(routes=[

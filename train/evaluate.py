@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -45,8 +46,8 @@ def load_run(run: str | Path, device="cpu", random_init: bool = False) -> tuple[
     state = torch.load(path, map_location="cpu", weights_only=False)
     cfg = from_dict(state["config"])
     specs = [spec_from_dict(d) for d in state["views"]]
-    torch.manual_seed(cfg.seed + (9_999 if random_init else 0))
-    model = CMCModel(specs, cfg.arch, cfg.feat_dim, state["image_size"], cfg.width, mlp_layers=cfg.mlp_layers)
+    from .pretrain import build_model  # the same layers as training built (MLP depth, dropout), seeded
+    model = build_model(replace(cfg, seed=cfg.seed + (9_999 if random_init else 0)), specs, state["image_size"])
     sd = state["model"]
     if random_init:  # keep the vector standardisation statistics, which are data, not learned weights
         sd = {k: v for k, v in sd.items() if ".transform." in k}

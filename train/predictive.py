@@ -91,10 +91,11 @@ class PredictiveModel(nn.Module):
     def forward(self, rgb: Tensor) -> tuple[Tensor, Tensor]:
         """rgb (N, 3, H, W) in [0, 1] -> (prediction (N, out, t, t), target ab (N, 2, t, t))."""
         view = self.cmc.views["L"]
-        pred = self.decoder(feature_map(view.encoder, view.transform(rgb)))
+        pred = self.decoder(feature_map(view.encoder, view.view_input(rgb)))  # L in float32, as evaluation reads it
         pred = F.interpolate(pred, size=self.target_size, mode="bilinear", align_corners=False) \
             if pred.shape[-1] != self.target_size else pred
-        target = F.adaptive_avg_pool2d(self.ab(rgb), self.target_size)  # (N, 2, t, t)
+        with torch.autocast(rgb.device.type, enabled=False):  # the colour conversion of the target in float32
+            target = F.adaptive_avg_pool2d(self.ab(rgb.float()), self.target_size)  # (N, 2, t, t)
         return pred, target
 
 
