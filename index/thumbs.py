@@ -207,50 +207,48 @@ class ThumbStore:
             return int(self._db.execute("SELECT count(DISTINCT key) FROM thumbs").fetchone()[0])
 
 
-# ---------------------------------------------------------------------------------------------- server hook
-def _bytes(v: Any) -> bytes:
-    if isinstance(v, (bytes, bytearray, memoryview)):
-        return bytes(v)
-    s = str(v)
-    if s.startswith("data:") and "," in s[:200]:
-        s = s.split(",", 1)[1]
-    return base64.b64decode(s, validate=True)
+# ---------------------------------------------------------------------------------------------- server hooks
+_writers: dict[str, ThumbStore] = {}
+_writers_lock = threading.Lock()
 
 
-def add_request_items(index_dir: str | Path, keys: list[str], items: list[dict], rt: Any) -> int:
-    """Thumbnails of items just added through ``/index/add`` (``inputs`` by source: base64 or bytes images,
-    vectors by view name). Never raises: the items are already durable, a picture is a nicety; a failure is
-    logged and the count of items written is returned. An index keeps thumbnails when it has ``thumbs.sqlite``
-    (``index.build`` makes one unless ``--no-thumbs``): an index without one gets none here either."""
-    if not ThumbStore.exists(index_dir):
+def _writer(index_dir: str | Path) -> ThumbStore | None:
+    """This process's (cached) writable thumbnail file of an index, or None when the index keeps none.
+    An index keeps thumbnails when it has ``thumbs.sqlite`` (``index.build`` makes one unless ``--no-thumbs``)."""
+    path = str(Path(index_dir).resolve())
+    with _writers_lock:
+        ts = _writers.get(path)
+        if ts is None and ThumbStore.exists(path):
+            ts = _writers[path] = ThumbStore(path)
+        return ts
+
+
+def add_items(index_dir: str | Path, keys: list[str], decoded: Mapping[str, list], rt: Any) -> int:
+    """Thumbnails of items just added through ``/index/add``, from their inputs as the server decoded them
+    (``decoded``: source key -> one array per item, ``models.runtime.to_source``), so the stored query input
+    is exactly what was embedded. Never raises: the items are already durable, a picture is a nicety; a
+    failure is logged and the count of items written is returned (0 for an index that keeps none)."""
+    ts = _writer(index_dir)
+    if ts is None:
         return 0
     views = {v: spec["source"] for v, spec in rt.views.items()}
     try:
         rows = []
-        for key, it in zip(keys, items):
-            src: dict[str, Any] = {}
-            for name, val in (it.get("inputs") or {}).items():
-                if name == "rgb":
-                    src["rgb"] = decode_image(_bytes(val))
-                elif name == "depth":
-                    src["depth"] = decode_depth(_bytes(val))
-                else:
-                    src[name] = np.asarray(val, np.float32)
-            rows += item_rows(key, src, views, rt.image_size)
-        with ThumbStore(index_dir) as ts:
-            ts.put(rows)
+        for i, key in enumerate(keys):
+            rows += item_rows(key, {src: arrs[i] for src, arrs in decoded.items()}, views, rt.image_size)
+        ts.put(rows)
         return len(keys)
-    except (ImageError, binascii.Error, ValueError, TypeError, OSError, sqlite3.Error) as e:
+    except (ValueError, TypeError, OSError, sqlite3.Error) as e:
         LOG.warning("thumbnails of %d added items not written: %s", len(keys), e)
         return 0
 
 
 def remove_items(index_dir: str | Path, keys: list[str]) -> None:
     """Drop the thumbnails of items just removed through ``/index/remove``; never raises (logged)."""
-    if not ThumbStore.exists(index_dir):
+    ts = _writer(index_dir)
+    if ts is None:
         return
     try:
-        with ThumbStore(index_dir) as ts:
-            ts.remove(keys)
+        ts.remove(keys)
     except sqlite3.Error as e:
         LOG.warning("thumbnails of %d removed items not deleted: %s", len(keys), e)

@@ -45,8 +45,10 @@ def providers(device: str = "auto") -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def to_source(view: dict, items: list, image_size: int, max_pixels: int = 40_000_000) -> np.ndarray:
-    """Decoded inputs of one view -> the float32 batch its graph takes.
+def to_source(view: dict, items: list, image_size: int, max_pixels: int = 40_000_000,
+              decoded: list | None = None) -> np.ndarray:
+    """Decoded inputs of one view -> the float32 batch its graph takes; ``decoded``, when given, receives each
+    input as decoded (uint8 RGB, uint16 depth, or the float32 vector) before it is fitted to the model.
 
     rgb views: bytes (PNG/JPEG/WebP only; JPEG decoded in draft mode near S) or uint8 (H, W, 3) arrays
     -> (N, 3, S, S) in [0, 1]; depth views: bytes (16-bit PNG) or uint16 (H, W) arrays -> (N, 1, S, S) in [0, 1];
@@ -68,6 +70,8 @@ def to_source(view: dict, items: list, image_size: int, max_pixels: int = 40_000
         if not np.isfinite(x).all():
             bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
             raise InputError(f"input {bad}: vector contains NaN or inf (or a number beyond float32)", "arrays")
+        if decoded is not None:
+            decoded.extend(x)
         return x
     out = np.empty((len(items), 3 if src == "rgb" else 1, image_size, image_size), np.float32)
     for i, it in enumerate(items):
@@ -87,6 +91,8 @@ def to_source(view: dict, items: list, image_size: int, max_pixels: int = 40_000
             if a.ndim != 2 or a.dtype != np.uint16:
                 raise InputError(f"input {i}: view {view['name']!r} takes 16-bit depth maps", "images")
             out[i, 0] = fit_image(a, image_size) / np.float32(65535.0)
+        if decoded is not None:
+            decoded.append(a)
     return out
 
 
@@ -128,8 +134,9 @@ class Runtime:
             raise InputError(f"unknown view {name!r}; this model has: {', '.join(self.views)}", "view")
         return self.views[name]
 
-    def preprocess(self, view: str, items: list, max_pixels: int = 40_000_000) -> np.ndarray:
-        return to_source(self.view(view), items, self.image_size, max_pixels)
+    def preprocess(self, view: str, items: list, max_pixels: int = 40_000_000,
+                   decoded: list | None = None) -> np.ndarray:
+        return to_source(self.view(view), items, self.image_size, max_pixels, decoded)
 
     def embed(self, view: str, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """A preprocessed source batch (N, ...) float32 -> (N, D) float32 unit-norm embeddings."""

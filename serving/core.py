@@ -156,8 +156,9 @@ class Core:
             raise _relabel(e, field) from None
 
     def prepare(self, view: str, images: list | None = None, arrays: list | None = None,
-                field: str = "") -> np.ndarray:
-        """Validated inputs of one view -> its preprocessed float32 batch (raises ApiError naming the field)."""
+                field: str = "", decoded: list | None = None) -> np.ndarray:
+        """Validated inputs of one view -> its preprocessed float32 batch (raises ApiError naming the field);
+        ``decoded`` receives the decoded inputs (``models.runtime.to_source``)."""
         v = self._view(view, f"{field}view")
         is_vec = v["source"] == "vector"
         if images is not None and arrays is not None:
@@ -182,7 +183,7 @@ class Core:
                      for i, it in enumerate(images)]
             fname = f"{field}images"
         try:
-            return self.rt.preprocess(view, items, self.max_pixels)
+            return self.rt.preprocess(view, items, self.max_pixels, decoded)
         except InputError as e:
             raise _relabel(e, fname) from None
 
@@ -315,19 +316,22 @@ class Core:
             if src in (given or ()):
                 by_source.setdefault(src, []).append(v)
 
+        decoded: dict[str, list] = {src: [] for src in by_source}  # each source as decoded, for the thumbnails
+
         async def one(src: str, views: list[str]) -> list[tuple[str, np.ndarray]]:
             """Decode a source once for all its views (L and ab read the same rgb image), then embed each view."""
             vals = [it["inputs"][src] for it in items]
             kind = "arrays" if self.rt.views[views[0]]["source"] == "vector" else "images"
-            x = await self._decode(lambda: self.prepare(views[0], **{kind: vals}, field=f"items.inputs.{src}."))
+            x = await self._decode(lambda: self.prepare(views[0], **{kind: vals}, field=f"items.inputs.{src}.",
+                                                        decoded=decoded[src]))
             zs = await asyncio.gather(*(self._embed(v, x) for v in views))
             return [(v, self._finite(z, f"items.inputs.{src}")) for v, z in zip(views, zs)]
 
         parts = await asyncio.gather(*(one(src, vs) for src, vs in by_source.items()))
         vectors = dict(p for part in parts for p in part)
         ids = await anyio.to_thread.run_sync(lambda: store.add(keys, vectors, metas))
-        from index.thumbs import add_request_items  # thumbnails for the web page; logs, never fails the add
-        await anyio.to_thread.run_sync(lambda: add_request_items(store.path, keys, items, self.rt))
+        from index.thumbs import add_items  # thumbnails for the web page, from the same decoded inputs
+        await self._decode(lambda: add_items(store.path, keys, decoded, self.rt))
         return {"added": len(keys), "ids": [int(i) for i in ids], "views": sorted(vectors)}
 
     async def index_remove(self, keys: list) -> dict:

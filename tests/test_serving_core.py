@@ -5,6 +5,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 
 import httpx
 import numpy as np
@@ -240,27 +241,31 @@ def test_item8_pixel_limit_sized_to_the_model_and_bounded_decode_pool(core):
     assert core._decoders._max_workers == core.settings.decode_threads
 
 
-def test_item8_index_add_decodes_each_source_once(core):
-    """L and ab both read the rgb image: one decode of it per item, not one per view; the result equals
-    embedding each view separately."""
+def test_item8_index_add_decodes_each_source_once(core, monkeypatch):
+    """L and ab both read the rgb image, and the thumbnails read it too: one decode of each image, not one per
+    view or per use; the result equals embedding each view separately."""
+    import models.imageio as imageio
+    from index.thumbs import ThumbStore
     from models.imageio import encode_png
-    calls = []
-    orig = core.rt.preprocess
+    opened = []
+    orig = imageio._open
 
-    def spy(view, items, *a, **kw):
-        calls.append((core.rt.views[view]["source"], len(items)))
-        return orig(view, items, *a, **kw)
+    def spy(data, *a, **kw):
+        opened.append(threading.current_thread().name)
+        return orig(data, *a, **kw)
     ds = core.ds
     items = [{"key": f"once-{i}", "inputs": {"rgb": png_b64(ds.sources["rgb"][i]),
                                              "depth": _b64(encode_png(ds.sources["depth"][i]))}} for i in (20, 21)]
-    core.rt.preprocess = spy
-    try:
-        d = run(core.index_add(items))
-    finally:
-        core.rt.preprocess = orig
+    assert ThumbStore.exists(core.store.path)  # the fixture's index keeps thumbnails: they are written too
+    monkeypatch.setattr(imageio, "_open", spy)
+    d = run(core.index_add(items))
+    monkeypatch.setattr(imageio, "_open", orig)
     try:
         assert d["added"] == 2 and set(d["views"]) == {"L", "ab", "depth"}
-        assert sorted(calls) == [("depth", 2), ("rgb", 2)]
+        assert len(opened) == 4 and all(n.startswith("cmc-decode") for n in opened), opened  # 2 items x 2 images
+        with ThumbStore(core.store.path, readonly=True) as ts:  # the stored query input is what was embedded
+            assert (imageio.decode_image(ts.get_input("once-21", "rgb")) ==
+                    imageio.fit_image(ds.sources["rgb"][21], core.rt.image_size)).all()
         for view in ("L", "ab"):
             z = core.rt.embed_items(view, [ds.sources["rgb"][21]])
             hit = run(core.search({"view": view, "array": None, "image": png_b64(ds.sources["rgb"][21])}, view, 1))

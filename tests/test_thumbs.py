@@ -1,14 +1,13 @@
 """Thumbnails of index items (index/thumbs.py): bounded size, colour-mapped depth and normals, stored and found
 by key, query inputs that give the indexed embedding back, and the server hook that never fails an add."""
-import base64
 import io
 
 import numpy as np
 from PIL import Image
 
-from index.thumbs import (THUMB_PX, VIRIDIS, ThumbStore, add_request_items, colormap_depth, item_rows,
+from index.thumbs import (THUMB_PX, VIRIDIS, ThumbStore, add_items, colormap_depth, item_rows,
                           kind_of_view, normals_from_depth, remove_items, render)
-from models.imageio import decode_depth, decode_image, encode_png, fit_image
+from models.imageio import decode_depth, decode_image, fit_image
 
 VIEWS = {"L": "rgb", "ab": "rgb", "depth": "depth", "normals": "depth", "fou": "vector"}
 
@@ -100,16 +99,16 @@ class _Rt:
 def test_request_items_hook(tmp_path):
     rgb = np.random.default_rng(2).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     depth = (np.arange(600, dtype=np.uint16).reshape(20, 30) * 100)
-    items = [{"key": "x", "inputs": {"rgb": "data:image/png;base64," + base64.b64encode(encode_png(rgb)).decode(),
-                                     "depth": base64.b64encode(encode_png(depth)).decode(), "fou": [1.0] * 8}}]
+    decoded = {"rgb": [rgb], "depth": [depth], "fou": [np.ones(8, np.float32)]}  # as the server decoded them
     # an index without thumbs.sqlite (built with --no-thumbs) keeps none: no file appears
-    assert add_request_items(tmp_path, ["x"], items, _Rt()) == 0 and not ThumbStore.exists(tmp_path)
+    assert add_items(tmp_path, ["x"], decoded, _Rt()) == 0 and not ThumbStore.exists(tmp_path)
     ThumbStore(tmp_path).close()  # what index.build does unless --no-thumbs
-    assert add_request_items(tmp_path, ["x"], items, _Rt()) == 1
+    assert add_items(tmp_path, ["x"], decoded, _Rt()) == 1
     with ThumbStore(tmp_path, readonly=True) as ts:
         assert {k for k in ("rgb", "depth", "normals") if ts.get("x", k)} == {"rgb", "depth", "normals"}
         assert (decode_image(ts.get_input("x", "rgb")) == fit_image(rgb, 16)).all()
-    bad = [{"key": "y", "inputs": {"rgb": base64.b64encode(b"not an image").decode()}}]
-    assert add_request_items(tmp_path, ["y"], bad, _Rt()) == 0  # logged, not raised: the add already happened
+        assert (np.frombuffer(ts.get_input("x", "fou"), "<f4") == 1).all()
+    bad = {"rgb": [np.zeros((4,), np.float64)]}  # not an image: logged, not raised (the add already happened)
+    assert add_items(tmp_path, ["y"], bad, _Rt()) == 0
     with ThumbStore(tmp_path, readonly=True) as ts:
         assert ts.get("y") is None

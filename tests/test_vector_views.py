@@ -117,6 +117,16 @@ def test_saved_and_returned_model_is_the_best_validation_epoch(tmp_path):
     assert "last_model" in state
 
 
+def test_a_run_with_mlp_dropout_loads_back_as_it_was_trained(tmp_path):
+    from train.evaluate import load_run
+    ds = _vector_ds()
+    model, _ = _train(_cfg(tmp_path, epochs=1, mlp_layers=2, mlp_dropout=0.2), ds)
+    loaded, _ = load_run(tmp_path / "run")  # the dropout layers shift the MLP's parameter names
+    z, back = embed_all(model.eval(), ds, torch.device("cpu")), embed_all(loaded, ds, torch.device("cpu"))
+    for v in z:
+        torch.testing.assert_close(back[v], z[v])
+
+
 def test_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
     ds = _vector_ds()
     scores = iter([0.5, 0.7, 0.6, 0.65, 0.9, 0.95])  # best at epoch 2; patience 2 stops after epoch 4
@@ -139,7 +149,7 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
         torch.testing.assert_close(z[v], seen[0.7][v])
 
 
-def test_augmentation_reaches_the_training_batches_only(tmp_path, monkeypatch):
+def test_augmentation_reaches_the_training_batches(tmp_path, monkeypatch):
     ds = _vector_ds()
     calls = []
     real = pretrain.train_step
