@@ -157,9 +157,11 @@ class Maintenance:
                 v = self._views[name]
                 if not due(v):
                     return
-                seq0, old, dead, blob = self._applied, v.index, set(v.tomb), faiss.serialize_index(v.index)
-            new = build(v, faiss.deserialize_index(blob), dead)
-            del blob
+                seq0, old, dead, blob = self._applied, v.index, v.tomb, faiss.serialize_index(v.index)
+            copied = faiss.deserialize_index(blob)  # tomb sets are replaced, never changed in place
+            del blob  # not held through the build: memory is the live index, the copy and the new one
+            new = build(v, copied, dead)
+            del copied
             jr = self._journal
             with self._rw.write():
                 if self._views.get(name) is not v or v.index is not old or self._dirty:

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from index import viewindex
+from index.bench import make_data
 from index.store import IndexStore
 
 
@@ -73,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --n must be at least 1000 and --dim at least 2", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING)
-    x = np.random.default_rng(0).standard_normal((a.n, a.dim)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = make_data(a.n, a.dim, "uniform", 0)
     with tempfile.TemporaryDirectory() as d:
         rows = [run(m, x, d) for m in ("inline", "background")]
     print(f"HNSW32 view of {a.n} x {a.dim}: the remove that crosses {viewindex.TOMBSTONE_REBUILD:.0%} tombstones")

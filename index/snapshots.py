@@ -114,9 +114,13 @@ def read_view(path: Path, spec: dict[str, Any], which: str) -> tuple[faiss.Index
         try:
             if _sha256(fp) != snap["sha256"]:
                 continue
-            return faiss.read_index(str(fp)), name
-        except (OSError, RuntimeError) as e:  # missing, or deleted by a newer snapshot meanwhile, or corrupt
+        except OSError as e:  # missing, or deleted by a newer snapshot meanwhile
             LOG.debug("%s: %s", fp, e)
+            continue
+        try:
+            return faiss.read_index(str(fp)), name
+        except (OSError, RuntimeError) as e:  # its checksum matched, yet FAISS cannot read it: real damage
+            LOG.warning("%s: checksum matches but FAISS cannot read it: %s", fp, e)
     return None
 
 

@@ -31,14 +31,16 @@ def access_log_enabled() -> bool:
     return env_flag("CMC_ACCESS_LOG", False)
 
 
-def logging_config() -> dict:
-    """The ``logging`` entry of ``@bentoml.service``: BentoML's access log only when CMC_ACCESS_LOG is on."""
-    return {"access": {"enabled": access_log_enabled()}}
+def logging_config(access_log: bool | None = None) -> dict:
+    """The ``logging`` entry of ``@bentoml.service``: BentoML's access log only when CMC_ACCESS_LOG is on
+    (``Settings.access_log``; read from the environment when not given)."""
+    return {"access": {"enabled": access_log_enabled() if access_log is None else access_log}}
 
 
-def tracing_config() -> dict:
-    """The ``tracing`` entry of ``@bentoml.service``: the hot paths excluded unless CMC_TRACE_HOT is on."""
-    if env_flag("CMC_TRACE_HOT", False):
+def tracing_config(trace_hot: bool | None = None) -> dict:
+    """The ``tracing`` entry of ``@bentoml.service``: the hot paths excluded unless CMC_TRACE_HOT is on
+    (``Settings.trace_hot``; read from the environment when not given)."""
+    if env_flag("CMC_TRACE_HOT", False) if trace_hot is None else trace_hot:
         return {}
     return {"excluded_urls": [f"{p}$" for p in HOT_PATHS]}  # regexes over scheme://host/path (no query)
 

@@ -44,7 +44,7 @@ MODEL_TAG, MODEL_IN_STORE = declared_model(Path(__file__).resolve().parents[1])
 
 
 @bentoml.service(name="cmc", workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s},
-                 logging=logging_config(), tracing=tracing_config())
+                 logging=logging_config(SETTINGS.access_log), tracing=tracing_config(SETTINGS.trace_hot))
 class CMCService:
     if MODEL_TAG:
         model = bentoml.models.BentoModel(MODEL_TAG)  # packaged by `bentoml build`
@@ -110,13 +110,15 @@ class CMCService:
         return await respond(self.core.info())
 
 
-CMCService.add_asgi_middleware(QuietAccessLog)  # outermost of ours: sees every answer, 401s included
+# outermost of ours: sees every answer, 401s included
+CMCService.add_asgi_middleware(QuietAccessLog, enabled=not SETTINGS.access_log)
 CMCService.add_asgi_middleware(ErrorEnvelope)
 CMCService.add_asgi_middleware(BearerAuth, token=SETTINGS.token, public_paths=PUBLIC_PATHS | web.PUBLIC_PATHS)
 CMCService.mount_asgi_app(web.app, path="/")  # the web page, thumbnails, search by key (serving/web.py)
 CMCService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_mb << 20)
 CMCService.add_asgi_middleware(BinaryEmbed)  # binary forms of /embed, after auth and the body limit
 CMCService.add_asgi_middleware(ContentGuard, json_routes=JSON_ROUTES, form_routes=FORM_ROUTES)
-CMCService.add_asgi_middleware(FastJSON)  # innermost: JSON endpoints without BentoML's per-request work
+# innermost: JSON endpoints without BentoML's per-request work
+CMCService.add_asgi_middleware(FastJSON, enabled=SETTINGS.fast_json)
 
 __all__: list[Any] = ["CMCService"]

@@ -12,7 +12,7 @@ def env_int(name: str, default: int) -> int:
         raise RuntimeError(f"environment variable {name}={v!r} is not an integer") from None
 
 
-def env_flag(name: str, default: bool) -> bool:
+def env_flag(name: str, default: bool | None) -> bool | None:
     v = os.environ.get(name, "").strip().lower()
     if not v:
         return default
@@ -34,8 +34,7 @@ class Settings:
         # "Server"), 2 workers x 1 thread served 1.6x the items/s of 1 worker x 2 threads at 32 clients
         self.workers = max(1, env_int("CMC_WORKERS", min(cpu_count(), 4)))
         self.threads = env_int("CMC_THREADS", 0) or max(1, cpu_count() // self.workers)
-        spin = os.environ.get("CMC_SPIN", "").strip()  # onnxruntime intra-op spinning; unset: its default
-        self.spin = env_flag("CMC_SPIN", True) if spin else None
+        self.spin = env_flag("CMC_SPIN", None)  # onnxruntime intra-op spinning; unset: its default
         # image decoding runs on its own pool of this many threads (not the 40-thread default pool)
         self.decode_threads = max(1, env_int("CMC_DECODE_THREADS", 0) or max(1, cpu_count() // self.workers))
         self.batching = env_flag("CMC_BATCHING", True)
@@ -52,7 +51,7 @@ class Settings:
         self.model = os.environ.get("CMC_MODEL") or None
         self.index = os.environ.get("CMC_INDEX")
         self.token = os.environ.get("CMC_API_TOKEN") or None
-        # speed switches (serving/fastjson.py, serving/observability.py read them through the same env_flag)
+        # speed switches, handed to serving/fastjson.py and serving/observability.py by the service
         self.fast_json = env_flag("CMC_FAST_JSON", True)
         self.access_log = env_flag("CMC_ACCESS_LOG", False)
         self.trace_hot = env_flag("CMC_TRACE_HOT", False)

@@ -30,7 +30,7 @@ def in_unit(*xs: float) -> bool:
     return all(math.isfinite(x) and 0.0 <= x <= 1.0 for x in xs)
 
 
-def test_views_command(tmp_path, capsys):
+def test_views_command(tmp_path, capsys, monkeypatch):
     rows = run_experiment("views", tmp_path)
     assert sorted((r["n_views"], r["graph"]) for r in rows) == [(n, g) for n in (2, 3, 4) for g in ("core", "full")]
     for r in rows:
@@ -38,10 +38,13 @@ def test_views_command(tmp_path, capsys):
         assert in_unit(r["linear_top1"], r["knn_top1"], r["concat_linear_top1"], r["concat_knn_top1"])
         assert set(r["per_view"]) == set(r["views"])
     two = [r for r in rows if r["n_views"] == 2]  # L_C = L_F with two views: one run, reported twice
-    assert two[0]["linear_top1"] == two[1]["linear_top1"]
+    assert sorted(r["graph"] for r in two) == ["core", "full"]
+    assert [r.get("same_run_as") for r in two].count("full") == 1
+    assert len(list((tmp_path / "runs" / "views").glob("2views_*"))) == 1
     table = capsys.readouterr().out
     assert "L,ab,depth,normals" in table and "concat linear" in table
     # a finished run is reused (its cached row), not retrained
+    monkeypatch.setattr(experiments, "train", lambda *a, **k: pytest.fail("a cached run was trained again"))
     again = run_experiment("views", tmp_path)
     assert again == rows
 
