@@ -40,12 +40,17 @@ def item_metadata(chunk: Dataset, split: str | None = None) -> list[dict]:
     return meta
 
 
-def add_chunk(store: IndexStore, rt: Runtime, chunk: Dataset, views: list[str],
-              split: str | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Embed one chunk in every view and add it; returns the ids and the vectors per view."""
+def chunk_keys(chunk: Dataset, start: int) -> list[str]:
+    """The chunk's keys, or ``item-<n>`` numbered from ``start`` (the items before it) for keyless data."""
+    return list(chunk.keys) if chunk.keys else [f"item-{start + i}" for i in range(len(chunk))]
+
+
+def add_chunk(store: IndexStore, rt: Runtime, chunk: Dataset, views: list[str], split: str | None = None,
+              keys: list[str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Embed one chunk in every view and add it under ``keys`` (default: ``chunk_keys(chunk, 0)``); returns
+    the ids and the vectors per view."""
     vectors = {v: rt.embed_sources(v, chunk.sources) for v in views}  # (n, D) per view
-    keys = chunk.keys or [f"item-{i}" for i in range(len(chunk))]
-    ids = store.add(list(keys), vectors, item_metadata(chunk, split))
+    ids = store.add(keys or chunk_keys(chunk, 0), vectors, item_metadata(chunk, split))
     return ids, vectors
 
 
@@ -71,15 +76,17 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
                               memory_budget_mb=memory_budget_mb, snapshot_ops=10**9, snapshot_seconds=10**9)
     sample_ids: list[np.ndarray] = []
     sample_x: dict[str, list[np.ndarray]] = {v: [] for v in views}
-    kept = 0
+    kept = done = 0
     th = ThumbStore(out) if thumbs else None
+    sources = {v: rt.views[v]["source"] for v in views}
     try:
         with tqdm(total=total, desc="index", unit="item", disable=not progress, dynamic_ncols=True) as bar:
             for chunk in chunks:
-                ids, vec = add_chunk(store, rt, chunk, views, split)
+                keys = chunk_keys(chunk, done)  # keyless data: numbered across chunks, not from 0 in each
+                ids, vec = add_chunk(store, rt, chunk, views, split, keys)
+                done += len(keys)
                 if th is not None:
-                    th.add_sources(list(chunk.keys or [f"item-{i}" for i in range(len(chunk))]), chunk.sources,
-                                   {v: rt.views[v]["source"] for v in views}, rt.image_size)
+                    th.add_sources(keys, chunk.sources, sources, rt.image_size)
                 if kept < tune_sample:  # the first items: a sample for tuning search parameters
                     sample_ids.append(ids)
                     for v in views:

@@ -119,12 +119,7 @@ class BinaryEmbed:
                 if media in IMAGE_TYPES or media == "multipart/form-data" or NPY in accept \
                         or b"encoding=" in scope.get("query_string", b""):
                     await self.embed(scope, receive, send, media, ctype, accept)
-                    return
-                if media not in ("", "application/json"):
-                    await _send_error(send, BinaryError(
-                        415, "unsupported_media_type", f"/embed takes application/json, "
-                        f"{', '.join(sorted(IMAGE_TYPES))} or multipart/form-data, not {media!r}", "Content-Type"))
-                    return
+                    return  # any other body goes on to ContentGuard, which answers a wrong Content-Type
             elif path == self.docs_path and scope["method"] == "GET":
                 await self.docs(scope, receive, send)
                 return

@@ -147,7 +147,8 @@ class Core:
                            field)
         return items
 
-    def _view(self, name: Any, field: str = "view") -> dict:
+    def view_spec(self, name: Any, field: str = "view") -> dict:
+        """A view of the served model by name (a 400 naming ``field`` when the model has no such view)."""
         if not isinstance(name, str):
             raise ApiError("invalid_input", f"{field} must be a string", field)
         try:
@@ -159,7 +160,7 @@ class Core:
                 field: str = "", decoded: list | None = None) -> np.ndarray:
         """Validated inputs of one view -> its preprocessed float32 batch (raises ApiError naming the field);
         ``decoded`` receives the decoded inputs (``models.runtime.to_source``)."""
-        v = self._view(view, f"{field}view")
+        v = self.view_spec(view, f"{field}view")
         is_vec = v["source"] == "vector"
         if images is not None and arrays is not None:
             raise ApiError("invalid_input", "give either images or arrays, not both", f"{field}images")
@@ -202,7 +203,7 @@ class Core:
             if not isinstance(d, dict) or "view" not in d:
                 raise ApiError("invalid_input", f"{f} must be an object with a view and an image or an array", f)
             view, image, array = d.get("view"), d.get("image"), d.get("array")
-            self._view(view, f"{f}.view")
+            self.view_spec(view, f"{f}.view")
             if (image is None) == (array is None):
                 raise ApiError("invalid_input", f"{f} needs exactly one of image or array", f)
             idx, ims, arrs = groups.setdefault(view, ([], [], []))
@@ -225,7 +226,7 @@ class Core:
         return {"view": view, "dim": int(z.shape[1]), "embeddings": z.tolist()}
 
     async def embed_file(self, view: str, path: str | os.PathLike) -> dict:
-        self._view(view)
+        self.view_spec(view)
         data = await self._decode(Path(path).read_bytes)
         z = await self.embed_batch(view, [data])
         return {"view": view, "dim": int(z.shape[1]), "embeddings": z.tolist()}

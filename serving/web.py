@@ -75,13 +75,6 @@ async def _json_body(request: Request) -> dict:
     return body
 
 
-def _view_spec(core: Any, view: Any, field: str = "view") -> dict:
-    if not isinstance(view, str) or view not in core.rt.views:
-        raise ApiError("invalid_input", f"unknown {field} {view!r}; the model has views {sorted(core.rt.views)}",
-                       field)
-    return core.rt.views[view]
-
-
 def _kind(core: Any, view: Any, kind: Any) -> str | None:
     if kind not in (None, ""):
         if kind not in ("rgb", "depth", "normals"):
@@ -89,7 +82,7 @@ def _kind(core: Any, view: Any, kind: Any) -> str | None:
         return kind
     if view in (None, ""):
         return None
-    return kind_of_view(view, _view_spec(core, view)["source"])
+    return kind_of_view(view, core.view_spec(view)["source"])
 
 
 def _lookup_thumb(ts: ThumbStore | None, key: str, kind: str | None) -> tuple[str, str, bytes] | None:
@@ -183,7 +176,7 @@ async def search_by_key(request: Request, core: Any, store: Any) -> Response:
     body = await _json_body(request)
     key = _key(body.get("key"), "key")
     view = body.get("view")
-    spec = _view_spec(core, view)
+    spec = core.view_spec(view)
     src = spec["source"] if spec["source"] != "vector" else view
 
     def load() -> bytes | None:

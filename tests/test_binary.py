@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from server_fixtures import Server, model_and_index, png_b64, scenes
+from serving.binary import decode_base64_embeddings
 
 pytestmark = pytest.mark.server
 TOKEN = "bin-token"
@@ -69,7 +70,7 @@ def from_b64(r: httpx.Response) -> np.ndarray:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["encoding"] == "base64" and body["dtype"] == "<f4"
-    return np.stack([np.frombuffer(base64.b64decode(e), "<f4") for e in body["embeddings"]])
+    return decode_base64_embeddings(body)  # the client-side helper serving.binary offers
 
 
 def multipart(pngs: list[bytes], **fields) -> dict:

@@ -37,6 +37,15 @@ def test_cross_view_recall_on_held_out_scenes_beats_random(trained_artifact, tmp
     store.close()
 
 
+def test_keyless_data_is_numbered_across_chunks(trained_artifact, tmp_path):
+    import dataclasses
+    rt = Runtime(trained_artifact["dir"])
+    keyless = dataclasses.replace(trained_artifact["test"].subset(np.arange(10)), keys=[])
+    out = build_index(rt, keyless, ["L"], tmp_path / "idx", batch_size=4, progress=False)  # chunks of 4, 4, 2
+    with IndexStore.open(out, readonly=True) as store:
+        assert len(store) == 10 and None not in store.ids_of([f"item-{i}" for i in range(10)])
+
+
 def test_index_of_another_model_is_refused(trained_artifact, tmp_path):
     rt = Runtime(trained_artifact["dir"])
     out = build_index(rt, trained_artifact["test"].subset(np.arange(10)), ["L"], tmp_path / "idx", progress=False)

@@ -205,3 +205,16 @@ def test_mfeat_loader_reads_the_wheels_data():
     assert {k: v.shape for k, v in views.items()} == {"fou": (2000, 76), "fac": (2000, 216), "kar": (2000, 64),
                                                        "pix": (2000, 240), "zer": (2000, 47), "mor": (2000, 6)}
     assert np.bincount(y).tolist() == [200] * 10
+
+
+def test_random_bn_baseline_of_a_batch_norm_free_model_is_the_random_one(tmp_path, monkeypatch):
+    """Vector views' MLPs have no batch norm: the re-estimated baseline is the plain random one, not re-run."""
+    from train import evaluate, finish
+    ds = _vector_ds()
+    cfg = _cfg(tmp_path, epochs=1)
+    model, specs = _train(cfg, ds)
+    assert not evaluate.has_batch_norm(model)
+    monkeypatch.setattr(evaluate, "recalibrate_bn", lambda *a, **k: pytest.fail("nothing to re-estimate"))
+    res = finish.quick_eval(cfg, model.eval(), 0, ds, ds, torch.device("cpu"))
+    for v in ("fa", "fb"):
+        assert res[f"knn.{v}.random-bn"] == res[f"knn.{v}.random"] and 0 <= res[f"knn.{v}.cmc"] <= 1

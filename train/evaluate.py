@@ -97,6 +97,11 @@ def labelled(ds: Dataset, what: str = "evaluation") -> Dataset:
 
 
 @torch.no_grad()
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``recalibrate_bn`` has anything to re-estimate (vector views' MLPs use LayerNorm)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def recalibrate_bn(model: CMCModel, ds: Dataset, device="cpu", n: int = 2048, batch_size: int = 256) -> CMCModel:
     """Re-estimate every batch-norm layer's running statistics on up to ``n`` (unlabelled) items of ``ds``,
     without augmentation (cumulative average over batches), and return the model in eval mode. A randomly
@@ -258,8 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         if a.random_init:
             rnd, _ = load_run(a.model, a.device, random_init=True)
             results["random-init"] = evaluate(rnd, train, test, a.device, a.knn_k, a.probe_epochs, not a.no_linear)
-            rnd = recalibrate_bn(rnd, train, a.device)  # unlabelled images: the labels are not used
-            results["random-init-bn"] = evaluate(rnd, train, test, a.device, a.knn_k, a.probe_epochs, not a.no_linear)
+            if has_batch_norm(rnd):  # unlabelled images: the labels are not used
+                rnd = recalibrate_bn(rnd, train, a.device)
+                results["random-init-bn"] = evaluate(rnd, train, test, a.device, a.knn_k, a.probe_epochs,
+                                                     not a.no_linear)
+            else:  # nothing to re-estimate: the same model, the same numbers
+                results["random-init-bn"] = results["random-init"]
         if a.pixels:
             results["pixels"] = evaluate_pixels(train, test, a.knn_k, a.probe_epochs)
         pair_rows = None

@@ -13,7 +13,6 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from models.artifact import default_index_dir
@@ -30,7 +29,7 @@ def quick_eval(cfg: Config, model: CMCModel, image_size: int, train: Dataset | N
     """kNN top-1 of every view (labelled held-out queries, labelled training gallery) for the model and for
     the same encoders at random initialisation: ``random`` with default batch-norm statistics, ``random-bn``
     with statistics re-estimated on unlabelled training images."""
-    from .evaluate import extract, knn_accuracy, labelled, recalibrate_bn, sample
+    from .evaluate import extract, has_batch_norm, knn_accuracy, labelled, recalibrate_bn, sample
     from .pretrain import build_model
     if test is None or test.y is None or train is None or train.y is None:
         return {}
@@ -45,6 +44,9 @@ def quick_eval(cfg: Config, model: CMCModel, image_size: int, train: Dataset | N
     res = {}
     for name in ("cmc", "random", "random-bn"):
         if name == "random-bn":
+            if not has_batch_norm(rnd):  # nothing to re-estimate (LayerNorm MLPs): the same numbers
+                res |= {k[:-len("random")] + "random-bn": v for k, v in res.items() if k.endswith(".random")}
+                continue
             rnd = recalibrate_bn(rnd, train, device)
         m = model if name == "cmc" else rnd
         fg, ft = extract(m.to(device), gal, device), extract(m.to(device), test, device)
