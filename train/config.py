@@ -51,7 +51,7 @@ class Config:
     patience: int = 0  # with validation: stop after this many epochs without a better recall (0 = run all epochs)
     # --- runtime
     device: str = "auto"  # auto (cuda when present, else cpu), cpu, cuda, cuda:1
-    amp: str = "auto"  # auto (bf16 autocast on cuda and on CPUs with native bf16, else fp32), bf16, off; transforms and loss stay fp32
+    amp: str = "auto"  # auto (bf16 on cuda; on CPUs with native bf16 for conv encoders; else fp32), bf16, off
     channels_last: bool = True  # channels_last memory format for conv encoders (CPU and CUDA)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     out: str = "runs/default"  # run directory: checkpoint.pt, metrics.jsonl, export/

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.data import DataError, Dataset
-from models.encoders import CMCModel, source_key
+from models.encoders import CMCModel
 from models.views import ViewError, ViewSpec
 from .config import Config, ConfigError, parse_args
 from .distributed import convert_global_batchnorm, restore_batchnorm
@@ -111,11 +111,9 @@ def build_model(cfg: Config, specs: list[ViewSpec], image_size: int, ds: Dataset
 
 
 def speed_choices(cfg: Config, specs: list[ViewSpec], device: torch.device) -> tuple[bool, bool]:
-    """(bf16 autocast, channels_last) for this config on this device. On a CPU, autocast pays only with native
-    bf16 and for conv encoders (the MLPs of vector views are too small to gain and keep fp32)."""
+    """(bf16 autocast, channels_last) for this config on this device (``speed.use_amp``, ``use_channels_last``)."""
     has_conv = any(s.is_image for s in specs)
-    amp = use_amp(cfg.amp, device) and (cfg.amp == "bf16" or device.type == "cuda" or has_conv)
-    return amp, use_channels_last(cfg.channels_last, has_conv)
+    return use_amp(cfg.amp, device, has_conv), use_channels_last(cfg.channels_last, has_conv)
 
 
 def to_channels_last(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -49,16 +49,13 @@ def cpu_report() -> dict:
             "native_bf16": cpu_has_native_bf16(), "threads": torch.get_num_threads()}
 
 
-def use_amp(amp: str, device: torch.device) -> bool:
-    """Whether to run the encoders under bf16 autocast: ``bf16`` always, ``off`` never, ``auto`` on CUDA and
-    on CPUs with native bf16 (fp32 elsewhere). View transforms and the loss stay in fp32 either way."""
-    if amp == "bf16":
-        return True
-    if amp == "off":
-        return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and cpu_has_native_bf16()
+def use_amp(amp: str, device: torch.device, has_conv: bool = True) -> bool:
+    """Whether to run the encoders under bf16 autocast: ``bf16`` always, ``off`` never, ``auto`` on CUDA and,
+    for models with conv encoders, on CPUs with native bf16 (fp32 elsewhere: the MLPs of vector views are too
+    small to gain on a CPU). View transforms and the loss stay in fp32 either way."""
+    if amp != "auto":
+        return amp == "bf16"
+    return device.type == "cuda" or (device.type == "cpu" and has_conv and cpu_has_native_bf16())
 
 
 def use_channels_last(channels_last: bool, has_conv: bool) -> bool:
