@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import logging
-import warnings
 
 import numpy as np
 from PIL import Image
@@ -14,6 +13,11 @@ from PIL import Image
 LOG = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 40_000_000
+# No image larger than this (by its header) is decoded here, whatever max_pixels a caller passes. It is also
+# Pillow's own MAX_IMAGE_PIXELS in this process, so that Pillow's checks (Image.open elsewhere, a plugin's
+# load) never refuse or warn about an image that this module accepts, and error out on twice this size.
+MAX_PIXELS = DEFAULT_MAX_PIXELS
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 # What the server decodes (the README's promise): everything else is refused before any decoder runs.
 SERVED_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -30,6 +34,12 @@ _MAGIC: tuple[tuple[int, bytes, str], ...] = (
     (0, b"icns", "ICNS"), (0, b"\x76\x2f\x31\x01", "OpenEXR"), (4, b"ftypavif", "AVIF"), (4, b"ftypheic", "HEIC"),
     (0, b"P1", "PPM"), (0, b"P2", "PPM"), (0, b"P3", "PPM"), (0, b"P4", "PPM"), (0, b"P5", "PPM"), (0, b"P6", "PPM"),
 )
+
+
+# every plugin registered now: _header looks readers up in Image.OPEN (at import, not from the decode threads)
+Image.preinit()
+if not all(f in Image.OPEN for f in LOCAL_FORMATS):
+    Image.init()
 
 
 class ImageError(ValueError):
@@ -50,12 +60,33 @@ def _names(formats: tuple[str, ...]) -> str:
     return ", ".join(n[:-1]) + " or " + n[-1] if len(n) > 1 else n[0]
 
 
+def _header(data: bytes, fmt: str) -> Image.Image:
+    """Pillow's reader of ``fmt`` on ``data``, lazily: it reads the header (size, mode), no pixel data.
+
+    The plugin is called directly rather than through ``Image.open``, whose own bomb check *warns* between
+    ``Image.MAX_IMAGE_PIXELS`` and twice that: the caller checks the size itself, against its own limit, and no
+    warning (nor any ``warnings`` filter, which is process-wide and not thread-safe) is involved."""
+    factory, accept = Image.OPEN[fmt]
+    prefix = bytes(data[:16])
+    ok = accept(prefix) if accept else True
+    if not ok or isinstance(ok, str):
+        raise ImageError(f"cannot read {fmt} image ({len(data)} bytes): not a {fmt} header")
+    try:
+        return factory(io.BytesIO(bytes(data)), "")
+    except Image.DecompressionBombError as e:  # a plugin's own check (a GIF frame beyond its screen...)
+        raise ImageError(f"image too large (decompression bomb): {e}") from None
+    except Exception as e:  # SyntaxError, OSError, struct.error...
+        raise ImageError(f"cannot read {fmt} image ({len(data)} bytes): {e}") from None
+
+
 def _open(data: bytes, max_pixels: int, formats: tuple[str, ...] | None = None,
           draft: int | None = None) -> Image.Image:
     """Open and fully decode an image of one of ``formats``, checking its size from the header first.
 
-    ``draft``: decode JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= draft pixels;
-    the pixel limit then applies to the drafted size (a JPEG costs what it decodes to)."""
+    The limit is ``min(max_pixels, MAX_PIXELS)`` on the size the header declares, for every format and before
+    any pixel is decoded: a JPEG is not let off by draft mode (a progressive JPEG buffers its coefficients at
+    full size however small it decodes). ``draft``: decode JPEGs at the smallest DCT scale (1/2, 1/4, 1/8)
+    that keeps both sides >= draft pixels, which makes an accepted JPEG cheaper to decode."""
     formats = tuple(formats or LOCAL_FORMATS)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ImageError(f"expected image bytes, got {type(data).__name__}")
@@ -65,30 +96,21 @@ def _open(data: bytes, max_pixels: int, formats: tuple[str, ...] | None = None,
     if fmt not in formats:
         what = f"image format {fmt}" if fmt else f"unrecognised image data ({len(data)} bytes)"
         raise ImageError(f"{what} is not accepted; send {_names(formats)}")
-    with warnings.catch_warnings():
-        # PIL's own bomb check warns above MAX_IMAGE_PIXELS; make it an error we control
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(io.BytesIO(bytes(data)), formats=[fmt])  # lazy: reads the header only
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageError(f"image too large (decompression bomb): {e}") from None
-        except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError...
-            raise ImageError(f"cannot read {fmt} image ({len(data)} bytes): {e}") from None
-        w, h = im.size
-        if w <= 0 or h <= 0:
-            raise ImageError(f"image has empty size {w}x{h}")
-        if draft and fmt == "JPEG" and im.mode in ("RGB", "L", "CMYK", "YCbCr"):
-            im.draft(im.mode, (draft, draft))
-        dw, dh = im.size
-        if dw * dh > max_pixels:
-            size = f"{w}x{h}" + (f" (decoded at {dw}x{dh})" if (dw, dh) != (w, h) else "")
-            raise ImageError(f"image too large: {size} = {dw * dh} pixels > max_pixels={max_pixels}")
-        try:
-            im.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageError(f"image too large (decompression bomb): {e}") from None
-        except Exception as e:  # truncated / corrupt stream
-            raise ImageError(f"cannot decode {fmt} {w}x{h}: {e}") from None
+    im = _header(data, fmt)
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"image has empty size {w}x{h}")
+    limit = min(int(max_pixels), MAX_PIXELS)
+    if w * h > limit:
+        raise ImageError(f"image too large: {w}x{h} = {w * h} pixels > max_pixels={limit}")
+    if draft and fmt == "JPEG" and im.mode in ("RGB", "L", "CMYK", "YCbCr"):
+        im.draft(im.mode, (draft, draft))
+    try:
+        im.load()
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image too large (decompression bomb): {e}") from None
+    except Exception as e:  # truncated / corrupt stream
+        raise ImageError(f"cannot decode {fmt} {w}x{h}: {e}") from None
     return im
 
 
@@ -98,7 +120,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, formats: tup
 
     Palette, grayscale, CMYK and alpha images are converted (alpha is dropped);
     16-bit grayscale is scaled down to 8 bits. Raises ImageError on bad bytes, another format or
-    more than ``max_pixels`` pixels (checked from the header before decoding). ``draft``: see _open.
+    more than ``max_pixels`` pixels (checked from the header before decoding, on the original size;
+    at most MAX_PIXELS). ``draft``: see _open.
     """
     im = _open(data, max_pixels, formats, draft)
     mode = im.mode
@@ -153,6 +176,40 @@ def _resize_channel_f(ch: np.ndarray, nh: int, nw: int) -> np.ndarray:
     return np.asarray(Image.fromarray(ch.astype(np.float32)).resize((nw, nh), Image.BILINEAR))
 
 
+def _check_fit_args(img: np.ndarray, size: int) -> None:
+    if img.ndim not in (2, 3):
+        raise ValueError(f"fit_image expects (H, W) or (H, W, C), got shape {img.shape}")
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+
+
+def scale_shorter(img: np.ndarray, size: int) -> np.ndarray:
+    """The first step of THE resize rule: scale (PIL bilinear) so the shorter side == ``size``, aspect kept,
+    nothing cropped. ``fit_image(scale_shorter(a, s), s)`` equals ``fit_image(a, s)`` exactly (its own scaling
+    step is then the identity), so this is the smallest array that keeps both the model's input and the whole
+    picture. Same dtypes as fit_image; an array whose shorter side is already ``size`` is returned unchanged."""
+    _check_fit_args(img, size)
+    h, w = img.shape[:2]
+    if h == 0 or w == 0:
+        raise ValueError(f"cannot resize empty image of shape {img.shape}")
+    nh, nw = _resized_shape(h, w, size)
+    if (nh, nw) == (h, w):
+        return img
+    if img.dtype == np.uint8 and (img.ndim == 2 or img.shape[2] in (1, 3, 4)):
+        src = img[:, :, 0] if img.ndim == 3 and img.shape[2] == 1 else img
+        out = np.asarray(Image.fromarray(np.ascontiguousarray(src)).resize((nw, nh), Image.BILINEAR))
+        if img.ndim == 3 and img.shape[2] == 1:
+            out = out[:, :, None]
+        return out
+    chans = [img] if img.ndim == 2 else [img[:, :, c] for c in range(img.shape[2])]
+    res = [_resize_channel_f(c, nh, nw) for c in chans]
+    out_f = res[0] if img.ndim == 2 else np.stack(res, axis=2)
+    if np.issubdtype(img.dtype, np.integer):
+        info = np.iinfo(img.dtype)
+        return np.clip(np.rint(out_f), info.min, info.max).astype(img.dtype)
+    return out_f.astype(img.dtype)
+
+
 def fit_image(img: np.ndarray, size: int) -> np.ndarray:
     """THE resize rule: scale so the shorter side == ``size`` (PIL bilinear), then center-crop size x size.
 
@@ -160,30 +217,12 @@ def fit_image(img: np.ndarray, size: int) -> np.ndarray:
     arrays are resized per channel in PIL's 'F' mode and rounded/clipped back to their dtype.
     Returns the same dtype. An input already size x size is returned unchanged.
     """
-    if img.ndim not in (2, 3):
-        raise ValueError(f"fit_image expects (H, W) or (H, W, C), got shape {img.shape}")
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {size}")
+    _check_fit_args(img, size)
     h, w = img.shape[:2]
     if h == size and w == size:
         return img
-    if h == 0 or w == 0:
-        raise ValueError(f"cannot resize empty image of shape {img.shape}")
-    nh, nw = _resized_shape(h, w, size)
-    if img.dtype == np.uint8 and (img.ndim == 2 or img.shape[2] in (1, 3, 4)):
-        src = img[:, :, 0] if img.ndim == 3 and img.shape[2] == 1 else img
-        out = np.asarray(Image.fromarray(np.ascontiguousarray(src)).resize((nw, nh), Image.BILINEAR))
-        if img.ndim == 3 and img.shape[2] == 1:
-            out = out[:, :, None]
-    else:
-        chans = [img] if img.ndim == 2 else [img[:, :, c] for c in range(img.shape[2])]
-        res = [_resize_channel_f(c, nh, nw) for c in chans]
-        out_f = res[0] if img.ndim == 2 else np.stack(res, axis=2)
-        if np.issubdtype(img.dtype, np.integer):
-            info = np.iinfo(img.dtype)
-            out = np.clip(np.rint(out_f), info.min, info.max).astype(img.dtype)
-        else:
-            out = out_f.astype(img.dtype)
+    out = scale_shorter(img, size)
+    nh, nw = out.shape[:2]
     top, left = (nh - size) // 2, (nw - size) // 2
     return np.ascontiguousarray(out[top:top + size, left:left + size])
 
