@@ -16,9 +16,15 @@ import onnxruntime as ort
 
 from .artifact import resolve
 from .card import Card, load_card
-from .imageio import SERVED_FORMATS, ImageError, decode_depth, decode_image, fit_image
+from .imageio import SERVED_FORMATS, ImageError, decode_depth, decode_image, fit_image, scale_shorter
 
 LOG = logging.getLogger(__name__)
+
+# What to_source keeps of a decoded image for later (``decoded``: /index/add's stored query input and display
+# thumbnail): at most max(KEEP_AREA x the model's input area, KEEP_MIN_PIXELS) pixels per image, never the
+# full-size decode (up to 64 items x max_pixels x 3 bytes a request).
+KEEP_AREA = 4
+KEEP_MIN_PIXELS = 256 * 256  # an image this small is kept as decoded: its thumbnail (<= 96 px) is unchanged
 
 
 class InputError(ValueError):
@@ -45,10 +51,29 @@ def providers(device: str = "auto") -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+def keep_pixels(image_size: int) -> int:
+    """The most pixels to_source keeps of one decoded image for ``decoded``."""
+    return max(KEEP_AREA * image_size * image_size, KEEP_MIN_PIXELS)
+
+
+def _kept(a: np.ndarray, scaled: np.ndarray, fitted: np.ndarray, image_size: int) -> np.ndarray:
+    """What is kept of a decoded image ``a`` (``scaled`` = scale_shorter(a, S), ``fitted`` = fit_image(a, S)):
+    ``a`` itself when small (every row index.thumbs.item_rows makes from it is unchanged), else the whole picture
+    with its shorter side S, else (a long strip) the model's input itself. fit_image of each is exactly
+    ``fitted``, so the stored query input is what was embedded. A copy: nothing holds the full decode alive."""
+    bound = keep_pixels(image_size)
+    for cand in (a, scaled):
+        if cand.shape[0] * cand.shape[1] <= bound:
+            return np.array(cand, copy=True)
+    return np.array(fitted, copy=True)
+
+
 def to_source(view: dict, items: list, image_size: int, max_pixels: int = 40_000_000,
               decoded: list | None = None) -> np.ndarray:
     """Decoded inputs of one view -> the float32 batch its graph takes; ``decoded``, when given, receives each
-    input as decoded (uint8 RGB, uint16 depth, or the float32 vector) before it is fitted to the model.
+    input as decoded but reduced to what its stored query input and thumbnail need (see _kept: at most
+    keep_pixels(image_size) pixels, and fit_image of it is exactly the model input that was embedded): uint8
+    RGB, uint16 depth, or the float32 vector.
 
     rgb views: bytes (PNG/JPEG/WebP only; JPEG decoded in draft mode near S) or uint8 (H, W, 3) arrays
     -> (N, 3, S, S) in [0, 1]; depth views: bytes (16-bit PNG) or uint16 (H, W) arrays -> (N, 1, S, S) in [0, 1];
@@ -86,13 +111,17 @@ def to_source(view: dict, items: list, image_size: int, max_pixels: int = 40_000
         if src == "rgb":
             if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
                 raise InputError(f"input {i}: view {view['name']!r} takes RGB images", "images")
-            out[i] = fit_image(a, image_size).transpose(2, 0, 1) / np.float32(255.0)
-        else:
-            if a.ndim != 2 or a.dtype != np.uint16:
-                raise InputError(f"input {i}: view {view['name']!r} takes 16-bit depth maps", "images")
-            out[i, 0] = fit_image(a, image_size) / np.float32(65535.0)
+        elif a.ndim != 2 or a.dtype != np.uint16:
+            raise InputError(f"input {i}: view {view['name']!r} takes 16-bit depth maps", "images")
+        scaled = scale_shorter(a, image_size)
+        fitted = fit_image(scaled, image_size)  # == fit_image(a, image_size): the crop of scaled
         if decoded is not None:
-            decoded.append(a)
+            decoded.append(_kept(a, scaled, fitted, image_size))
+        del a, scaled  # the full-size decode goes now, not at the next item
+        if src == "rgb":
+            out[i] = fitted.transpose(2, 0, 1) / np.float32(255.0)
+        else:
+            out[i, 0] = fitted / np.float32(65535.0)
     return out
 
 

@@ -225,7 +225,8 @@ def test_progressive_8000px_jpeg_refused_from_its_header_without_decoding(progre
 
 def _png_header(w: int, h: int, bit_depth: int = 8, color: int = 2) -> bytes:
     ihdr = struct.pack(">IIBBBBB", w, h, bit_depth, color, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 100)) + _chunk(b"IEND", b"")
+    idat = _chunk(b"IDAT", zlib.compress(b"\0" * 100))
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + idat + _chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize("w,h", [(4000, 4000), (10000, 10000), (60000, 60000), (1, 2 ** 31 - 1)])
