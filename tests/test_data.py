@@ -250,7 +250,7 @@ def test_paired_keeps_unlabelled_items_for_pretraining(tmp_path, caplog):
     """200 paired items, 20 of them in labels.csv: pretraining sees all of them (y = -1 when unlabelled),
     evaluation only the labelled ones, and both counts are logged."""
     import logging
-    from train.evaluate import labelled
+    from train.metrics import labelled
     rng = np.random.default_rng(1)
     for i in range(200):
         for src in ("rgb", "depth"):

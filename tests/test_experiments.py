@@ -12,7 +12,8 @@ from train import experiments
 from train.config import Config
 from train.patches import crop_pair, distances, mi_bound, patch_model, positions
 from train.predictive import PredictiveModel, ab_bins, bin_centres, predictive_loss
-from train.viewpairs import format_view_pairs, pair_mi_bound, plot_view_pairs, view_pair_table
+from train.metrics import mi_bound as pair_mi_bound
+from train.viewpairs import format_view_pairs, plot_view_pairs, view_pair_table
 
 # smaller than --quick: 16 px scenes, 2 steps of 16, 2 probe epochs (a few seconds per run on 2 cores)
 TINY = "scenes:n=96,size=16,seed=3,test_n=64"
@@ -182,7 +183,7 @@ def test_view_pair_table_and_the_evaluate_flag(tmp_path):
         assert in_unit(r["r1_ab"], r["r10_ab"], r["r1_ba"], r["r10_ba"], r["top1_a"], r["top1_b"], r["top1_pair"])
         assert r["r10_ab"] >= r["r1_ab"] and r["r10_ba"] >= r["r1_ba"]
     # the bound equals log(k) - L computed directly from the held-out embeddings
-    from train.evaluate import extract
+    from train.metrics import extract
     from train.losses import cmc_loss
     z = extract(model, test)["embed"]
     direct = np.mean([math.log(16) - float(cmc_loss({"a": z["L"][i:i + 16], "b": z["ab"][i:i + 16]}, cfg.tau)[0]) / 2

@@ -9,7 +9,8 @@ import torch
 
 from conftest import ROOT, make_npz, run_cli
 from train import losses as losses_mod
-from train import pretrain
+from train import pretrain, step
+from train.model import build_model
 from train.config import Config
 from train.pipeline import DeviceData
 from train.setup import prepare
@@ -38,7 +39,7 @@ def test_smoke_run_lowers_loss_on_a_fixed_batch(tmp_path):
         with torch.no_grad():
             return float(losses_mod.cmc_loss(model(fixed), cfg.tau, cfg.graph)[0])
 
-    before = loss_of(pretrain.build_model(cfg, specs, size, ds))
+    before = loss_of(build_model(cfg, specs, size, ds))
     after = loss_of(pretrain.train(cfg, ds, specs, size, torch.device("cpu")))
     assert after < 0.7 * before, (before, after)
 
@@ -67,7 +68,7 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 3 else loss), stats
 
-    monkeypatch.setattr(pretrain, "cmc_loss", flaky)
+    monkeypatch.setattr(step, "cmc_loss", flaky)
     with pytest.raises(pretrain.TrainingError, match="loss is nan at step 2"):
         pretrain.train(cfg, ds, specs, size, torch.device("cpu"))
 
@@ -125,6 +126,57 @@ def test_torchrun_first_loss_equals_single_process(tmp_path, views):
     assert max(float((one[k].float() - two[k].float()).abs().max()) for k in one) < 1e-4
 
 
+def test_config_file_values_are_typed_like_flags(tmp_path):
+    """A config file goes through the same typed check as the flags: quoted numbers and booleans are read as
+    a flag's text would be (YAML's flip: "false" used to stay a truthy string; epochs: "3" failed deep in
+    training), and PyYAML's string '2e-3' is a number."""
+    from train.config import parse_args
+    f = tmp_path / "c.yaml"
+    f.write_text('epochs: "3"\nflip: "false"\nchannels_last: off\nlr: 2e-3\nwidth: 1\n')
+    cfg = parse_args(["--config", str(f)])
+    assert (cfg.epochs, cfg.flip, cfg.channels_last, cfg.lr, cfg.width) == (3, False, False, 0.002, 1.0)
+    assert type(cfg.epochs) is int and type(cfg.flip) is bool and type(cfg.width) is float
+    assert parse_args(["--config", str(f), "--flip", "--epochs", "5"]).flip is True  # flags override the file
+    assert parse_args(["--flip", "no", "--lr", "1e-3"]) == parse_args(["--flip", "false", "--lr", "0.001"])
+
+
+@pytest.mark.parametrize("text,field", [
+    ('epochs: "three"\n', "field epochs: expected an integer, not 'three'"),
+    ("epochs: 2.5\n", "field epochs: expected an integer, not 2.5"),
+    ("epochs: true\n", "field epochs: expected an integer, not True"),
+    ('flip: "maybe"\n', "field flip: expected true or false, not 'maybe'"),
+    ("flip: 1\n", "field flip: expected true or false, not 1"),
+    ("data: 5\n", "field data: expected a string, not 5"),
+    ("epochs:\n", "field epochs: expected an integer, not None"),
+])
+def test_config_file_of_a_wrong_type_names_the_field_and_the_file(tmp_path, text, field):
+    from train.config import ConfigError, parse_args
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--config", str(f)])
+    assert str(e.value) == f"config file {f}: {field}"
+
+
+def test_wrong_types_exit_2_with_one_line_from_a_file_and_from_a_flag(tmp_path):
+    f = tmp_path / "bad.json"
+    f.write_text('{"epochs": "3", "flip": "sometimes"}')
+    r = run_cli(["-m", "train.pretrain", "--config", str(f), "--out", str(tmp_path / "run")], timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: config file {f}: field flip: expected true or false, not 'sometimes'"
+    r = run_cli(["-m", "train.pretrain", "--flip", "sometimes", "--out", str(tmp_path / "run")], timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --flip: expected true or false, not 'sometimes'"
+
+
+def test_vector_bench_overrides_are_typed_by_the_config():
+    from train.config import ConfigError
+    from train.vector_bench import _overrides
+    assert _overrides(["mlp_dropout=0.1", "flip=false", "epochs=4"]) == {"mlp_dropout": 0.1, "flip": False, "epochs": 4}
+    with pytest.raises(ConfigError, match="--set flip: expected true or false, not 'maybe'"):
+        _overrides(["flip=maybe"])
+    with pytest.raises(ConfigError, match="--set colour: unknown config field 'colour'"):
+        _overrides(["colour=red"])
+
+
 def test_help_prints_each_default_once():
     r = run_cli(["-m", "train.pretrain", "--help"], timeout=60)
     assert r.returncode == 0
@@ -170,7 +222,7 @@ def test_alexnet_run_twice_exports_and_replaces_its_gallery(tmp_path):
 def test_random_init_baseline_recalibrates_batch_norm_on_training_images():
     """recalibrate_bn re-estimates every BN layer's running statistics from the data (one batch here, so they
     equal that batch's statistics exactly), and leaves the weights alone."""
-    from train.evaluate import recalibrate_bn
+    from train.model import recalibrate_bn
     from models.data import Dataset
     from models.encoders import CMCModel
     from models.views import parse_views
@@ -197,7 +249,7 @@ def test_alexnet_probe_reads_conv5():
     """The linear probe of AlexNet reads conv5 pooled to 6x6 (128 x 6 x 6 = 4608 per view), not fc7 (2048)."""
     from models.encoders import CMCModel
     from models.views import parse_views
-    from train.evaluate import extract
+    from train.metrics import extract
     from models.data import Dataset
     rng = np.random.default_rng(1)
     ds = Dataset(sources={"rgb": rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)}, keys=[str(i) for i in range(6)])
@@ -218,7 +270,7 @@ def test_gallery_failure_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CMC_HOME", str(home))
     cfg = small_cfg(tmp_path, views="L,depth", export=True, index=True, evaluate=False)
     ds, test, specs, size = prepare(cfg, progress=False)
-    model = pretrain.build_model(cfg, specs, size, ds).eval()
+    model = build_model(cfg, specs, size, ds).eval()
     assert finish(cfg, model, specs, size, test, torch.device("cpu"), ds) == 2
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error")]
     assert len(err) == 1 and "gallery index" in err[0] and "the model is exported" in err[0], err

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from conftest import run_cli
 from models.encoders import CMCModel
 from models.views import parse_views
-from train import losses, pretrain, speed
+from train import losses, speed, step
+from train.distributed import Dist
+from train.model import build_model
 from train.config import Config
 from train.losses import MemoryBank, cmc_loss
 
@@ -93,13 +95,13 @@ def test_bf16_only_on_cpus_with_native_bf16(monkeypatch, flags, device, amp, exp
     monkeypatch.setattr(speed, "cpu_flags", lambda: frozenset(flags))
     assert speed.use_amp(amp, torch.device(device)) is expected
     cfg = Config(amp=amp, views="L,ab")
-    assert pretrain.speed_choices(cfg, parse_views("L,ab"), torch.device(device))[0] is expected
+    assert speed.speed_choices(cfg, parse_views("L,ab"), torch.device(device))[0] is expected
 
 
 def test_vector_views_keep_fp32_on_cpu_auto(monkeypatch):
     monkeypatch.setattr(speed, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
     specs = parse_views("fa,fb", {"fa": 4, "fb": 3})
-    amp, channels_last = pretrain.speed_choices(Config(views="fa,fb"), specs, torch.device("cpu"))
+    amp, channels_last = speed.speed_choices(Config(views="fa,fb"), specs, torch.device("cpu"))
     assert (amp, channels_last) == (False, False)
 
 
@@ -128,10 +130,10 @@ def test_transforms_stay_fp32_under_training_autocast(view):
 def test_train_step_under_autocast_gives_the_loss_fp32_embeddings(monkeypatch):
     cfg = Config(views="L,ab", arch="resnet10", width=0.25, feat_dim=16, negatives="memory", nce_k=8, batch_size=4)
     specs = parse_views(cfg.views)
-    model = pretrain.build_model(cfg, specs, 32)
+    model = build_model(cfg, specs, 32)
     bank = MemoryBank(["L", "ab"], 16, 16)
     seen = {}
-    real = pretrain.cmc_loss
+    real = step.cmc_loss
 
     def spy(z, *a, **k):
         seen.update({v: t.dtype for v, t in z.items()})
@@ -139,10 +141,10 @@ def test_train_step_under_autocast_gives_the_loss_fp32_embeddings(monkeypatch):
         seen["loss"] = loss.dtype
         return loss, stats
 
-    monkeypatch.setattr(pretrain, "cmc_loss", spy)
-    opt = pretrain.make_optimizer(cfg, model)
-    loss, _ = pretrain.train_step(model, opt, bank, _sources(), torch.arange(4), cfg, pretrain.Dist(),
-                                  torch.Generator().manual_seed(0), amp=True)
+    monkeypatch.setattr(step, "cmc_loss", spy)
+    opt = step.make_optimizer(cfg, model)
+    loss, _ = step.train_step(model, opt, bank, _sources(), torch.arange(4), cfg, Dist(),
+                              torch.Generator().manual_seed(0), amp=True)
     assert seen == {"L": torch.float32, "ab": torch.float32, "loss": torch.float32} and torch.isfinite(loss)
 
 
@@ -155,7 +157,7 @@ def test_channels_last_gives_the_same_outputs(arch):
     src = _sources()
     with torch.no_grad():
         a = model(src)
-        b = cl(pretrain.to_channels_last(src))
+        b = cl(speed.to_channels_last(src))
     for v in a:
         torch.testing.assert_close(b[v], a[v], rtol=1e-4, atol=1e-5)
 

@@ -13,7 +13,9 @@ from models.data import Dataset
 from models.views import parse_views
 from train import pretrain, selection
 from train.config import Config
-from train.selection import embed_all, mean_cross_view_recall, split_validation
+from train.metrics import embed_all, mean_cross_view_recall
+from train.model import build_model
+from train.selection import split_validation
 from train.vector_aug import VectorAugment
 
 
@@ -110,7 +112,7 @@ def test_saved_and_returned_model_is_the_best_validation_epoch(tmp_path):
     _, val = split_validation(ds, 0.2, cfg.seed)
     assert mean_cross_view_recall(embed_all(model, val, torch.device("cpu")))[0] == pytest.approx(best, abs=1e-6)
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-    saved = pretrain.build_model(cfg, specs, 0)
+    saved = build_model(cfg, specs, 0)
     saved.load_state_dict(state["model"])
     assert mean_cross_view_recall(embed_all(saved, val, torch.device("cpu")))[0] == pytest.approx(best, abs=1e-6)
     assert state["selection"]["best"] == pytest.approx(best, abs=1e-6)
@@ -118,7 +120,7 @@ def test_saved_and_returned_model_is_the_best_validation_epoch(tmp_path):
 
 
 def test_a_run_with_mlp_dropout_loads_back_as_it_was_trained(tmp_path):
-    from train.evaluate import load_run
+    from train.model import load_run
     ds = _vector_ds()
     model, _ = _train(_cfg(tmp_path, epochs=1, mlp_layers=2, mlp_dropout=0.2), ds)
     loaded, _ = load_run(tmp_path / "run")  # the dropout layers shift the MLP's parameter names
@@ -130,7 +132,7 @@ def test_a_run_with_mlp_dropout_loads_back_as_it_was_trained(tmp_path):
 def test_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
     ds = _vector_ds()
     scores = iter([0.5, 0.7, 0.6, 0.65, 0.9, 0.95])  # best at epoch 2; patience 2 stops after epoch 4
-    real = pretrain.mean_cross_view_recall
+    real = selection.mean_cross_view_recall
     seen = {}
 
     def fake(z):
@@ -138,11 +140,11 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
         seen[s] = {v: t.clone() for v, t in z.items()}
         return s, real(z)[1]
 
-    monkeypatch.setattr(pretrain, "mean_cross_view_recall", fake)
+    monkeypatch.setattr(selection, "mean_cross_view_recall", fake)
     model, _ = _train(_cfg(tmp_path, patience=2, epochs=6), ds)
     recs = [r for r in _records(tmp_path / "run") if "val_recall@1" in r]
     assert [r["val_recall@1"] for r in recs] == [0.5, 0.7, 0.6, 0.65]
-    assert [r["val_best"] for r in recs] == [1.0, 1.0, 0.0, 0.0]
+    assert [r["val_is_best"] for r in recs] == [1.0, 1.0, 0.0, 0.0]
     _, val = split_validation(ds, 0.2, 0)
     z = embed_all(model, val, torch.device("cpu"))
     for v in z:  # the returned model embeds exactly as the model of epoch 2 did
@@ -209,12 +211,12 @@ def test_mfeat_loader_reads_the_wheels_data():
 
 def test_random_bn_baseline_of_a_batch_norm_free_model_is_the_random_one(tmp_path, monkeypatch):
     """Vector views' MLPs have no batch norm: the re-estimated baseline is the plain random one, not re-run."""
-    from train import evaluate, finish
+    from train import finish, model as model_mod
     ds = _vector_ds()
     cfg = _cfg(tmp_path, epochs=1)
     model, specs = _train(cfg, ds)
-    assert not evaluate.has_batch_norm(model)
-    monkeypatch.setattr(evaluate, "recalibrate_bn", lambda *a, **k: pytest.fail("nothing to re-estimate"))
+    assert not model_mod.has_batch_norm(model)
+    monkeypatch.setattr(finish, "recalibrate_bn", lambda *a, **k: pytest.fail("nothing to re-estimate"))
     res = finish.quick_eval(cfg, model.eval(), 0, ds, ds, torch.device("cpu"))
     for v in ("fa", "fb"):
         assert res[f"knn.{v}.random-bn"] == res[f"knn.{v}.random"] and 0 <= res[f"knn.{v}.cmc"] <= 1

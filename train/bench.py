@@ -20,12 +20,14 @@ import numpy as np
 import torch
 
 from models.data import Dataset
-from .config import Config
 from models.views import parse_views
+from .config import Config
+from .distributed import Dist, resolve_device
 from .losses import MemoryBank
+from .model import build_model
 from .pipeline import DeviceData, augment, crop_params, step_generator
-from .pretrain import Dist, build_model, make_optimizer, resolve_device, speed_choices, to_channels_last, train_step
-from .speed import cpu_report
+from .speed import cpu_report, speed_choices, to_channels_last
+from .step import make_optimizer, train_step
 
 SETTINGS = {
     "default": Config(views="L,ab,depth"),

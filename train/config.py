@@ -1,11 +1,18 @@
-"""One frozen config: CLI flags are derived from its fields; ``asdict(cfg)`` goes into the checkpoint,
-``metrics.jsonl``'s header and the model card. Nothing mutates it after parsing."""
+"""The run's configuration: one frozen dataclass whose fields are the CLI flags, and the one check of their
+types (``coerce``) that flags, config files and overrides all go through. ``asdict(cfg)`` goes into the
+checkpoint, ``metrics.jsonl``'s header and the model card. Nothing mutates it after parsing."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
+from typing import get_type_hints
+
+import yaml
+from pydantic import TypeAdapter, ValidationError
 
 
 class ConfigError(ValueError):
@@ -96,17 +103,32 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _parse_bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, not {s!r}")
+FIELD_TYPES: dict[str, type] = get_type_hints(Config)
+_ADAPTERS = {name: TypeAdapter(t) for name, t in FIELD_TYPES.items()}
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def coerce(values: Mapping[str, object], where: Callable[[str], str]) -> dict:
+    """Typed values of config fields, checked against the fields' types (pydantic, built from the dataclass).
+    Text is read as a flag's value would be ('3' -> 3, 'false' -> False, '2e-3' -> 0.002; 'maybe' for a bool is
+    refused); any other value must already have the field's type (an int for a float is fine, a bool for an
+    int is not). ``where(field)`` names the field's origin in the ConfigError: a flag, a file's field."""
+    out, errors = {}, []
+    for name, v in values.items():
+        if name not in _ADAPTERS:
+            errors.append(f"{where(name)}: unknown config field {name!r}")
+            continue
+        try:
+            out[name] = _ADAPTERS[name].validate_python(v, strict=not isinstance(v, str))
+        except ValidationError:
+            errors.append(f"{where(name)}: expected {_EXPECTED[FIELD_TYPES[name]]}, not {v!r}")
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return out
 
 
 def _comments() -> dict[str, str]:
     """Field comments from the source, used as flag help."""
-    import inspect
     out = {}
     for line in inspect.getsource(Config).splitlines():
         line = line.strip()
@@ -121,49 +143,48 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "python -m train.pretrain") -> argparse.ArgumentParser:
+    """One flag per field; values stay text here and are typed by ``coerce`` (as a config file's are)."""
     p = _Parser(prog=prog, description="Pretrain CMC encoders.")
     p.add_argument("--config", default=None, help="YAML or JSON file of config fields; flags override it")
     helps = _comments()
     for f in fields(Config):
-        typ = f.type if not isinstance(f.type, str) else eval(f.type)  # noqa: S307 - our own annotations
         kw = {"default": None, "help": f"{helps.get(f.name, '')} (default: {f.default})"}
-        if typ is bool:
-            p.add_argument(_flag(f.name), type=_parse_bool, nargs="?", const=True, metavar="BOOL", **kw)
+        if FIELD_TYPES[f.name] is bool:  # --flag alone means true
+            p.add_argument(_flag(f.name), nargs="?", const=True, metavar="BOOL", **kw)
         else:
-            p.add_argument(_flag(f.name), type=typ, **kw)
+            p.add_argument(_flag(f.name), **kw)
     return p
 
 
 def load_file(path: str) -> dict:
+    """The typed fields of a YAML or JSON config file; ConfigError naming the file (and the field)."""
     fp = Path(path)
     if not fp.is_file():
         raise ConfigError(f"config file not found: {path}")
     text = fp.read_text()
     try:
-        if fp.suffix in (".yaml", ".yml"):
-            import yaml
-            d = yaml.safe_load(text) or {}
-        else:
-            d = json.loads(text)
+        d = (yaml.safe_load(text) or {}) if fp.suffix in (".yaml", ".yml") else json.loads(text)
     except Exception as e:  # noqa: BLE001 - any parse error is the file's problem
         raise ConfigError(f"cannot parse config file {path}: {e}".splitlines()[0]) from None
     if not isinstance(d, dict):
         raise ConfigError(f"config file {path} must hold a mapping of fields")
-    names = {f.name for f in fields(Config)}
-    unknown = sorted(set(d) - names)
+    unknown = sorted(set(d) - set(FIELD_TYPES))
     if unknown:
         raise ConfigError(f"unknown field(s) in {path}: {', '.join(unknown)}")
-    return d
+    return coerce(d, lambda name: f"config file {path}: field {name}")
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
+    """Flags over a --config file over the defaults, each value typed by ``coerce``, then range-checked."""
     ns = build_parser().parse_args(argv)
     values = load_file(ns.config) if ns.config else {}
-    values.update({k: v for k, v in vars(ns).items() if k != "config" and v is not None})
+    flags = {k: v for k, v in vars(ns).items() if k != "config" and v is not None}
+    values.update(coerce(flags, _flag))
     return Config(**values).validate()
 
 
 def from_dict(d: dict) -> Config:
+    """The config saved in a checkpoint or card (fields it does not know are ignored)."""
     names = {f.name for f in fields(Config)}
     return Config(**{k: v for k, v in d.items() if k in names})
 

@@ -1,17 +1,61 @@
-"""Batch norm across processes on any device: torch's SyncBatchNorm needs CUDA ("SyncBatchNorm layers only
-work with GPU modules" under gloo on CPU, torch 2.13), so CPU runs under torchrun use this instead.
+"""Where a run executes: torchrun's environment (``Dist``: world, rank, the differentiable gather of embeddings),
+the device of a rank, and batch norm across processes on any device.
 
-In training mode every batch-norm layer normalises with the statistics of the *global* batch (sums over all
-ranks, one differentiable all-reduce per layer), exactly as one process would over the whole batch; its
-running statistics get the same update on every rank. In eval mode, or in a single process, it is plain
-batch norm, so checkpoints, evaluation and ONNX export are unchanged.
+torch's SyncBatchNorm needs CUDA ("SyncBatchNorm layers only work with GPU modules" under gloo on CPU, torch
+2.13), so CPU runs under torchrun use ``GlobalBatchNorm`` instead. In training mode every batch-norm layer
+normalises with the statistics of the *global* batch (sums over all ranks, one differentiable all-reduce per
+layer), exactly as one process would over the whole batch; its running statistics get the same update on
+every rank. In eval mode, or in a single process, it is plain batch norm, so checkpoints, evaluation and ONNX
+export are unchanged.
 """
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from .config import ConfigError
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """--device: auto (this rank's GPU when CUDA is present, else the CPU), cpu, cuda or cuda:N."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda[:N], not {name!r}")
+    return torch.device(name)
+
+
+class Dist:
+    """torchrun's environment, or a single process."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def init(self, device: torch.device) -> None:
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def gather(self, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Differentiable all-gather of every view's (n, D) -> (world * n, D), in rank order."""
+        if self.world == 1:
+            return z
+        # lazy: torch.distributed.nn is needed only under torchrun
+        from torch.distributed.nn.functional import all_gather  # differentiable: backward reduce-scatters
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
+        return {v: torch.cat(all_gather(t), dim=0) for v, t in z.items()}
 
 
 class GlobalBatchNorm(_BatchNorm):
@@ -20,6 +64,7 @@ class GlobalBatchNorm(_BatchNorm):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
+        # lazy: torch.distributed.nn is needed only under torchrun
         from torch.distributed.nn.functional import all_reduce  # differentiable: backward sums the gradients
         dims = [0] + list(range(2, x.dim()))
         xf = x.float()

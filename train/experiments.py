@@ -1,4 +1,5 @@
-"""python -m train.experiments NAME [--quick] [--data SPEC] [--out DIR] [--seeds S ...]: the CMC analyses.
+"""python -m train.experiments NAME [--quick] [--data SPEC] [--out DIR] [--seeds S ...]: the CMC analyses
+(their budgets, runs and cached rows; training is ``train.pretrain.train``, every number ``train.metrics``).
 
 - ``views``: more views, better representations? L plus ab, depth, normals (2, 3, 4 views, L first) under the
   core-view (L_C) and full-graph (L_F) objectives at an equal budget of optimiser steps; held-out linear and
@@ -9,7 +10,7 @@
 - ``patches``: two patches of one image at diagonal offsets d as the views (``train.patches``): the MI
   bound log(k) - L on held-out pairs at a fixed k, and the patch encoder's linear top-1, for each d.
 
-Every training run goes through ``train.pretrain.train`` and every evaluation through ``train.evaluate``.
+Every training run goes through ``train.pretrain.train`` and every evaluation through ``train.metrics``.
 Each command writes DIR/NAME.json (one row per configuration and seed), DIR/NAME.png and prints a table;
 finished runs are cached in DIR/runs/NAME/<run>/row.json and reused when their config is unchanged.
 """
@@ -32,8 +33,13 @@ from models.data import DataError, Dataset
 from models.encoders import CMCModel
 from models.views import BUILTIN, ViewError, parse_views
 from .config import Config, ConfigError
-from .evaluate import evaluate, recalibrate_bn, sample
-from .pretrain import TrainingError, build_model, resolve_device, train
+from .distributed import resolve_device
+from .experiment_plots import PLOTS, TABLES
+from .metrics import evaluate, sample
+from .model import build_model, recalibrate_bn
+from .patches import distances, mi_bound, patch_loss, patch_model
+from .predictive import PredictiveModel, predictive_loss
+from .pretrain import TrainingError, train
 from .setup import prepare
 
 LOG = logging.getLogger(__name__)
@@ -162,7 +168,6 @@ def run_views(ctx: Context) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- predictive
 def run_predictive(ctx: Context) -> list[dict]:
-    from .predictive import PredictiveModel, predictive_loss
     ds, ev, test, specs, size = load_data(ctx, "L,ab")
     methods = ["contrastive", "predictive-regression", "predictive-classification", "random-init", "random-init-bn"]
     rows = []
@@ -191,7 +196,6 @@ def run_predictive(ctx: Context) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------- patches
 def run_patches(ctx: Context) -> list[dict]:
-    from .patches import distances, mi_bound, patch_loss, patch_model
     ds, ev, test, _, size = load_data(ctx, "L,ab")  # any rgb data; the views are the patches
     patch = ctx.patch or size // 2
     if not 8 <= patch < size:
@@ -221,7 +225,6 @@ RUNNERS = {"views": run_views, "predictive": run_predictive, "patches": run_patc
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .experiment_plots import PLOTS, TABLES
     p = argparse.ArgumentParser(prog="python -m train.experiments", description=__doc__.split("\n\n")[0])
     p.add_argument("name", choices=NAMES, help="the analysis to run")
     p.add_argument("--quick", action="store_true", help="a tiny budget: the whole pipeline in a few minutes")

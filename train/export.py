@@ -1,4 +1,5 @@
-"""python -m train.export --run RUN_DIR [--out DIR]: one ONNX graph per view, with the view transform inside.
+"""python -m train.export --run RUN_DIR [--out DIR]: owns the artifact, one ONNX graph per view (the view
+transform inside) plus the card, checked against torch, and saved into the BentoML model store.
 
 Each graph takes the view's *source* as the server has it after decoding and resizing (float32 NCHW RGB or
 depth in [0, 1] at the card's size, or a raw vector) and outputs the L2-normalised embedding; the batch
@@ -9,23 +10,23 @@ artifact is saved into the BentoML model store as ``cmc:<version>``.
 from __future__ import annotations
 
 import argparse
+import copy
+import io
 import logging
 import sys
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
 from models.artifact import save_to_store
 from models.card import Card, CardError, git_commit, sha256_file
 from models.encoders import CMCModel
-from .config import ConfigError, from_dict
+from .config import ConfigError
+from .model import load_run
 
 LOG = logging.getLogger(__name__)
 OPSET = 17
@@ -55,31 +56,27 @@ class _Fused(nn.Module):
         return torch.cat([m(x) for m, x in zip(self.model.views.values(), xs)], dim=1)
 
 
-def _export_one(module: nn.Module, inputs: tuple, names: list[str], path: Path) -> None:
+def _export_one(module: nn.Module, inputs: tuple, names: list[str], path: Path | io.BytesIO) -> None:
+    """``module`` to ONNX with a dynamic batch axis: into a file, checked by ``onnx.checker``, or into memory."""
     dyn = {n: {0: "batch"} for n in names} | {"embedding": {0: "batch"}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, inputs, str(path), input_names=names, output_names=["embedding"],
-                          dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
-    onnx.checker.check_model(onnx.load(str(path)))
+        torch.onnx.export(module, inputs, path if isinstance(path, io.BytesIO) else str(path), input_names=names,
+                          output_names=["embedding"], dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
+    if not isinstance(path, io.BytesIO):
+        import onnx  # lazy: heavy, and train.pretrain imports this module before training (check_exportable)
+        onnx.checker.check_model(onnx.load(str(path)))
 
 
 def check_exportable(model: CMCModel, image_size: int) -> None:
     """Export every view of (a copy of) ``model`` to memory, before any training: an architecture and size that
     ONNX cannot express fail here, in seconds, with one line, instead of after training."""
-    import copy
-    import io
     model = copy.deepcopy(model).cpu().eval()
     for name, m in model.views.items():
         spec = model.specs[name]
         inp = spec.input_spec(image_size if spec.is_image else None)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(m, (torch.from_numpy(random_source(inp, 2, 0, m)),), io.BytesIO(),
-                                  input_names=["source"], output_names=["embedding"],
-                                  dynamic_axes={"source": {0: "batch"}, "embedding": {0: "batch"}},
-                                  opset_version=OPSET, dynamo=False)
+            _export_one(m, (torch.from_numpy(random_source(inp, 2, 0, m)),), ["source"], io.BytesIO())
         except Exception as e:  # noqa: BLE001 - any exporter failure means this model cannot be served
             arch = type(m.encoder).__name__
             raise ExportError(f"view {name!r} ({arch} at {image_size} px) cannot be exported to ONNX: "
@@ -89,6 +86,7 @@ def check_exportable(model: CMCModel, image_size: int) -> None:
 
 def parity(module: nn.Module, path: Path, inputs: list[np.ndarray]) -> float:
     """Max abs difference between torch and onnxruntime on ``inputs``."""
+    import onnxruntime as ort  # lazy: heavy, and train.pretrain imports this module before training
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {i.name: x for i, x in zip(sess.get_inputs(), inputs)}
     got = sess.run(None, feed)[0]
@@ -139,7 +137,6 @@ def export_model(model: CMCModel, image_size: int, out: str | Path, cfg: dict, e
 
 def export_run(run: str | Path, out: str | Path | None = None, store: bool = True, evaluation: dict | None = None) -> tuple[Card, Path, str | None]:
     """Export a run directory's checkpoint; returns (card, directory, BentoML tag or None)."""
-    from .evaluate import load_run
     model, state = load_run(run)
     out = Path(out) if out else Path(run) / "export"
     cfg = state["config"]

@@ -1,6 +1,6 @@
-"""What the end of ``python -m train.pretrain`` does on the main rank: a quick held-out kNN check against
-the same encoders at random initialisation (default and re-estimated batch-norm statistics), the export
-(ONNX + card + BentoML store) and the default gallery index of held-out data in every view.
+"""The end of ``python -m train.pretrain`` on the main rank: a quick held-out kNN check against the same
+encoders at random initialisation (default and re-estimated batch-norm statistics), the export (ONNX + card
++ BentoML store) and the default gallery index of held-out data in every view.
 
 Running the same command twice gives the same model fingerprint: the gallery is then rebuilt and replaces
 the previous one. A failure in the export or the gallery step is one line on stderr and exit code 2."""
@@ -15,11 +15,14 @@ from pathlib import Path
 
 import torch
 
-from models.artifact import default_index_dir
+from models.artifact import default_index_dir, save_to_store
 from models.data import DataError, Dataset
 from models.encoders import CMCModel
 from models.views import ViewSpec
 from .config import Config
+from .export import export_model
+from .metrics import extract, knn_accuracy, labelled, sample
+from .model import build_model, has_batch_norm, recalibrate_bn
 
 LOG = logging.getLogger(__name__)
 
@@ -29,8 +32,6 @@ def quick_eval(cfg: Config, model: CMCModel, image_size: int, train: Dataset | N
     """kNN top-1 of every view (labelled held-out queries, labelled training gallery) for the model and for
     the same encoders at random initialisation: ``random`` with default batch-norm statistics, ``random-bn``
     with statistics re-estimated on unlabelled training images."""
-    from .evaluate import extract, has_batch_norm, knn_accuracy, labelled, recalibrate_bn, sample
-    from .pretrain import build_model
     if test is None or test.y is None or train is None or train.y is None:
         return {}
     try:
@@ -59,7 +60,7 @@ def quick_eval(cfg: Config, model: CMCModel, image_size: int, train: Dataset | N
 def build_gallery(export_dir: str | Path, test: Dataset, views: list[str], idx_dir: Path, tag: str) -> Path:
     """Build the default gallery into a fresh directory beside ``idx_dir``, then put it in place (replacing a
     gallery of an earlier run of the same model)."""
-    from index.build import build_index
+    from index.build import build_index  # lazy: FAISS and onnxruntime, needed only when a gallery is built
     idx_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = idx_dir.with_name(f"{idx_dir.name}.building-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -90,8 +91,6 @@ def finish(cfg: Config, model: CMCModel, specs: list[ViewSpec], image_size: int,
             print("held-out evaluation (weighted kNN, k=200):\n" + "\n".join(rows))
     if not cfg.export:
         return 0
-    from .export import export_model
-    from models.artifact import save_to_store
     out = f"{cfg.out}/export"
     try:
         card = export_model(model, image_size, out, asdict(cfg), evaluation)

@@ -1,5 +1,5 @@
-"""Two patches of one image as two views, at a diagonal offset d (Tian et al. 2020, "What makes for good
-views for contrastive learning?", section 3.2).
+"""Two patches of one image as two views at a diagonal offset d (Tian et al. 2020, "What makes for good
+views for contrastive learning?", section 3.2): their crops, encoder, loss and MI bound.
 
 View 1 is the ``patch`` x ``patch`` crop at (x, y), view 2 the crop at (x + d, y + d), with (x, y) uniform
 over the positions where both fit. One encoder (the rgb view's transform and network, built by
@@ -19,6 +19,7 @@ from models.data import Dataset
 from models.encoders import CMCModel
 from models.views import BUILTIN
 from .losses import cmc_loss
+from .metrics import mi_bound as embeddings_mi_bound
 from .pipeline import DeviceData
 
 LOG = logging.getLogger(__name__)
@@ -87,18 +88,20 @@ def patch_loss(patch: int, d: int, tau: float):
 @torch.no_grad()
 def mi_bound(model: CMCModel, ds: Dataset, patch: int, d: int, k: int, tau: float, device="cpu",
              seed: int = 0) -> float:
-    """Mean of log(k) - L over held-out batches of k patch pairs (fixed positions, no augmentation):
-    the contrastive lower bound on I(v1; v2), with the same k at every offset."""
+    """``train.metrics.mi_bound`` of the patch pairs of held-out images (fixed positions, no augmentation):
+    the mean of log(k) - L over batches of k pairs, the contrastive lower bound on I(v1; v2), with the same k
+    at every offset."""
     if len(ds) < k:
         raise ValueError(f"the held-out set has {len(ds)} items, fewer than k = {k}")
     model.eval()
     data = DeviceData(ds, [BUILTIN["rgb"]], torch.device(device))
     g = torch.Generator().manual_seed(seed)
     size = int(ds.sources["rgb"].shape[1])
-    bounds = []
-    for lo in range(0, len(ds) - k + 1, k):
+    z1, z2 = [], []
+    for lo in range(0, len(ds) - k + 1, k):  # batches of k pairs, positions drawn per batch
         rgb = data.batch(torch.arange(lo, lo + k))["rgb"]
         x, y = positions(k, size, patch, d, g)
-        _, stats = cmc_loss(embed_pair(model, rgb, patch, d, x, y), tau, "full")
-        bounds.append(stats[f"mi/{PAIR[0]}~{PAIR[1]}"])
-    return float(np.mean(bounds))
+        z = embed_pair(model, rgb, patch, d, x, y)
+        z1.append(z[PAIR[0]])
+        z2.append(z[PAIR[1]])
+    return embeddings_mi_bound(torch.cat(z1), torch.cat(z2), k, tau)

@@ -1,4 +1,4 @@
-"""Pictures of a run: training curves (loss and MI bound per pair) and a cross-view retrieval grid."""
+"""Pictures of a run (PNG): training curves (loss and MI bound per pair) and a cross-view retrieval grid."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ import torch  # noqa: E402
 
 from models.data import Dataset  # noqa: E402
 from models.encoders import CMCModel  # noqa: E402
+from .metrics import extract  # noqa: E402
 
 
 def training_curves(metrics_path: str | Path, out: str | Path) -> Path:
@@ -54,7 +55,6 @@ def _show(ds: Dataset, view: str, i: int) -> np.ndarray:
 def retrieval_grid(model: CMCModel, ds: Dataset, query_view: str, gallery_view: str, out: str | Path,
                    n_queries: int = 8, k: int = 5, seed: int = 0) -> Path:
     """Queries in one view, their top-k items retrieved in another; the true match framed in green."""
-    from .evaluate import extract
     ds = ds.subset(np.sort(np.random.default_rng(seed).permutation(len(ds))[:2000]))  # files may be sorted by class
     z = extract(model, ds)["embed"]
     q = np.random.default_rng(seed).choice(len(ds), n_queries, replace=False)

@@ -9,7 +9,7 @@ does, Zhang et al. 2016), either by
   no class rebalancing; bin width about 11 Lab units at Q = 16, close to Zhang et al.'s 10).
 
 ``PredictiveModel.cmc`` is an ordinary one-view :class:`CMCModel`, so the L encoder is evaluated by
-``train.evaluate`` exactly as a contrastive one is. The loss is a ``loss_fn`` for ``train.pretrain.train``.
+``train.metrics`` exactly as a contrastive one is. The loss is a ``loss_fn`` for ``train.pretrain.train``.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Model selection on a validation split: hold out a fixed part of the training items, measure cross-view
-recall@1 on it after every epoch, keep the weights of the best epoch (and optionally stop early).
+recall@1 on it after every epoch (``validate``), keep the weights of the best epoch (and optionally stop early).
 
 The split is deterministic: by a hash of each item's key (independent of the data's order and of
 ``--limit``), or, for data without keys, by a permutation fixed by the seed. Validation items are never
@@ -13,11 +13,11 @@ import zlib
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from models.data import Dataset
-from models.encoders import CMCModel, source_key
+from models.encoders import CMCModel
 from models.views import ViewSpec
+from .metrics import embed_all, mean_cross_view_recall
 
 LOG = logging.getLogger(__name__)
 
@@ -53,39 +53,6 @@ def split_validation(ds: Dataset, fraction: float, seed: int = 0) -> tuple[Datas
     return ds.subset(~is_val), ds.subset(is_val)
 
 
-@torch.no_grad()
-def embed_all(model: CMCModel, ds: Dataset, device: torch.device, batch_size: int = 512) -> dict[str, Tensor]:
-    """{view: (N, D)} embeddings of ``ds`` in eval mode, fp32, on the CPU."""
-    from .pipeline import DeviceData
-    specs = list(model.specs.values())
-    data = DeviceData(ds, specs, device)
-    was_training = model.training
-    model.eval()
-    out: dict[str, list[Tensor]] = {s.name: [] for s in specs}
-    for lo in range(0, len(ds), batch_size):
-        b = data.batch(torch.arange(lo, min(lo + batch_size, len(ds))))
-        for s in specs:
-            out[s.name].append(model.views[s.name](b[source_key(s)]).float().cpu())
-    model.train(was_training)
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-def recall_at_1(q: Tensor, g: Tensor) -> float:
-    """Item n of one view queries the gallery of another; the hit is item n itself. q, g: (N, D)."""
-    q, g = torch.nn.functional.normalize(q.float(), dim=1), torch.nn.functional.normalize(g.float(), dim=1)
-    hits = 0
-    for lo in range(0, q.shape[0], 1024):
-        top = (q[lo:lo + 1024] @ g.t()).argmax(dim=1)  # (q,)
-        hits += int((top == torch.arange(lo, lo + top.shape[0])).sum())
-    return hits / q.shape[0]
-
-
-def mean_cross_view_recall(z: dict[str, Tensor]) -> tuple[float, dict[str, float]]:
-    """Mean recall@1 over every ordered pair of views, and per pair 'a->b'."""
-    per = {f"{a}->{b}": recall_at_1(z[a], z[b]) for a in z for b in z if a != b}
-    return sum(per.values()) / max(1, len(per)), per
-
-
 class Selector:
     """Best-epoch bookkeeping: the best validation recall, its weights and epoch, epochs since it."""
 
@@ -116,3 +83,12 @@ class Selector:
         if d:
             self.best, self.best_epoch, self.since = d["best"], d["best_epoch"], d["since"]
             self.best_state = d["best_state"]
+
+
+def validate(model: CMCModel, val: Dataset, device: torch.device, selector: Selector, epoch: int) -> dict[str, float]:
+    """Validation cross-view recall@1 after an epoch (mean over ordered view pairs), fed to the selector. The
+    entries of the epoch's metrics record: the recalls, and ``val_is_best`` (1.0 when this epoch is the best
+    so far, else 0.0)."""
+    mean, per = mean_cross_view_recall(embed_all(model, val, device))
+    best = selector.update(model, epoch, mean)
+    return {"val_recall@1": mean, **{f"val_recall@1/{p}": r for p, r in per.items()}, "val_is_best": float(best)}

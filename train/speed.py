@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+from models.views import ViewSpec
+from .config import Config
+
 LOG = logging.getLogger(__name__)
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -61,3 +64,14 @@ def use_amp(amp: str, device: torch.device, has_conv: bool = True) -> bool:
 def use_channels_last(channels_last: bool, has_conv: bool) -> bool:
     """channels_last (NHWC) for conv encoders on CPU and CUDA; vectors have no spatial layout."""
     return channels_last and has_conv
+
+
+def speed_choices(cfg: Config, specs: list[ViewSpec], device: torch.device) -> tuple[bool, bool]:
+    """(bf16 autocast, channels_last) for this config on this device (``use_amp``, ``use_channels_last``)."""
+    has_conv = any(s.is_image for s in specs)
+    return use_amp(cfg.amp, device, has_conv), use_channels_last(cfg.channels_last, has_conv)
+
+
+def to_channels_last(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The image sources of a batch in channels_last memory format; vectors as they are."""
+    return {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in batch.items()}

@@ -29,6 +29,7 @@ import logging
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,8 +38,10 @@ import torch
 
 from models.data import DataError, Dataset
 from models.views import parse_views
-from .config import Config
-from .selection import embed_all, mean_cross_view_recall, split_validation
+from .config import Config, coerce
+from .metrics import embed_all, knn_accuracy, mean_cross_view_recall, recall_at_1
+from .pretrain import train as train_cmc
+from .selection import split_validation
 
 LOG = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ def load_mfeat() -> tuple[dict[str, np.ndarray], np.ndarray]:
 
 def load_digits_quadrants() -> tuple[dict[str, np.ndarray], np.ndarray]:
     """scikit-learn's 8x8 digits as four views, one per 4x4 quadrant: {view: (1797, 16)}, labels."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: scikit-learn, needed only for this dataset
     d = load_digits()
     img = d.images.astype(np.float32)  # (N, 8, 8)
     views = {f"q{i}{j}": img[:, 4 * i:4 * i + 4, 4 * j:4 * j + 4].reshape(len(img), 16) for i in (0, 1) for j in (0, 1)}
@@ -111,8 +114,7 @@ class PairCCA:
 
 def sklearn_cca_pair(xa: np.ndarray, xb: np.ndarray, k: int, qa: np.ndarray, qb: np.ndarray):
     """scikit-learn's CCA (NIPALS) at ``k`` components on standardised views: test variates (N, k) each."""
-    import warnings
-    from sklearn.cross_decomposition import CCA
+    from sklearn.cross_decomposition import CCA  # lazy: scikit-learn, needed only with --cca sklearn
     mu_a, sd_a, mu_b, sd_b = xa.mean(0), xa.std(0) + 1e-6, xb.mean(0), xb.std(0) + 1e-6
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence warnings on near-singular views
@@ -126,7 +128,6 @@ def cca_recall(train: Dataset, test: Dataset, ks=(2, 4, 8, 16, 32, 64), ridges=(
     """Mean test recall@1 over ordered view pairs of per-pair CCA. Per pair, the number of components and the
     ridge are chosen on a validation split of the training items (as CMC chooses its epoch), then CCA is
     refitted on all training items: in closed form, or with scikit-learn's CCA (``use_sklearn``, no ridge)."""
-    from .selection import recall_at_1
     fit, val = split_validation(train, 0.15, seed)
     names = list(train.sources)
     per, chosen = {}, {}
@@ -153,8 +154,6 @@ def cca_recall(train: Dataset, test: Dataset, ks=(2, 4, 8, 16, 32, 64), ridges=(
 def cmc_recall(cfg: Config, train: Dataset, test: Dataset, threads: int = 0) -> dict:
     """Train CMC MLPs on ``train`` (pretrain.train: its own validation split and selection) and measure test
     recall; also the best validation recall and its epoch, and kNN top-1 of the concatenated embeddings."""
-    from .evaluate import knn_accuracy
-    from .pretrain import train as train_cmc
     names = list(train.sources)
     specs = parse_views(names, {k: v.shape[1] for k, v in train.sources.items()})
     t = time.perf_counter()
@@ -268,16 +267,8 @@ def _sweep(cfg0: Config, train: Dataset, test: Dataset, epochs: int, out: str | 
 
 
 def _overrides(items: list[str]) -> dict:
-    from dataclasses import fields
-    types = {f.name: f.type for f in fields(Config)}
-    out = {}
-    for it in items:
-        k, _, v = it.partition("=")
-        if k not in types:
-            raise DataError(f"--set {it}: unknown config field {k!r}")
-        typ = eval(types[k]) if isinstance(types[k], str) else types[k]  # noqa: S307 - our own annotations
-        out[k] = (v.lower() in ("1", "true", "yes")) if typ is bool else typ(v)
-    return out
+    """--set FIELD=VALUE items -> typed config fields (``train.config.coerce``, as flags are typed)."""
+    return coerce(dict(it.partition("=")[::2] for it in items), lambda name: f"--set {name}")
 
 
 if __name__ == "__main__":

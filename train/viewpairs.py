@@ -1,4 +1,5 @@
-"""The view-pair table: how to choose views. For every pair of a model's views, on held-out data:
+"""The view-pair table, how to choose views (its rows, text and plot; the numbers come from ``train.metrics``).
+For every pair of a model's views, on held-out data:
 
 - the contrastive bound log(k) - L on I(v_i; v_j) (the two-view loss with in-batch negatives, k fixed for
   every pair, at the model's training temperature),
@@ -15,28 +16,14 @@ import logging
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import Tensor
 
 from models.data import DataError, Dataset
 from models.encoders import CMCModel
-from .losses import cmc_loss, pairs
+from .losses import pairs
+from .metrics import cross_view_recall, extract, mi_bound, top1
 
 LOG = logging.getLogger(__name__)
-
-
-def pair_mi_bound(za: Tensor, zb: Tensor, k: int, tau: float) -> float:
-    """Mean over consecutive held-out batches of k rows of log(k) - L(a, b)/2, where za, zb are (N, D)
-    unit-norm embeddings of the same N items; the last incomplete batch is dropped so that k is fixed."""
-    n = za.shape[0]
-    if n < k or k < 2:
-        raise DataError(f"the MI bound needs k >= 2 and at least k held-out items (k = {k}, items = {n})")
-    bounds = []
-    for lo in range(0, n - k + 1, k):
-        _, stats = cmc_loss({"a": za[lo:lo + k].float(), "b": zb[lo:lo + k].float()}, tau, "full")
-        bounds.append(stats["mi/a~b"])
-    return float(np.mean(bounds))
 
 
 def view_pair_table(model: CMCModel, train: Dataset, test: Dataset, tau: float, k: int = 256, device="cpu",
@@ -44,8 +31,7 @@ def view_pair_table(model: CMCModel, train: Dataset, test: Dataset, tau: float, 
                     single: dict[str, float] | None = None) -> list[dict]:
     """One row per unordered pair of the model's views (see the module docstring). The MI bound and the
     recalls use every held-out item; the accuracies only the labelled ones (y >= 0). ``single``: each view's
-    top-1 already measured by ``train.evaluate.evaluate`` under the same probe (not measured again)."""
-    from .evaluate import cross_view_recall, extract, knn_accuracy, linear_probe
+    top-1 already measured by ``train.metrics.evaluate`` under the same probe (not measured again)."""
     if train.y is None or test.y is None:
         raise DataError("the view-pair table needs labels ('y') in both splits")
     views = list(model.specs)
@@ -57,23 +43,22 @@ def view_pair_table(model: CMCModel, train: Dataset, test: Dataset, tau: float, 
     k = min(k, len(test))
     ytr, yte = torch.from_numpy(train.y).long()[ltr], torch.from_numpy(test.y).long()[lte]
     ftr, fte = extract(model, train, device), extract(model, test, device)
+    ftr_l = {kind: {v: t[ltr] for v, t in d.items()} for kind, d in ftr.items()}  # the labelled items
+    fte_l = {kind: {v: t[lte] for v, t in d.items()} for kind, d in fte.items()}
 
-    def top1(vs: list[str]) -> float:
-        key = "features" if linear else "embed"
-        xtr = torch.cat([ftr[key][v] for v in vs], 1)[ltr]
-        xte = torch.cat([fte[key][v] for v in vs], 1)[lte]
-        return linear_probe(xtr, ytr, xte, yte, probe_epochs) if linear else knn_accuracy(xtr, ytr, xte, yte, knn_k)
+    def acc(vs: list[str]) -> float:
+        return top1(ftr_l, fte_l, ytr, yte, vs, linear, probe_epochs, knn_k)
 
     single = {v: (single or {}).get(v) for v in views}
-    single = {v: top1([v]) if acc is None else acc for v, acc in single.items()}
+    single = {v: acc([v]) if a is None else a for v, a in single.items()}
     rows = []
     for a, b in pairs(views, "full"):
         za, zb = fte["embed"][a], fte["embed"][b]
         ab, ba = cross_view_recall(za, zb), cross_view_recall(zb, za)
         rows.append({"pair": f"{a}~{b}", "a": a, "b": b, "k": k, "log_k": math.log(k),
-                     "mi_bound": pair_mi_bound(za, zb, k, tau),
+                     "mi_bound": mi_bound(za, zb, k, tau),
                      "r1_ab": ab["R@1"], "r10_ab": ab["R@10"], "r1_ba": ba["R@1"], "r10_ba": ba["R@10"],
-                     "top1_a": single[a], "top1_b": single[b], "top1_pair": top1([a, b]),
+                     "top1_a": single[a], "top1_b": single[b], "top1_pair": acc([a, b]),
                      "metric": "linear" if linear else "knn"})
     return rows
 
@@ -96,7 +81,7 @@ def format_view_pairs(rows: list[dict]) -> str:
 
 def plot_view_pairs(rows: list[dict], out: str | Path, title: str = "") -> Path:
     """Scatter of each pair's downstream top-1 (features of both views) against its MI bound, labelled."""
-    import matplotlib
+    import matplotlib  # lazy: needed only for the plot (python -m train.evaluate --view-pairs --plots)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
