@@ -21,6 +21,7 @@ from models.views import ViewError
 from .config import ConfigError
 from .metrics import evaluate, evaluate_pixels, sample
 from .model import has_batch_norm, load_run, recalibrate_bn
+from .plots import plot_run
 from .viewpairs import format_view_pairs, plot_view_pairs, view_pair_table
 
 
@@ -92,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
                                             **({"view_pairs": pair_rows} if pair_rows else {})}, indent=2))
         print(f"wrote {a.json}")
     if a.plots:
-        from .plots import plot_run  # lazy: matplotlib, needed only with --plots
         for f in plot_run(a.model, model, test, a.plots):
             print(f"wrote {f}")
         if pair_rows:

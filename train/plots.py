@@ -4,19 +4,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from models.data import Dataset
+from models.encoders import CMCModel
+from .metrics import extract
 
-from models.data import Dataset  # noqa: E402
-from models.encoders import CMCModel  # noqa: E402
-from .metrics import extract  # noqa: E402
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files, no display). Imported when a picture is drawn, not with
+    this module: matplotlib is heavy, and the command lines import this module whether or not they plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def training_curves(metrics_path: str | Path, out: str | Path) -> Path:
+    plt = pyplot()
     rows = [json.loads(l) for l in Path(metrics_path).read_text().splitlines()[1:] if l.strip()]
     steps = [r["step"] for r in rows]
     pairs = sorted({k.split("/", 1)[1] for r in rows[:1] for k in r if k.startswith("mi/")})
@@ -55,6 +61,7 @@ def _show(ds: Dataset, view: str, i: int) -> np.ndarray:
 def retrieval_grid(model: CMCModel, ds: Dataset, query_view: str, gallery_view: str, out: str | Path,
                    n_queries: int = 8, k: int = 5, seed: int = 0) -> Path:
     """Queries in one view, their top-k items retrieved in another; the true match framed in green."""
+    plt = pyplot()
     ds = ds.subset(np.sort(np.random.default_rng(seed).permutation(len(ds))[:2000]))  # files may be sorted by class
     z = extract(model, ds)["embed"]
     q = np.random.default_rng(seed).choice(len(ds), n_queries, replace=False)

@@ -22,6 +22,7 @@ from models.data import DataError, Dataset
 from models.encoders import CMCModel
 from .losses import pairs
 from .metrics import cross_view_recall, extract, mi_bound, top1
+from .plots import pyplot
 
 LOG = logging.getLogger(__name__)
 
@@ -81,10 +82,7 @@ def format_view_pairs(rows: list[dict]) -> str:
 
 def plot_view_pairs(rows: list[dict], out: str | Path, title: str = "") -> Path:
     """Scatter of each pair's downstream top-1 (features of both views) against its MI bound, labelled."""
-    import matplotlib  # lazy: needed only for the plot (python -m train.evaluate --view-pairs --plots)
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for r in rows:
         ax.plot([r["mi_bound"]] * 2, [100 * min(r["top1_a"], r["top1_b"]), 100 * max(r["top1_a"], r["top1_b"])],
