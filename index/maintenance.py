@@ -1,22 +1,37 @@
-"""Work of an index store off the request path: the background thread that follows the committed log, writes
-snapshots, trains IVF/PQ views and rebuilds HNSW views without their tombstones (a mixin of :class:`index.store.IndexStore`; see its module docstring)."""
+"""Work of an index store off the request path: the background thread that follows the committed log and the
+committed manifest, writes snapshots, trains IVF/PQ views and rebuilds HNSW views without their tombstones (a
+mixin of :class:`index.store.IndexStore`; see its module docstring).
+
+A view's index structure (the trained IVF quantizer, the HNSW graph) is built once per index, not once per
+process: the process that holds the ``BUILD`` flock builds it from a copy with no store lock held, replays the
+log rows that arrived meanwhile into it and commits it as that view's snapshot (``build`` numbers it); every
+process, the builder too, then loads that snapshot and replays the log past its seq (:meth:`_follow`), so all
+of them hold the same index and answer a query with the same hits."""
 from __future__ import annotations
 
-import copy
 import logging
+import os
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 import faiss
+import numpy as np
 
 from index import snapshots as snaps
 from index.errors import NotWritableError, StoreError
 from index.journal import Journal, unpack
-from index.viewindex import rebuilt_copy, trained_copy
+from index.viewindex import _View, rebuilt_copy, trained_copy
 
 LOG = logging.getLogger(__name__)
 MAX_BACKOFF_S = 60.0
+BUILD_LOCK = "BUILD"  # flock'ed by the one process that builds a view's new index
+BUILD_WAIT_S = 60.0  # an explicit snapshot()/tune_search waits this long for another process's build
+CLEAN_TRIES = 5  # a snapshot rebuilds views marked dirty (by a failed write) this many times before giving up
+
+
+def _due(v: _View) -> bool:
+    return v.due_for_training or v.due_for_rebuild
 
 
 class Maintenance:
@@ -46,7 +61,7 @@ class Maintenance:
 
     def _note_write(self) -> None:
         self._ops_since += 1
-        if self._snapshot_due() or any(v.due_for_training or v.due_for_rebuild for v in self._views.values()):
+        if self._snapshot_due() or any(_due(v) for v in self._views.values()):
             self._wake.set()
 
     # ------------------------------------------------------------------ snapshots
@@ -87,97 +102,145 @@ class Maintenance:
             raise StoreError(f"index {self.path}: snapshot failed: {e}") from e
 
     def _snapshot(self, timeout: float, initial: bool = False, force: bool = False) -> bool:
-        """One snapshot under the snapshot lock (skipped when the committed one is as recent, unless
-        ``force``); True if one was committed."""
+        """One snapshot of every view under the snapshot lock (skipped when the committed one is as recent, unless
+        ``force``); True if one was committed. A structure another process committed is loaded first, never
+        overwritten by this process's older one."""
         with self._snap_mutex:
             lock = snaps.SnapshotLock(self.path)
             lock.acquire(timeout)
             try:
                 disk = self._manifest if initial else snaps.read_manifest(self.path)
                 if not initial:
-                    self._refresh()
-                with self._rw.read():
-                    seq = self._applied
-                    if not (initial or force) and seq <= snaps.manifest_seq(disk) and not self._params_dirty:
-                        self._adopt(disk)
-                        return False
-                    blobs = {n: faiss.serialize_index(v.index) for n, v in self._views.items()}  # (bytes,) uint8
-                    states = {n: {"count": v.count, "pending_training": v.pending,
-                                  "search_params": (v.params if n in self._params_dirty
-                                                    else disk["views"][n].get("search_params") or {})}
-                              for n, v in self._views.items()}
+                    self._follow(disk, locked=True)
+                got = self._serialize_clean(disk, refresh=not initial, always=initial or force)
+                if got is None:
+                    self._adopt(disk)
+                    return False
+                seq, blobs, states = got
                 t0 = time.perf_counter()
-                new = snaps.write_snapshot(self.path, disk, blobs, seq, states)
-                del blobs
-                prev_seq = min((s.get("previous") or {"seq": 0})["seq"] for s in new["views"].values())
-                jr = self._journal
-                try:
-                    with jr.write_lock, jr.transaction() as conn:
-                        Journal.prune(conn, seq, prev_seq)
-                except Exception as e:  # noqa: BLE001 - the snapshot is committed; pruning waits for the next
-                    LOG.warning("index %s: pruning the log failed: %s", self.path, e)
+                self._commit_snapshot(disk, blobs, seq, states)
+                del blobs, got
                 self._params_dirty.clear()
-                self._adopt(new)
                 self._ops_since, self._last_snap = 0, time.monotonic()
                 LOG.info("snapshot of %s at seq %d in %.2fs", self.path, seq, time.perf_counter() - t0)
                 return True
             finally:
                 lock.release()
 
+    def _serialize_clean(self, disk: dict[str, Any], refresh: bool,
+                         always: bool) -> tuple[int, dict[str, np.ndarray], dict[str, dict]] | None:
+        """``(seq, blobs, states)`` of every view, copied under the read lock, or None when ``disk`` is as recent.
+        Views marked dirty (a failed write may have left a rolled-back vector in them) are never copied: they are
+        rebuilt from snapshot + log first (``_refresh``), and the dirty flag is checked under the lock."""
+        for _ in range(CLEAN_TRIES):
+            if refresh:
+                self._refresh()
+            with self._rw.read():
+                if self._dirty:
+                    continue  # a write failed since _refresh: reload, then copy
+                seq = self._applied
+                if not always and seq <= snaps.manifest_seq(disk) and not self._params_dirty:
+                    return None
+                blobs = {n: faiss.serialize_index(v.index) for n, v in self._views.items()}  # (bytes,) uint8
+                states = {n: {"count": v.count, "pending_training": v.pending, "build": v.build,
+                              "search_params": (v.params if n in self._params_dirty
+                                                else disk["views"][n].get("search_params") or {})}
+                          for n, v in self._views.items()}
+                return seq, blobs, states
+        raise StoreError(f"index {self.path}: the views stayed dirty through {CLEAN_TRIES} reloads; no snapshot")
+
+    def _commit_snapshot(self, disk: dict[str, Any], blobs: dict[str, np.ndarray], seq: int,
+                         states: dict[str, dict]) -> dict[str, Any]:
+        """Write and commit (caller holds the snapshot lock), prune the log rows both named snapshots cover."""
+        new = snaps.write_snapshot(self.path, disk, blobs, seq, states, bad=self._bad)
+        prev_seq = min((s.get("previous") or {"seq": 0})["seq"] for s in new["views"].values())
+        jr = self._journal
+        try:
+            with jr.write_lock, jr.transaction() as conn:
+                Journal.prune(conn, snaps.manifest_seq(new), prev_seq)
+        except Exception as e:  # noqa: BLE001 - the snapshot is committed; pruning waits for the next
+            LOG.warning("index %s: pruning the log failed: %s", self.path, e)
+        self._adopt(new)
+        return new
+
     def _adopt(self, manifest: dict[str, Any]) -> None:
         """Take a committed manifest as this process's view of it (and other processes' tuned params)."""
         for n, v in self._views.items():
-            if n not in self._params_dirty:
+            if n in self._params_dirty:
+                manifest["views"][n]["search_params"] = dict(v.params)
+            else:
                 v.params = dict(manifest["views"][n].get("search_params") or {})
         self._manifest = manifest
 
     # ------------------------------------------------------------------ IVF/PQ training, HNSW rebuilds
     def _views_due(self, background: bool = False) -> None:
-        """Train the IVF/PQ views that have enough vectors, rebuild the HNSW views past their tombstone limit."""
+        """Train the IVF/PQ views that have enough vectors, rebuild the HNSW views past their tombstone limit,
+        once per index: only the holder of the build lock builds (others skip, and load its snapshot)."""
         if self.readonly or (background and time.monotonic() < self._train_retry_at):
             return
-        for name, v in list(self._views.items()):
-            try:
-                if v.due_for_training:
-                    self._replace(name, lambda w: w.due_for_training,
-                                  lambda w, idx, dead: trained_copy(name, w.factory, w.metric, idx))
-                elif v.due_for_rebuild:
-                    self._replace(name, lambda w: w.due_for_rebuild,
-                                  lambda w, idx, dead: rebuilt_copy(name, w.factory, w.dim, w.metric, idx, dead))
-            except Exception:
-                self._train_retry_at = time.monotonic() + MAX_BACKOFF_S  # e.g. out of memory: not every round
-                raise
-
-    def _replace(self, name: str, due: Callable[[Any], bool], build: Callable[[Any, Any, set[int]], Any]) -> None:
-        """Build a new index for a view from a copy of it with no lock held (searches and writes go on meanwhile):
-        ``build(view, copy, tombstones)``; then, under the writer lock, replay into it the log rows that arrived
-        meanwhile, exactly as ``_apply`` does, and swap it in."""
+        if not any(_due(v) for v in self._views.values()):
+            return
         with self._train_mutex:
-            with self._rw.read():
-                v = self._views[name]
-                if not due(v):
-                    return
-                seq0, old, dead, blob = self._applied, v.index, v.tomb, faiss.serialize_index(v.index)
-            copied = faiss.deserialize_index(blob)  # tomb sets are replaced, never changed in place
-            del blob  # not held through the build: memory is the live index, the copy and the new one
-            new = build(v, copied, dead)
-            del copied
-            jr = self._journal
-            with self._rw.write():
-                if self._views.get(name) is not v or v.index is not old or self._dirty:
-                    return  # reloaded or rebuilt inline meanwhile: the next round looks again
+            lock = snaps.SnapshotLock(self.path, BUILD_LOCK)
+            try:
+                lock.acquire(0.0 if background else BUILD_WAIT_S)
+            except snaps.SnapshotLockHeld as e:
+                LOG.info("index %s: %s; this process loads its result instead", self.path, e)
+                return
+            try:
+                self._follow(snaps.read_manifest(self.path))  # built by another process meanwhile: load it
+                for name in [n for n, v in self._views.items() if _due(v)]:
+                    try:
+                        self._build(name)
+                    except Exception:
+                        self._train_retry_at = time.monotonic() + MAX_BACKOFF_S  # e.g. out of memory: not every round
+                        raise
+            finally:
+                lock.release()
+
+    def _build(self, name: str) -> None:
+        """Build a view's new index from a copy with no store lock held (searches and writes go on meanwhile);
+        then, under the snapshot lock, replay into it the log rows that arrived meanwhile, commit it as the view's
+        snapshot and load it from there like every other process (caller holds the build lock)."""
+        with self._rw.read():
+            v = self._views[name]
+            if self._dirty or not _due(v):
+                return
+            training, seq0, dead = v.due_for_training, self._applied, v.tomb
+            blob = faiss.serialize_index(v.index)
+        copied = faiss.deserialize_index(blob)  # tomb sets are replaced, never changed in place
+        del blob  # not held through the build: memory is the live index, the copy and the new one
+        new = (trained_copy(name, v.factory, v.metric, copied) if training
+               else rebuilt_copy(name, v.factory, v.dim, v.metric, copied, dead))
+        del copied
+        with self._snap_mutex:
+            lock = snaps.SnapshotLock(self.path)
+            lock.acquire(BUILD_WAIT_S)
+            try:
+                jr = self._journal
                 if self._closed or jr is None or jr.closed:
-                    return  # closed meanwhile: the copy is dropped, the view is as it was
+                    return  # closed meanwhile: the copy is dropped
+                disk = snaps.read_manifest(self.path)
+                spec = disk["views"][name]
                 with jr.read_lock:
-                    rows = Journal.rows_after(jr.read, seq0, self._applied)
+                    rows = Journal.rows_after(jr.read, seq0)
                 if rows is None:
                     LOG.warning("view %s: log rows pruned while building its new index; building again later", name)
                     return
-                fresh = copy.copy(v)  # the same view over the new index
+                fresh = _View(name, spec)
                 fresh.index = new
-                fresh.set_tomb(set())
-                for _, op, payload in rows:
+                fresh.refresh_state()
+                for _, op, payload in rows:  # exactly as _apply does in every process
                     self._apply(op, unpack(payload), [fresh])
-                v.tomb = fresh.tomb
-                v.swap(fresh.index)
-        self._wake.set()  # a snapshot soon persists the new index
+                seq, number = (rows[-1][0] if rows else seq0), int(spec.get("builds", 0)) + 1
+                state = {"count": fresh.count, "pending_training": fresh.pending, "build": number, "builds": number,
+                         "search_params": spec.get("search_params") or {}}
+                blob = faiss.serialize_index(fresh.index)
+                del new, fresh
+                committed = self._commit_snapshot(disk, {name: blob}, seq, {name: state})
+                del blob
+                LOG.info("view %s: %s build %d of this index committed at seq %d by pid %d", name,
+                         "training" if training else "rebuild", number, seq, os.getpid())
+            finally:
+                lock.release()
+        self._follow(committed)  # this process loads it as every other one does

@@ -8,7 +8,12 @@ does not name deleted. A crash or an ``OSError`` at any step leaves the old mani
 intact; stray files are removed by the next snapshot.
 
 One process at a time writes snapshots: :class:`SnapshotLock` flocks ``LOCK`` and writes the holder's pid
-into it, so a "lock held" error names the holder.
+into it, so a "lock held" error names the holder. The same class flocks ``BUILD`` for the one process that
+trains or rebuilds a view's index (``index/maintenance.py``).
+
+Each snapshot entry may carry ``build``: the number of the index structure it holds (0 for the structure the
+view was created with; the view's ``builds`` counts the trainings and rebuilds committed so far), so that
+every process can tell that another one committed a new structure and load it.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import faiss
 import numpy as np
@@ -37,10 +42,12 @@ class SnapshotLockHeld(RuntimeError):
 
 
 class SnapshotLock:
-    """``flock(LOCK)``: exclusive, held only while a snapshot is written; the file holds the holder's pid."""
+    """``flock(LOCK)``: exclusive, held only while a snapshot is written; the file holds the holder's pid.
+    ``name="BUILD"``: the lock of the process that builds a view's new index."""
 
-    def __init__(self, path: Path) -> None:
-        self.file = path / "LOCK"
+    def __init__(self, path: Path, name: str = "LOCK") -> None:
+        self.file = path / name
+        self.what = "snapshot" if name == "LOCK" else name.lower()
         self.fd: int | None = None
 
     def holder(self) -> str:
@@ -59,7 +66,7 @@ class SnapshotLock:
             except BlockingIOError:
                 if time.monotonic() - t0 >= timeout:
                     os.close(fd)
-                    raise SnapshotLockHeld(f"the snapshot lock {self.file} is held by pid {self.holder()}") from None
+                    raise SnapshotLockHeld(f"the {self.what} lock {self.file} is held by pid {self.holder()}") from None
                 time.sleep(0.05)
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
@@ -97,6 +104,11 @@ def candidates(spec: dict[str, Any], which: str) -> list[str]:
     if snap.get("file"):
         return [snap["file"]]
     return [spec["file"], spec["file"] + ".prev"]
+
+
+def entry_id(snap: dict[str, Any]) -> tuple:
+    """What names one snapshot entry (file names are unique; older manifests may lack one)."""
+    return snap.get("file"), snap.get("sha256"), snap.get("seq")
 
 
 def named_files(manifest: dict[str, Any]) -> set[str]:
@@ -138,10 +150,13 @@ def commit_manifest(path: Path, manifest: dict[str, Any]) -> None:
 
 
 def write_snapshot(path: Path, disk: dict[str, Any], blobs: dict[str, np.ndarray], seq: int,
-                   states: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Write ``blobs[view]`` (serialized indexes at ``seq``) as new files, commit a manifest whose previous
-    snapshots are ``disk``'s current ones, delete unnamed files; returns the committed manifest. The caller
-    holds the snapshot lock; on OSError the committed state is unchanged and the new files are removed."""
+                   states: dict[str, dict[str, Any]], bad: Collection[tuple] = ()) -> dict[str, Any]:
+    """Write ``blobs[view]`` (serialized indexes at ``seq``; any subset of the views) as new files, commit a
+    manifest whose previous snapshots are ``disk``'s current ones, delete unnamed files; returns the committed
+    manifest. A current snapshot in ``bad`` (by ``entry_id``: its file was found corrupt) never becomes a
+    previous one: that view keeps its previous snapshot, the one a recovery loaded. ``states[view]`` updates
+    the view's spec; its ``build`` goes into the new snapshot entry. The caller holds the snapshot lock; on
+    OSError the committed state is unchanged and the new files are removed."""
     token = os.urandom(3).hex()
     new = json.loads(json.dumps(disk))
     written: list[Path] = []
@@ -151,10 +166,12 @@ def write_snapshot(path: Path, disk: dict[str, Any], blobs: dict[str, np.ndarray
             fp = path / fname
             written.append(fp)
             write_file(fp, blob)
-            spec = new["views"][name]
-            spec["previous"] = _with_file(spec, "snapshot")
-            spec["snapshot"] = {"file": fname, "sha256": hashlib.sha256(memoryview(blob)).hexdigest(), "seq": seq}
-            spec.update(states[name])
+            spec, state = new["views"][name], dict(states[name])
+            if not spec.get("snapshot") or entry_id(spec["snapshot"]) not in bad:
+                spec["previous"] = _with_file(spec, "snapshot")
+            spec["snapshot"] = {"file": fname, "sha256": hashlib.sha256(memoryview(blob)).hexdigest(), "seq": seq,
+                                "build": int(state.pop("build", 0))}
+            spec.update(state)
         _fsync_path(path)
         new["updated"] = _now()
         commit_manifest(path, new)

@@ -3,11 +3,12 @@
 Layout of the directory::
 
     manifest.json              the commit point of snapshots: model_ref, fingerprint, format_version, and per
-                               view: dim, metric, factory, count, search_params, pending_training,
-                               snapshot {file, sha256, seq}, previous {file, sha256, seq}
+                               view: dim, metric, factory, count, search_params, pending_training, builds,
+                               snapshot {file, sha256, seq, build}, previous {file, sha256, seq, build}
     <view>.<seq>.<tok>.faiss   snapshot files (FAISS binary format); only those the manifest names are kept
     meta.sqlite                items(id, key UNIQUE, metadata, views), wal(seq, op, payload), state(name, value)
     LOCK                       flock'ed by the process writing a snapshot; holds its pid
+    BUILD                      flock'ed by the one process training or rebuilding a view's index; holds its pid
 
 Writes (``writes.py``, ``journal.py``). ``add``/``remove`` run ONE SQLite transaction (``BEGIN IMMEDIATE``,
 journal_mode=WAL, synchronous=FULL, busy_timeout): check keys (UNIQUE -> :class:`DuplicateKeyError`, in any
@@ -18,39 +19,56 @@ then this row; only then is the transaction committed (still under the writer lo
 an uncommitted vector) and the call returns. If applying or the COMMIT raises (an exception in FAISS, disk
 full, SQLite busy past the timeout), the transaction is rolled back (the key stays absent and can be added
 again), the call raises :class:`WriteFailed` (a :class:`NotWritableError`, served as 503), and the in-memory
-views are marked dirty and rebuilt from snapshot + log before the next search or write. The applied seq only
-ever advances past rows that were applied. An acknowledged write is therefore durable (in SQLite) and
-searchable in this process; SQLite (not a directory lock) arbitrates writers, so any number of processes may
-open the directory for writing.
+views are marked dirty and rebuilt from snapshot + log before the next search, write or snapshot (a snapshot
+checks the flag under the read lock it copies the views with, so it never persists a rolled-back vector whose
+id the next add hands out again). The applied seq only ever advances past rows that were applied. An
+acknowledged write is therefore durable (in SQLite) and searchable in this process; SQLite (not a directory
+lock) arbitrates writers, so any number of processes may open the directory for writing.
 
 Following. Every process (writers and ``readonly=True`` tools) follows the committed log: a search first
 compares the last committed seq (``sqlite_sequence``, a cheap query) with its applied seq and applies the
 missing rows; a follower thread does the same every ``follow_interval`` s, so a row committed by any process
 is searchable in every process at once on its next search and within about 0.2 s otherwise. Seqs are
 committed in increasing order without holes; if rows a follower needs were pruned, it reloads from the
-committed snapshot (see below) instead.
+committed snapshot (see below) instead. The same calls follow the manifest (a ``stat`` when nothing changed):
+when a view's committed snapshot holds another index structure than this process's (its ``build``, see
+below), the process reads that file with no store lock held, replays the log past its seq into it and swaps
+it in under the writer lock.
 
 Snapshots (``snapshots.py``) run on the background thread (or on explicit :meth:`snapshot`), in one process at
 a time (the flock'ed ``LOCK``; an error naming it says the holder's pid). The writer copies every view with
 ``faiss.serialize_index`` under the read lock (searches continue; writes wait for the copy only), then, with no
 store lock held, writes them to NEW files, fsyncs, and atomically replaces ``manifest.json``: the new
-manifest names the new files as current and the old current ones as previous. A file the committed manifest
-names is never moved or overwritten; files no manifest names are deleted afterwards; log rows are deleted only
+manifest names the new files as current and the old current ones as previous (except a current file found
+corrupt: that view keeps its previous snapshot). A snapshot first loads any structure another process
+committed, so it never writes an older one over it. A file the committed manifest names is never moved or
+overwritten; files no manifest names are deleted afterwards; log rows are deleted only
 once both named snapshots cover them (seq <= the previous snapshot's seq). A snapshot that fails (disk full,
 any ``OSError``) leaves the committed state as it was, is logged and retried later with back-off; the writes
 it would have covered are already durable and acknowledged.
 
 Opening loads, per view, the manifest's current snapshot (checked by sha256) and replays log rows with a
 larger seq. If it is missing or corrupt, ``open`` raises :class:`StoreError` naming the file;
-``open(..., recover=True)`` loads the previous snapshot instead and replays the log from its seq. The result
-equals the last acknowledged state, whatever the point at which a process was killed.
+``open(..., recover=True)`` loads the previous snapshot instead and replays the log from its seq, then
+writes a fresh snapshot whose previous one is the snapshot it loaded (not the corrupt file), so the log is
+kept back to a readable snapshot and a second fault is recoverable too. The result equals the last
+acknowledged state, whatever the point at which a process was killed.
 
 Index types (``factory.py``, ``viewindex.py``): Flat/HNSW views are ``IndexIDMap2``, IVF views take ids
 natively; HNSW removals are tombstones. IVF/PQ views stay an exact Flat until ``train_threshold`` vectors
-arrived; the background thread then trains a copy with no lock held, replays the log rows that arrived
-meanwhile into it and swaps it in under the writer lock (each process trains its own copy; the snapshot
-persists one). HNSW views past ``TOMBSTONE_REBUILD`` tombstones are rebuilt the same way, off the request path;
-only past ``TOMBSTONE_INLINE`` (no background thread, or one far behind) does a remove rebuild inline.
+arrived; HNSW views past ``TOMBSTONE_REBUILD`` tombstones are rebuilt. Either build happens ONCE per index
+(``maintenance.py``): the process whose background thread (or explicit :meth:`snapshot`) takes the ``BUILD``
+flock builds from a copy with no store lock held (searches and writes go on), replays the log rows that
+arrived meanwhile into it and, under the snapshot lock, commits it as that view's snapshot, numbered by the
+view's ``builds`` counter; other processes skip the build while the flock is held, and one that takes it
+afterwards finds the new build in the manifest and loads it instead of building. Every process, the builder
+too, then loads that snapshot and replays the log past it (see Following), so all processes hold the same
+index from the same file and return identical hits and scores for a query (within about ``follow_interval``
+of the commit; until then a process answers from its previous structure). HNSW graphs built by adds after a
+snapshot still depend on the order of adds since the process loaded it (FAISS draws HNSW levels from a
+per-index generator that is not saved), so two processes that loaded different snapshots may differ on HNSW
+views; IVF adds are deterministic. Only past ``TOMBSTONE_INLINE`` (no background thread, or one far behind)
+does a remove rebuild inline, in every process at the same log row.
 
 Concurrency in a process: a readers-writer lock over the in-memory views (searches in parallel, never a
 half-applied write); one writing thread at a time; separate SQLite connections for writes and for reads.
@@ -77,7 +95,8 @@ from index import snapshots as snaps
 from index.durable import _now, _RWLock
 from index.errors import (DuplicateKeyError, NotWritableError, StoreError, UnknownKeyError,  # noqa: F401 - re-exported
                           WriteFailed)
-from index.journal import Gap as _Gap, Journal, unpack
+from index.journal import Journal
+from index.loading import Loading
 from index.maintenance import Maintenance
 from index.writes import Writes
 from index.viewindex import TOMBSTONE_REBUILD, _View  # noqa: F401 - re-exported
@@ -90,7 +109,7 @@ FORMAT_VERSION = snaps.FORMAT_VERSION
 _VIEW_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
-class IndexStore(Writes, Maintenance):
+class IndexStore(Writes, Loading, Maintenance):
     """See the module docstring. Construct with :meth:`create` or :meth:`open`."""
 
     def __init__(self, path: Path, readonly: bool = False, snapshot_ops: int = 1000,
@@ -110,6 +129,9 @@ class IndexStore(Writes, Maintenance):
         self._ops_since, self._last_snap, self._retry_at, self._backoff = 0, time.monotonic(), 0.0, 1.0
         self._params_dirty: set[str] = set()
         self._train_retry_at = 0.0
+        self._follow_mutex = threading.RLock()  # one thread at a time loads structures other processes committed
+        self._manifest_key: tuple | None = None  # stat of the manifest last followed
+        self._bad: set[tuple] = set()  # snapshot entries whose file is corrupt: never loaded, never kept as previous
         self._stop, self._wake = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -143,7 +165,7 @@ class IndexStore(Writes, Maintenance):
                 raise StoreError(f"view {name!r}: invalid index factory {f!r}: {e}") from e
             specs[name] = {"dim": int(dim), "metric": metric, "factory": fac.normalize_factory(f), "count": 0,
                            "file": f"{name}.faiss", "snapshot": None, "previous": None, "search_params": {},
-                           "pending_training": False}
+                           "pending_training": False, "builds": 0}
         p.mkdir(parents=True, exist_ok=True)
         store = cls(p, False, **open_kw)
         try:
@@ -222,142 +244,6 @@ class IndexStore(Writes, Maintenance):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-    # ------------------------------------------------------------------ load / follow
-    def _load_current(self, recover: bool, manifest: dict[str, Any]) -> bool:
-        """``_load`` of the committed manifest. Another process may commit a newer snapshot between reading the
-        manifest and loading its files (and delete files no manifest names any more, or prune log rows): when
-        loading fails and the manifest has changed meanwhile, load the newer one."""
-        for _ in range(20):
-            try:
-                return self._load(recover, manifest)
-            except StoreError:
-                try:
-                    newer = snaps.read_manifest(self.path)
-                except (OSError, ValueError):
-                    raise
-                if newer == manifest:
-                    raise
-                manifest = newer
-                time.sleep(0.01)
-        return self._load(recover, manifest)
-
-    def _load(self, recover: bool, manifest: dict[str, Any]) -> bool:
-        """Load each view's snapshot and replay the log (caller holds the write lock). True if a previous
-        snapshot was used."""
-        recovered = False
-        views: dict[str, _View] = {}
-        for name, spec in manifest["views"].items():
-            v = _View(name, spec)
-            got, which = snaps.read_view(self.path, spec, "snapshot"), "snapshot"
-            if got is None and recover:
-                got, which = snaps.read_view(self.path, spec, "previous"), "previous"
-            if got is None:
-                raise StoreError(self._load_error(spec, recover))
-            if which == "previous":
-                LOG.warning("view %s: %s is missing or corrupt; recovered from the previous snapshot %s and "
-                            "replaying the log from seq %d", name, spec["snapshot"]["file"], got[1],
-                            spec["previous"]["seq"])
-                recovered = True
-            v.index = got[0]
-            if not isinstance(v.index, (faiss.IndexIDMap2, faiss.IndexIVF)) or v.index.d != v.dim:
-                raise StoreError(f"index file {self.path / got[1]} does not hold an IDMap2/IVF index of dim {v.dim}")
-            v.loaded_seq = int(spec[which]["seq"])
-            v.refresh_state()
-            views[name] = v
-        jr = self._journal
-        start = min(v.loaded_seq for v in views.values())
-        with jr.read_lock:
-            conn = jr.read
-            conn.execute("BEGIN")  # one consistent read of the log and the items
-            try:
-                rows = Journal.rows_after(conn, start)
-                if rows is None:
-                    raise StoreError(f"index at {self.path}: log rows after seq {start} are missing; the snapshot "
-                                     "does not match meta.sqlite")
-                for seq, op, payload in rows:
-                    self._apply(op, unpack(payload), [v for v in views.values() if v.loaded_seq < seq])
-                applied = rows[-1][0] if rows else start
-                for v in views.values():
-                    v.loaded_seq = applied
-                    if fac.is_hnsw(v.index) and v.index.ntotal:
-                        v.set_tomb(set(np.setdiff1d(v.ids(), Journal.live_ids(conn, v.name)).tolist()))
-            finally:
-                conn.execute("COMMIT")
-        self._views, self._manifest, self._applied, self._dirty = views, manifest, applied, False
-        LOG.info("opened index at %s: replayed %d log entries to seq %d; counts %s", self.path, len(rows), applied,
-                 self._counts())
-        return recovered
-
-    def _load_error(self, spec: dict[str, Any], recover: bool) -> str:
-        name = snaps.candidates(spec, "snapshot")[0]
-        fp = self.path / name
-        state = "missing" if not fp.exists() else "corrupt or truncated (sha256 does not match the manifest)"
-        prev = snaps.read_view(self.path, spec, "previous") if not recover else None
-        hint = (f"; the previous snapshot {self.path / prev[1]} is intact: open with recover=True to load it and "
-                "replay the log") if prev else "; no usable previous snapshot"
-        return f"index file {fp} is {state}{hint}"
-
-    def _reload(self) -> None:
-        """Rebuild the in-memory views from the committed snapshot + log (caller holds the write lock)."""
-        last: Exception | None = None
-        for _ in range(3):  # a concurrent snapshot may delete a file between reading the manifest and it
-            try:
-                self._load(False, snaps.read_manifest(self.path))
-                LOG.warning("index %s: in-memory views reloaded from snapshot + log (seq %d)", self.path,
-                            self._applied)
-                return
-            except (StoreError, OSError, ValueError) as e:
-                last = e
-                time.sleep(0.05)
-        self._dirty = True
-        raise WriteFailed(f"index {self.path}: cannot reload the views: {last}") from last
-
-    def _apply(self, op: str, z: dict[str, np.ndarray], views: Iterable[_View]) -> None:
-        for v in views:
-            if op == "add" and f"x::{v.name}" in z:
-                v.add(z["ids"], np.ascontiguousarray(z[f"x::{v.name}"], dtype=np.float32))
-            elif op == "remove" and f"ids::{v.name}" in z:
-                v.remove(z[f"ids::{v.name}"])
-
-    def _catch_up(self, conn: sqlite3.Connection, upto: int | None = None) -> None:
-        """Apply committed rows after ``_applied`` (caller holds the write lock and ``conn``'s lock)."""
-        rows = Journal.rows_after(conn, self._applied, upto)
-        if rows is None:
-            raise _Gap()
-        for seq, op, payload in rows:
-            try:
-                self._apply(op, unpack(payload), self._views.values())
-            except BaseException:
-                self._dirty = True
-                raise
-            self._applied = seq
-
-    def _refresh(self) -> None:
-        """Bring the in-memory views up to the last committed log row (cheap when nothing changed)."""
-        jr = self._journal
-        if self._closed or jr is None or jr.closed:
-            raise NotWritableError("index is closed")
-        with jr.read_lock:
-            last = Journal.last_seq(jr.read)
-        if last <= self._applied and not self._dirty:
-            return
-        with self._rw.write():
-            if self._closed:
-                raise NotWritableError("index is closed")
-            if self._dirty:
-                self._reload()
-                return
-            with jr.read_lock:
-                try:
-                    self._catch_up(jr.read)
-                    return
-                except _Gap:
-                    LOG.warning("index %s: log rows after seq %d were pruned; reloading", self.path, self._applied)
-                except Exception as e:  # noqa: BLE001 - the views are dirty; reload
-                    LOG.error("index %s: applying the log failed (%s: %s); reloading", self.path,
-                              type(e).__name__, e)
-            self._reload()
 
     # ------------------------------------------------------------------ reads
     def search(self, xq: np.ndarray, view: str, k: int, *, nprobe: int | None = None,

@@ -2,9 +2,11 @@
 
 Flat/HNSW views are ``IndexIDMap2``; IVF views take ids natively. HNSW cannot remove: removed ids become
 tombstones excluded at search time with ``IDSelectorNot``. Past ``TOMBSTONE_REBUILD`` of the view the store's
-background thread rebuilds a copy without them off the request path (:func:`rebuilt_copy`) and swaps it in;
-only past ``TOMBSTONE_INLINE`` (a store without that thread, or one far behind) does the remove rebuild inline. IVF/PQ views stay an exact Flat until enough vectors arrived to train on; the store then trains a copy off
-the request path (:func:`trained_copy`) and swaps it in (:meth:`_View.swap`).
+background thread rebuilds a copy without them off the request path (:func:`rebuilt_copy`), once per index,
+and every process loads the result from its snapshot; only past ``TOMBSTONE_INLINE`` (a store without that
+thread, or one far behind) does the remove rebuild inline (in every process, at the same log row). IVF/PQ views
+stay an exact Flat until enough vectors arrived to train on; the store then trains a copy off the request path
+(:func:`trained_copy`), once per index, in the same way.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class _View:
         if not self.index.is_trained:  # exact Flat until there is enough data to train on
             self.index = fac.make_index("Flat", self.dim, self.metric)
         self.loaded_seq = 0
+        self.build = 0  # the committed structure this index holds: its snapshot entry's ``build``
         self.tomb: set[int] = set()
         self._sel: tuple[Any, Any] | None = None
         self.pending = False
@@ -67,12 +70,6 @@ class _View:
 
     def add(self, ids: np.ndarray, x: np.ndarray) -> None:
         self.index.add_with_ids(x, ids)
-
-    def swap(self, new: faiss.Index) -> None:
-        """Replace the index by a new one holding the same items (a trained copy of a pending Flat, or an HNSW
-        graph rebuilt without its tombstones; set ``tomb`` to the new index's tombstones first)."""
-        self.index = new
-        self.refresh_state()
 
     @property
     def due_for_rebuild(self) -> bool:

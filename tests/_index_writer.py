@@ -1,7 +1,12 @@
 """A writer process for the fault tests: adds keys one at a time and prints each key once add() returned.
 
     python tests/_index_writer.py DIR [--snapshot-ops N] [--start I] [--count N] [--peer-start J --peer-count M]
-                                      [--shared KEY] [--stall file|manifest|gc]
+                                      [--shared KEY] [--stall file|manifest|gc] [--serve]
+
+``--serve``: add nothing; print ``READY``, then answer each stdin line ``{"seq", "ready", "queries", "k",
+"params"}`` once this process applied log row ``seq`` and its view ``v`` is ready (``"ivf"``: trained; ``"compact"``:
+no tombstones) with one line ``{"D", "I", "builds"}``: its hits for ``vec(q)`` of each query, and how many indexes
+this process trained or rebuilt (``index.maintenance``'s build functions, counted).
 
 ``--stall`` makes every snapshot stop at a phase (half of a snapshot file written; all files written, manifest not
 yet committed; manifest committed, old files not yet deleted), printing ``STALL <phase>`` first, so that the
@@ -9,12 +14,14 @@ parent can ``kill -9`` it there. ``--peer-*``: at the end, wait until the other 
 searchable here, then print ``PEERS <n>``. ``--shared``: then add that key, printing ``OK`` or ``DUP``.
 """
 import argparse
+import json
 import sys
 import time
 
 import numpy as np
 
-from index import snapshots
+from index import maintenance, snapshots
+from index.factory import is_ivf
 from index.store import DuplicateKeyError, IndexStore
 
 
@@ -57,6 +64,33 @@ def install_stall(phase: str) -> None:
         snapshots.collect_garbage = collect_garbage
 
 
+def count_builds() -> dict:
+    """Wrap the build functions the store calls (training and rebuilds); returns the live counter."""
+    n = {"builds": 0}
+    for name in ("trained_copy", "rebuilt_copy"):
+        def counted(*a, _f=getattr(maintenance, name), **k):
+            n["builds"] += 1
+            return _f(*a, **k)
+        setattr(maintenance, name, counted)
+    return n
+
+
+def serve(store: IndexStore, builds: dict) -> None:
+    say("READY")
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            v = store._views["v"]
+            ok = is_ivf(v.index) if cmd["ready"] == "ivf" else not v.tomb
+            if ok and store.applied_seq >= cmd["seq"]:
+                break
+            time.sleep(0.02)
+        xq = np.concatenate([vec(q) for q in cmd["queries"]])
+        D, I = store.search(xq, "v", cmd["k"], **cmd["params"])
+        say(json.dumps({"D": D.tolist(), "I": I.tolist(), "builds": builds["builds"]}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("dir")
@@ -67,9 +101,16 @@ def main() -> None:
     p.add_argument("--peer-count", type=int, default=0)
     p.add_argument("--shared", default=None)
     p.add_argument("--stall", default=None, choices=["file", "manifest", "gc"])
+    p.add_argument("--serve", action="store_true")
     a = p.parse_args()
     if a.stall:
         install_stall(a.stall)
+    if a.serve:
+        builds = count_builds()
+        store = IndexStore.open(a.dir, snapshot_ops=10**9, snapshot_seconds=10**9, follow_interval=0.05)
+        serve(store, builds)
+        store.close(snapshot=False)
+        return
     store = IndexStore.open(a.dir, snapshot_ops=a.snapshot_ops)
     for i in range(a.start, a.start + a.count):
         store.add([f"k{i}"], {"v": vec(i)}, [{"i": i}])

@@ -400,3 +400,87 @@ def test_kill9_soak(tmp_path):
     print(f"kill -9 soak: {kills} writer processes killed, {len(acked)} acknowledged adds, 0 lost, "
           f"{len(s) - len(acked)} unacknowledged adds that landed")
     s.close()
+
+
+# ---------------------------------------------------------------- issue 18 (round two): snapshots after faults
+def test_a_snapshot_never_persists_a_rolled_back_vector(tmp_path, monkeypatch):
+    """A write fails after its vector went into the views (rolled back, views marked dirty) just after a snapshot
+    caught up and before it copied the views. The snapshot must not save that ghost vector: its id is handed out
+    again by the next add, and after a restart a live key would own the ghost."""
+    path = tmp_path / "ix"
+    s = make(tmp_path, follow=False)
+    s.add(["k0", "k1", "k2"], {"v": np.concatenate([vec(i) for i in range(3)])})
+    ghost, real_add, real_refresh, armed = vec(7), _View.add, s._refresh, [True]
+
+    def half_then_fail(self, ids, x):
+        self.index.add_with_ids(x, ids)  # the vector went in, then the failure
+        raise MemoryError("injected")
+
+    def refresh_then_a_write_fails():
+        real_refresh()
+        if armed:  # forced interleaving: between the snapshot's catch-up and its copy of the views
+            armed.clear()
+            monkeypatch.setattr(_View, "add", half_then_fail)
+            with pytest.raises(WriteFailed, match="rolled back"):
+                s.add(["ghost"], {"v": ghost})
+            monkeypatch.setattr(_View, "add", real_add)
+
+    s._refresh = refresh_then_a_write_fails
+    s.snapshot()
+    assert not armed  # the failure did happen inside the snapshot
+    del s._refresh
+    assert committed(path)["views"]["v"]["count"] == 3 == len(s)  # the manifest counts committed items only
+    assert s.add(["real"], {"v": vec(8)}).tolist() == [3]  # the ghost's id, handed out again
+    s.close()
+    s = IndexStore.open(path)
+    assert s.count("v") == 4 == len(s) == committed(path)["views"]["v"]["count"]
+    hit = s.search_items(ghost, "v", 1)[0][0]
+    assert hit["score"] < 0.99, hit  # the ghost vector is nobody's: not the live key 'real' at score 1.0
+    assert_all_found(s, ["k0", "k1", "k2"])
+    assert s.search_items(vec(8), "v", 1)[0][0]["key"] == "real"
+    s.close()
+
+
+def test_recovery_keeps_a_readable_previous_snapshot(tmp_path):
+    """After open(recover=True) the manifest names as previous the snapshot recovery actually loaded (not the
+    corrupt one) and the log still reaches back to it, so one more fault is recoverable too."""
+    path, acked = tmp_path / "ix", []
+
+    def add(s: IndexStore, lo: int, hi: int) -> None:
+        keys = [f"k{i}" for i in range(lo, hi)]
+        s.add(keys, {"v": np.concatenate([vec(i) for i in range(lo, hi)])})
+        acked.extend(keys)
+
+    def corrupt() -> str:
+        f = path / committed(path)["views"]["v"]["snapshot"]["file"]
+        f.write_bytes(f.read_bytes()[:100])
+        return f.name
+
+    s = make(tmp_path, follow=False)
+    add(s, 0, 5)
+    s.snapshot()
+    first = committed(path)["views"]["v"]["snapshot"]["file"]
+    add(s, 5, 10)
+    s.snapshot()
+    s.close()
+    bad = corrupt()
+    s = IndexStore.open(path, recover=True)  # loads `first` + the log, then writes a fresh snapshot
+    spec = committed(path)["views"]["v"]
+    assert spec["previous"]["file"] == first and spec["snapshot"]["file"] != bad
+    assert wal_rows(path) >= 1  # the rows after `first` are still there
+    add(s, 10, 15)
+    s.close(snapshot=False)  # killed: the log holds these writes
+    corrupt()  # and the snapshot recovery wrote is lost as well
+    s = IndexStore.open(path, recover=True)
+    assert_all_found(s, acked)
+    assert len(s) == len(acked) == s.count("v")
+    add(s, 15, 20)
+    s.snapshot()
+    s.close()
+    corrupt()  # a third fault, after ordinary writes and a snapshot
+    s = IndexStore.open(path, recover=True)
+    assert_all_found(s, acked)
+    assert len(s) == len(acked) == 20
+    s.close()
+    with IndexStore.open(path) as s:  # and the state recovery wrote opens without recover
+        assert_all_found(s, acked)
