@@ -86,7 +86,7 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
                 ids, vec = add_chunk(store, rt, chunk, views, split, keys)
                 done += len(keys)
                 if th is not None:
-                    th.add_sources(keys, chunk.sources, sources, rt.image_size)
+                    th.add_sources(keys, chunk.sources, sources, rt.image_size, ids)
                 if kept < tune_sample:  # the first items: a sample for tuning search parameters
                     sample_ids.append(ids)
                     for v in views:

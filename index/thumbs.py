@@ -1,6 +1,7 @@
 """Thumbnails and query inputs of an index's items, for the web page: ``<index>/thumbs.sqlite``.
 
-Two kinds of rows per item key, in one table ``thumbs(key, kind, mime, data)``:
+Two kinds of rows per item, in one table ``item_thumbs(item_id, key, kind, mime, data)``, keyed by
+``(item_id, kind)``:
 
 * display thumbnails, at most ``THUMB_PX`` (96) pixels on the longer side: ``rgb`` (WebP), ``depth``
   (colour-mapped with viridis, near = dark, far = yellow; PNG) and ``normals`` (camera-space normals as colours,
@@ -14,11 +15,16 @@ Written by ``index.build`` (and so by the default gallery of ``python -m train.p
 ``/index/add``. The file is separate from ``meta.sqlite`` so that the index store stays the only owner of its
 own transactions; losing it loses only pictures. WAL mode and a busy timeout let several server workers read
 and write it at once.
+
+Rows belong to item ids, not keys: a key can be removed and added again, and ids are never reused. Writers
+store rows under the ids that ``IndexStore.add`` returned; readers find them by key through the key's current
+id, read from the index's ``meta.sqlite`` (attached read-only, never written), so a row left by a removed item
+(its thumbnail written after the remove, say) is never served for a later item with the same key; such rows
+are deleted by the hooks below. Files of the older format (``thumbs(key, kind, ...)``, keyed by key) are
+migrated when opened: each row moves to the current id of its key, rows of keys no longer stored are dropped.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import logging
 import random
@@ -30,16 +36,18 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from PIL import Image
 
-from models.imageio import ImageError, decode_depth, decode_image, encode_png, fit_image
+from models.imageio import encode_png, fit_image
 
 LOG = logging.getLogger(__name__)
 
 FILE = "thumbs.sqlite"
+META = "meta.sqlite"  # the index's items: thumbnails are found through them
 THUMB_PX = 96
 DISPLAY_KINDS = ("rgb", "depth", "normals")  # default preference when no view is named
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS thumbs(key TEXT NOT NULL, kind TEXT NOT NULL, mime TEXT NOT NULL, data BLOB NOT NULL,
-                                  UNIQUE(key, kind));
+CREATE TABLE IF NOT EXISTS item_thumbs(item_id INTEGER NOT NULL, key TEXT NOT NULL, kind TEXT NOT NULL,
+                                       mime TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (item_id, kind));
+CREATE INDEX IF NOT EXISTS item_thumbs_key ON item_thumbs(key);
 """
 # viridis at 9 stops (matplotlib's table, sampled); interpolated to 256 entries
 _VIRIDIS9 = np.array([[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141], [39, 173, 129],
@@ -131,18 +139,63 @@ def item_rows(key: str, sources: Mapping[str, Any], views: Mapping[str, str], im
 
 # ---------------------------------------------------------------------------------------------- the file
 class ThumbStore:
-    """``<index>/thumbs.sqlite``: put and get rows by (key, kind); safe to share between threads."""
+    """``<index>/thumbs.sqlite``: rows by (item id, kind), looked up by key through the key's current item id in
+    the index's ``meta.sqlite`` (attached read-only), so rows of removed items are never served; safe to share
+    between threads. Opening a file of the older key-keyed format migrates it (see the module docstring)."""
 
     def __init__(self, index_dir: str | Path, readonly: bool = False):
         self.path = Path(index_dir) / FILE
         self.readonly = readonly
-        if readonly:
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=10)
-        else:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
+        meta = Path(index_dir) / META
+        if not meta.exists():
+            raise FileNotFoundError(f"no index at {index_dir} (missing {META}): thumbnails belong to an index's items")
+        self._db = self._connect(self.path, meta, readonly)
+        if not readonly:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
+        self._base, self._join = "item_thumbs", "i.id = b.item_id"
+        if self._has(self._db, "thumbs"):  # written by an older version: keyed by key
+            self._migrate(meta)
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _connect(path: Path, meta: Path, readonly: bool) -> sqlite3.Connection:
+        uri = path.resolve().as_uri() + ("?mode=ro" if readonly else "")
+        db = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
+        db.execute("ATTACH DATABASE ? AS meta", (meta.resolve().as_uri() + "?mode=ro",))
+        return db
+
+    @staticmethod
+    def _has(db: sqlite3.Connection, table: str) -> bool:
+        return db.execute("SELECT 1 FROM main.sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone() \
+            is not None
+
+    def _migrate(self, meta: Path) -> None:
+        """Rows of the older format (``thumbs(key, kind, ...)``) move to ``item_thumbs`` under the current id of
+        their key; rows of keys no longer stored are dropped. A read-only opener migrates through a writable
+        connection of its own; where the file cannot be written at all, it reads the old rows by key."""
+        db = self._db if not self.readonly else None
+        try:
+            db = db or self._connect(self.path, meta, False)
+            db.executescript(_SCHEMA)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if self._has(db, "thumbs"):  # not migrated by another process meanwhile
+                    n = db.execute("INSERT OR REPLACE INTO item_thumbs(item_id, key, kind, mime, data) "
+                                   "SELECT i.id, t.key, t.kind, t.mime, t.data FROM main.thumbs AS t "
+                                   "JOIN meta.items AS i ON i.key = t.key").rowcount
+                    db.execute("DROP TABLE main.thumbs")
+                    LOG.info("%s: migrated %d thumbnail rows to item ids", self.path, n)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            LOG.warning("%s: cannot migrate the older thumbnail format (%s); reading it by key", self.path, e)
+            self._base, self._join = "thumbs", "i.key = b.key"
+        finally:
+            if db is not None and db is not self._db:
+                db.close()
 
     @classmethod
     def exists(cls, index_dir: str | Path) -> bool:
@@ -158,30 +211,55 @@ class ThumbStore:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def put(self, rows: Iterable[tuple]) -> int:
-        rows = list(rows)
+    def put(self, rows: Iterable[tuple], ids: Mapping[str, int]) -> int:
+        """Store rows ``(key, kind, mime, data)`` (``item_rows``) under the item id of their key: ``ids[key]``,
+        as ``IndexStore.add`` returned it (never the key's current id: the key may belong to a later item)."""
+        rows = [(int(ids[r[0]]), *r) for r in rows]
         with self._lock, self._db:
-            self._db.executemany("INSERT OR REPLACE INTO thumbs(key, kind, mime, data) VALUES (?, ?, ?, ?)", rows)
+            self._db.executemany("INSERT OR REPLACE INTO item_thumbs(item_id, key, kind, mime, data) "
+                                 "VALUES (?, ?, ?, ?, ?)", rows)
         return len(rows)
 
-    def remove(self, keys: list[str]) -> None:
-        """Forget the rows of removed items."""
+    def drop_dead(self, keys: Iterable[str] | None = None, ids: Iterable[int] | None = None) -> int:
+        """Delete the rows (of these keys, of these ids, or all) whose item id is no longer stored."""
+        dead = "NOT EXISTS (SELECT 1 FROM meta.items AS i WHERE i.id = item_thumbs.item_id)"
         with self._lock, self._db:
-            self._db.executemany("DELETE FROM thumbs WHERE key = ?", [(k,) for k in keys])
+            if keys is None and ids is None:
+                return self._db.execute(f"DELETE FROM item_thumbs WHERE {dead}").rowcount
+            if keys is not None:
+                cur = self._db.executemany(f"DELETE FROM item_thumbs WHERE key = ? AND {dead}", [(k,) for k in keys])
+            else:
+                cur = self._db.executemany(f"DELETE FROM item_thumbs WHERE item_id = ? AND {dead}",
+                                           [(int(i),) for i in ids])
+            return cur.rowcount
+
+    def remove(self, keys: list[str]) -> None:
+        """Forget the rows of removed items (those of a key's current item stay)."""
+        self.drop_dead(keys=keys)
 
     def add_sources(self, keys: list[str], sources: Mapping[str, np.ndarray], views: Mapping[str, str],
-                    image_size: int) -> int:
-        """A batch of a Dataset's sources (arrays aligned on the first axis) -> rows for every key."""
+                    image_size: int, ids: Iterable[int]) -> int:
+        """A batch of a Dataset's sources (arrays aligned on the first axis) -> rows for every key, stored under
+        ``ids`` (the items' ids, aligned with ``keys``)."""
         rows = [r for i, k in enumerate(keys)
                 for r in item_rows(k, {s: a[i] for s, a in sources.items()}, views, image_size)]
-        return self.put(rows)
+        return self.put(rows, dict(zip(keys, (int(i) for i in ids))))
+
+    def current_ids(self, keys: list[str]) -> list[int | None]:
+        """The id of the item that holds each key now (None if no stored item has it)."""
+        with self._lock:
+            found = dict(self._db.execute(f"SELECT key, id FROM meta.items WHERE key IN ({','.join('?' * len(keys))})",
+                                          list(keys)).fetchall()) if keys else {}
+        return [found.get(k) for k in keys]
 
     def get(self, key: str, kind: str | None = None) -> tuple[str, str, bytes] | None:
-        """(kind, mime, data) of ``kind``, or of the first display kind stored when kind is None."""
+        """(kind, mime, data) of ``kind``, or of the first display kind stored when kind is None, for the item
+        that holds ``key`` now (None when no stored item has it)."""
         kinds = (kind,) if kind else DISPLAY_KINDS
         with self._lock:
-            rows = self._db.execute(f"SELECT kind, mime, data FROM thumbs WHERE key = ? AND kind IN "
-                                    f"({','.join('?' * len(kinds))})", (key, *kinds)).fetchall()
+            rows = self._db.execute(f"SELECT b.kind, b.mime, b.data FROM meta.items AS i JOIN {self._base} AS b "
+                                    f"ON {self._join} WHERE i.key = ? AND b.kind IN ({','.join('?' * len(kinds))})",
+                                    (key, *kinds)).fetchall()
         by = {r[0]: r for r in rows}
         for k in kinds:
             if k in by:
@@ -193,18 +271,23 @@ class ThumbStore:
         return r[2] if r else None
 
     def random_key(self, rng: random.Random | None = None) -> str | None:
-        """A key picked at a random row (uniform over rows when rowids have no gaps)."""
+        """The key of a stored item picked at a random row (uniform over rows when rowids have no gaps)."""
         with self._lock:
-            lo, hi = self._db.execute("SELECT min(rowid), max(rowid) FROM thumbs").fetchone()
+            lo, hi = self._db.execute(f"SELECT min(rowid), max(rowid) FROM {self._base}").fetchone()
             if lo is None:
                 return None
             r = (rng or random).randint(lo, hi)
-            row = self._db.execute("SELECT key FROM thumbs WHERE rowid >= ? ORDER BY rowid LIMIT 1", (r,)).fetchone()
+            sql = (f"SELECT i.key FROM {self._base} AS b JOIN meta.items AS i ON {self._join} "
+                   "WHERE b.rowid {} ? ORDER BY b.rowid {} LIMIT 1")
+            row = (self._db.execute(sql.format(">=", "ASC"), (r,)).fetchone()
+                   or self._db.execute(sql.format("<", "DESC"), (r,)).fetchone())
         return row[0] if row else None
 
     def __len__(self) -> int:
+        """Stored items with thumbnails."""
         with self._lock:
-            return int(self._db.execute("SELECT count(DISTINCT key) FROM thumbs").fetchone()[0])
+            return int(self._db.execute(f"SELECT count(DISTINCT i.id) FROM {self._base} AS b JOIN meta.items AS i "
+                                        f"ON {self._join}").fetchone()[0])
 
 
 # ---------------------------------------------------------------------------------------------- server hooks
@@ -223,32 +306,40 @@ def _writer(index_dir: str | Path) -> ThumbStore | None:
         return ts
 
 
-def add_items(index_dir: str | Path, keys: list[str], decoded: Mapping[str, list], rt: Any) -> int:
+def add_items(index_dir: str | Path, keys: list[str], decoded: Mapping[str, list], rt: Any,
+              ids: Iterable[int] | None = None) -> int:
     """Thumbnails of items just added through ``/index/add``, from their inputs as the server decoded them
     (``decoded``: source key -> one array per item, ``models.runtime.to_source``), so the stored query input
-    is exactly what was embedded. Never raises: the items are already durable, a picture is a nicety; a
-    failure is logged and the count of items written is returned (0 for an index that keeps none)."""
-    ts = _writer(index_dir)
-    if ts is None:
-        return 0
-    views = {v: spec["source"] for v, spec in rt.views.items()}
+    is exactly what was embedded. ``ids``: the items' ids as ``IndexStore.add`` returned them; the rows go
+    under those ids, so a remove (and a re-add of the key) between the add and this call cannot leave them to
+    a later item: rows of an item removed meanwhile are deleted again here, and are never served anyway.
+    Without ``ids`` the keys' current ids are used (racy: for callers that do not know them). Never raises:
+    the items are already durable, a picture is a nicety; a failure is logged and the count of items written
+    is returned (0 for an index that keeps none)."""
     try:
+        ts = _writer(index_dir)
+        if ts is None:
+            return 0
+        views = {v: spec["source"] for v, spec in rt.views.items()}
+        got = list(ids) if ids is not None else ts.current_ids(keys)
         rows = []
         for i, key in enumerate(keys):
-            rows += item_rows(key, {src: arrs[i] for src, arrs in decoded.items()}, views, rt.image_size)
-        ts.put(rows)
-        return len(keys)
+            if got[i] is not None:
+                rows += item_rows(key, {src: arrs[i] for src, arrs in decoded.items()}, views, rt.image_size)
+        ts.put(rows, {k: i for k, i in zip(keys, got) if i is not None})
+        ts.drop_dead(ids=[i for i in got if i is not None])  # removed between the add and now
+        return sum(i is not None for i in got)
     except (ValueError, TypeError, OSError, sqlite3.Error) as e:
         LOG.warning("thumbnails of %d added items not written: %s", len(keys), e)
         return 0
 
 
 def remove_items(index_dir: str | Path, keys: list[str]) -> None:
-    """Drop the thumbnails of items just removed through ``/index/remove``; never raises (logged)."""
-    ts = _writer(index_dir)
-    if ts is None:
-        return
+    """Drop the thumbnails of items just removed through ``/index/remove`` (rows of the keys whose item is
+    gone; a key added again meanwhile keeps its new item's rows); never raises (logged)."""
     try:
-        ts.remove(keys)
-    except sqlite3.Error as e:
+        ts = _writer(index_dir)
+        if ts is not None:
+            ts.remove(keys)
+    except (OSError, sqlite3.Error) as e:
         LOG.warning("thumbnails of %d removed items not deleted: %s", len(keys), e)

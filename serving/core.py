@@ -332,7 +332,7 @@ class Core:
         vectors = dict(p for part in parts for p in part)
         ids = await anyio.to_thread.run_sync(lambda: store.add(keys, vectors, metas))
         from index.thumbs import add_items  # thumbnails for the web page, from the same decoded inputs
-        await self._decode(lambda: add_items(store.path, keys, decoded, self.rt))
+        await self._decode(lambda: add_items(store.path, keys, decoded, self.rt, ids))  # under the ids just added
         return {"added": len(keys), "ids": [int(i) for i in ids], "views": sorted(vectors)}
 
     async def index_remove(self, keys: list) -> dict:
