@@ -32,21 +32,16 @@ from urllib.parse import parse_qs
 
 import numpy as np
 
+from .core import current_core
+from .errors import ApiError, respond, send_bytes, send_error
+from .routes import IMAGE_TYPES
+
 LOG = logging.getLogger(__name__)
 
 Encoding = Literal["float", "base64"]
 ENCODINGS = ("float", "base64")
-IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp"})
 NPY = "application/x-npy"
 FORM_FIELDS = frozenset({"images", "image", "view", "encoding"})
-
-
-class BinaryError(Exception):
-    """A bad binary request: HTTP status and the envelope's kind, detail and field."""
-
-    def __init__(self, status: int, error: str, detail: str, field: str | None):
-        super().__init__(detail)
-        self.status, self.error, self.detail, self.field = status, error, detail, field
 
 
 def embeddings_body(view: str, z: np.ndarray, encoding: str = "float") -> dict:
@@ -88,17 +83,6 @@ def _headers(scope: dict) -> tuple[str, str]:
     return ctype, accept
 
 
-async def _send(send: Any, status: int, body: bytes, ctype: str, extra: list | None = None) -> None:
-    headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())] + (extra or [])
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _send_error(send: Any, e: BinaryError) -> None:
-    body = json.dumps({"error": e.error, "detail": e.detail, "field": e.field}).encode()
-    await _send(send, e.status, body, "application/json")
-
-
 class BinaryEmbed:
     """ASGI middleware answering the binary forms of ``POST /embed`` (see the module docstring).
 
@@ -107,7 +91,7 @@ class BinaryEmbed:
     def __init__(self, app: Any, core: Callable[[], Any] | None = None, path: str = "/embed",
                  docs_path: str = "/docs.json", max_form_fields: int = 8):
         self.app, self.path, self.docs_path = app, path, docs_path
-        self.core = core or _service_core
+        self.core = core or current_core
         self.max_form_fields = max_form_fields
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -127,7 +111,6 @@ class BinaryEmbed:
 
     # ------------------------------------------------------------------ /embed
     async def embed(self, scope: dict, receive: Any, send: Any, media: str, ctype: str, accept: str) -> None:
-        from .core import respond
         body = await _read_body(receive)
         if body is None:  # the client went away, or the body limit already answered 413
             return
@@ -135,8 +118,8 @@ class BinaryEmbed:
             core = self.core()
             query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
             view, images, arrays, encoding = await self.parse(media, ctype, body, query, core)
-        except BinaryError as e:
-            await _send_error(send, e)
+        except ApiError as e:
+            await send_error(send, e)
             return
         if NPY in accept:
             async def npy() -> Any:
@@ -148,15 +131,15 @@ class BinaryEmbed:
         else:
             answer = await respond(embed_answer(core, view, images, arrays, encoding))
         if isinstance(answer, dict):
-            await _send(send, 200, json.dumps(answer).encode(), "application/json")
+            await send_bytes(send, 200, json.dumps(answer).encode())
         else:  # a starlette Response: the npy answer or an error envelope
             await answer(scope, _empty_receive, send)
 
     async def parse(self, media: str, ctype: str, body: bytes, query: dict, core: Any
                     ) -> tuple[str, list | None, list | None, str]:
-        """The request -> (view, images as bytes | None, arrays | None, encoding); raises BinaryError."""
+        """The request -> (view, images as bytes | None, arrays | None, encoding); raises ApiError."""
         if not body:
-            raise BinaryError(400, "invalid_input", "empty request body", "body")
+            raise ApiError("invalid_input", "empty request body", "body")
         fields: dict[str, Any] = dict(query)
         images: list | None = None
         arrays: list | None = None
@@ -167,19 +150,19 @@ class BinaryEmbed:
             for name, value in await self._form(ctype, body, core):
                 if name in ("images", "image"):
                     if isinstance(value, str):
-                        raise BinaryError(400, "invalid_input", f"form field {name!r} must be a file part", name)
+                        raise ApiError("invalid_input", f"form field {name!r} must be a file part", name)
                     images.append(value)
                 else:
                     fields[name] = value
             if not images:
-                raise BinaryError(400, "invalid_input", "multipart body has no 'images' file parts", "images")
+                raise ApiError("invalid_input", "multipart body has no 'images' file parts", "images")
         else:  # JSON asking for a binary answer
             try:
                 data = json.loads(body)
             except (ValueError, UnicodeDecodeError, RecursionError) as e:
-                raise BinaryError(400, "invalid_input", f"body is not valid JSON: {str(e)[:200]}", "body") from None
+                raise ApiError("invalid_input", f"body is not valid JSON: {str(e)[:200]}", "body") from None
             if not isinstance(data, dict):
-                raise BinaryError(400, "invalid_input", "body must be a JSON object", "body")
+                raise ApiError("invalid_input", "body must be a JSON object", "body")
             fields |= {k: v for k, v in data.items() if v is not None}
             images, arrays = data.get("images"), data.get("arrays")
         view, encoding = fields.get("view"), fields.get("encoding", "float")
@@ -187,9 +170,9 @@ class BinaryEmbed:
             where = {"multipart/form-data": "a 'view' form field or ?view="}.get(
                 media, "the query string (?view=L)" if media in IMAGE_TYPES else "the JSON body")
             problem = "is required" if view is None else f"must be a view name, got {view!r}"
-            raise BinaryError(400, "invalid_input", f"view {problem} (in {where})", "view")
+            raise ApiError("invalid_input", f"view {problem} (in {where})", "view")
         if encoding not in ENCODINGS:
-            raise BinaryError(400, "invalid_input", f"encoding must be one of {list(ENCODINGS)}, got {encoding!r}",
+            raise ApiError("invalid_input", f"encoding must be one of {list(ENCODINGS)}, got {encoding!r}",
                               "encoding")
         return view, images, arrays, encoding
 
@@ -209,13 +192,13 @@ class BinaryEmbed:
             form = await parser.parse()
         except MultiPartException as e:
             status = 413 if "Too many files" in str(e) else 400
-            raise BinaryError(status, "too_large" if status == 413 else "invalid_input",
-                              f"multipart body: {e}", "images") from None
+            raise ApiError("too_large" if status == 413 else "invalid_input", f"multipart body: {e}", "images",
+                           status) from None
         out: list[tuple[str, Any]] = []
         try:
             for name, value in form.multi_items():
                 if name not in FORM_FIELDS:
-                    raise BinaryError(400, "invalid_input", f"unknown form field {name!r}; /embed takes "
+                    raise ApiError("invalid_input", f"unknown form field {name!r}; /embed takes "
                                       f"{sorted(FORM_FIELDS)}", name)
                 out.append((name, await value.read() if isinstance(value, UploadFile) else value))
         finally:
@@ -288,14 +271,6 @@ async def _read_body(receive: Any) -> bytes | None:
 
 async def _empty_receive() -> dict:
     return {"type": "http.request", "body": b"", "more_body": False}
-
-
-def _service_core() -> Any:
-    import bentoml
-    try:
-        return bentoml.get_current_service().core
-    except Exception:  # noqa: BLE001 - not instantiated yet
-        raise BinaryError(503, "unavailable", "the service is starting", None) from None
 
 
 __all__ = ["BinaryEmbed", "Encoding", "embed_answer", "embeddings_body", "npy_bytes", "decode_base64_embeddings",

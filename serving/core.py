@@ -32,6 +32,7 @@ from models.runtime import InputError, Runtime
 
 from .batcher import MicroBatcher, Overloaded
 from .errors import ApiError, respond, to_api_error  # noqa: F401 - re-exported (the service imports respond here)
+from .routes import budgets
 from .limits import check_key, check_keys, check_metadata, decode_pixels, trim_hits
 from .settings import Settings, cpu_count, env_flag, env_int  # noqa: F401 - re-exported
 
@@ -50,6 +51,15 @@ def b64decode(s: Any, field: str) -> bytes:
         raise ApiError("invalid_input", f"{field} is not valid base64: {e}", field) from None
 
 
+def current_core() -> "Core":
+    """The running BentoML service's Core (503 while the service is still starting)."""
+    import bentoml
+    try:
+        return bentoml.get_current_service().core
+    except Exception:  # noqa: BLE001 - not instantiated yet
+        raise ApiError("unavailable", "the service is still starting", None) from None
+
+
 def _relabel(e: InputError, field: str) -> ApiError:
     return ApiError("invalid_input", str(e), field)
 
@@ -63,6 +73,7 @@ class Core:
         self.index_note = index_note
         self.tau = float(rt.card.tau)
         self.max_pixels = decode_pixels(self.settings.max_pixels, rt.image_size)
+        self.budgets = budgets(self.settings, rt.views)  # per-route body bounds (serving/routes.py)
         self._limiter: anyio.CapacityLimiter | None = None
         self._decoders = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="cmc-decode")
         self.batcher = MicroBatcher(rt.embed, self.settings.max_batch_size, self.settings.max_latency_ms) \

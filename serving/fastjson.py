@@ -22,6 +22,7 @@ import logging
 from typing import Any
 
 from .binary import _read_body
+from .errors import send_bytes
 from .settings import env_flag
 
 LOG = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class FastJSON:
         try:
             data = api.input_spec.model_validate_json(body or b"{}")
         except ValidationError as exc:  # BentoML's own answer (serving/auth.py's envelope rewrites it)
-            await _send(send, 400, json.dumps({"error": f"{exc.error_count()} validation error for {exc.title}",
+            await send_bytes(send, 400, json.dumps({"error": f"{exc.error_count()} validation error for {exc.title}",
                                                "detail": exc.errors(include_context=False, include_input=False)},
                                               default=str).encode())
             return
@@ -90,9 +91,9 @@ class FastJSON:
             payload = (spec(out) if issubclass(spec, IORootModel) else spec.model_validate(out)).model_dump_json()
         except Exception:  # noqa: BLE001 - as BentoML: logged, 500 with a generic body
             LOG.exception("unexpected error in %s", api.route)
-            await _send(send, 500, b'{"error": "An unexpected error has occurred, please check the server log."}')
+            await send_bytes(send, 500, b'{"error": "An unexpected error has occurred, please check the server log."}')
             return
-        await _send(send, 200, payload.encode())
+        await send_bytes(send, 200, payload.encode())
 
 
 def _is_json(scope: dict) -> bool:
@@ -101,8 +102,3 @@ def _is_json(scope: dict) -> bool:
             return v.split(b";", 1)[0].strip().lower() == b"application/json"
     return True  # BentoML reads a body without a Content-Type as JSON
 
-
-async def _send(send: Any, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})

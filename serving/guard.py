@@ -1,10 +1,13 @@
 """Request screening before BentoML parses a body, and metrics labelled by known routes only.
 
-* :class:`ContentGuard` - JSON endpoints take ``application/json`` (or no Content-Type) and answer anything
-  else 415; form endpoints (``/embed_file``) take ``multipart/form-data`` with a valid boundary, and their body
-  is parsed and checked here first: a malformed body is a 400, and a file field sent as a text part (for
-  example a URL, which BentoML would otherwise download) is a 400 - nothing is ever fetched. The checked body is
-  then replayed to BentoML unchanged. Bodies are bounded by :class:`serving.auth.BodyLimit`, which runs outside.
+* :class:`ContentGuard` - every POST route of the table (serving/routes.py) by its body forms: JSON routes take
+  ``application/json`` (reads also no Content-Type, as BentoML reads it; writes must say it) and answer anything
+  else 415; ``/embed`` also takes raw images and multipart (serving/binary.py); form endpoints (``/embed_file``)
+  take ``multipart/form-data`` with a valid boundary, and their body is parsed and checked here first: a
+  malformed body is a 400, and a file field sent as a text part (for example a URL, which BentoML would
+  otherwise download) is a 400 - nothing is ever fetched. Each body is read up to its route's budget (413
+  beyond: the largest valid request of that route), a JSON body's values are counted against the budget before
+  any parser builds them (413), and the checked body is then replayed unchanged.
 * :func:`install_route_metrics` - BentoML's traffic-metrics middleware runs before every middleware of ours and
   labels its series by the raw request path, so random paths would each add series to ``/metrics`` forever.
   It is replaced (in BentoML's module, before the app is built) by a subclass that labels every path outside
@@ -13,10 +16,11 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-from .auth import _header, _send_json
+from .auth import _header
+from .errors import ApiError, send_error, send_json
+from .routes import IMAGE_TYPES, Budget, FormSpec, Route, route_of
 
 OTHER_ROUTE = "/other"
 # RFC 2046: 1-70 characters from this set, not ending in a space
@@ -48,70 +52,53 @@ def parse_content_type(value: bytes) -> tuple[str, dict[str, str]] | None:
     return media, params
 
 
-@dataclass(frozen=True)
-class FormSpec:
-    """A multipart endpoint's fields: each appears exactly once; ``files`` must be uploaded file parts and
-    ``texts`` short text parts (at most ``max_text`` characters)."""
-    files: tuple[str, ...]
-    texts: tuple[str, ...]
-    max_text: int = 64
-
-
 def _error(status: int, error: str, detail: str, field: str | None) -> tuple[int, dict]:
     return status, {"error": error, "detail": detail, "field": field}
 
 
+def json_values(body: bytes) -> int:
+    """An upper bound of the number of values in a JSON text: one more than its commas and opening brackets
+    (C-speed counts; strings' commas count too, which only overestimates)."""
+    return body.count(b",") + body.count(b"[") + body.count(b"{") + 1
+
+
 class ContentGuard:
-    def __init__(self, app: Any, json_routes: Iterable[str] = (), form_routes: dict[str, FormSpec] | None = None):
+    """Screens the body of every POST route of the table (serving/routes.py) before anything parses it:
+    its Content-Type against the route's body forms, its size against the route's budget (413), a JSON body's
+    value count against the budget (413), and a form's fields (see the module docstring). ``budgets``: a
+    callable returning {path: Budget} (the served model's, ``Core.budgets``); it may raise ApiError (503)."""
+
+    def __init__(self, app: Any, budgets: Callable[[], dict[str, Budget]] | dict[str, Budget] | None = None):
         self.app = app
-        self.json_routes = frozenset(json_routes)
-        self.form_routes = dict(form_routes or {})
+        self._budgets = budgets
+
+    def budget(self, path: str) -> Budget | None:
+        b = self._budgets() if callable(self._budgets) else self._budgets
+        return (b or {}).get(path)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or scope.get("method") != "POST" or \
-                (path not in self.json_routes and path not in self.form_routes):
+        route = route_of(path) if scope["type"] == "http" and scope.get("method") == "POST" else None
+        if route is None or not route.body:
             await self.app(scope, receive, send)
             return
-        raw = _header(scope, b"content-type")
-        ct = parse_content_type(raw) if raw is not None and raw.strip() else None
-        if raw is not None and raw.strip() and ct is None:
-            await _send_json(send, 400, {"error": "bad_request", "detail": f"malformed Content-Type header "
-                                         f"{raw[:100].decode('latin-1')!r}", "field": "Content-Type"})
-            return
-        if path in self.json_routes:
-            if ct is not None and ct[0] != "application/json":
-                await _send_json(send, 415, {"error": "unsupported_media_type", "detail": f"{path} takes "
-                                             f"application/json, not {ct[0]}", "field": "Content-Type"})
-                return
-            await self.app(scope, receive, send)
-            return
-        await self._form(scope, receive, send, ct, self.form_routes[path])
-
-    async def _form(self, scope: dict, receive: Any, send: Any, ct: tuple[str, dict] | None, spec: FormSpec) -> None:
-        path = scope["path"]
-        if ct is None or ct[0] != "multipart/form-data":
-            await _send_json(send, 415, {"error": "unsupported_media_type", "detail": f"{path} takes "
-                                         f"multipart/form-data (curl -F), not {ct[0] if ct else 'no Content-Type'}",
-                                         "field": "Content-Type"})
-            return
-        boundary = ct[1].get("boundary", "")
-        if not _BOUNDARY.match(boundary):
-            await _send_json(send, 400, {"error": "bad_request", "detail": "multipart/form-data needs a boundary "
-                                         "parameter of 1-70 allowed characters", "field": "Content-Type"})
-            return
-        chunks: list[bytes] = []
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            chunks.append(msg.get("body", b""))
-            if not msg.get("more_body"):
-                break
-        body = b"".join(chunks)
-        problem = await self._check_form(scope, body, spec)
-        if problem is not None:
-            await _send_json(send, problem[0], problem[1])
+        try:
+            media = self._media(scope, route)
+            budget = self.budget(path)
+            body = await _read_within(receive, budget.max_bytes if budget else None, path)
+            if body is None:
+                return  # the client went away
+            if media == "json" and budget is not None and json_values(body) > budget.max_values:
+                raise ApiError("too_large", f"the body holds more than {budget.max_values} JSON values, more than "
+                               f"the largest valid {path} request (CMC_MAX_ITEMS and the model's input sizes)",
+                               "body")
+            if media == "form":
+                problem = await self._check_form(scope, body, route.form)  # type: ignore[arg-type]
+                if problem is not None:
+                    await send_json(send, problem[0], problem[1])
+                    return
+        except ApiError as e:
+            await send_error(send, e)
             return
         sent = False
 
@@ -123,6 +110,35 @@ class ContentGuard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    @staticmethod
+    def _media(scope: dict, route: Route) -> str:
+        """The body form a request is read as ("json", "binary" or "form"); raises ApiError (400/415)."""
+        path = route.path
+        raw = _header(scope, b"content-type")
+        ct = parse_content_type(raw) if raw is not None and raw.strip() else None
+        if raw is not None and raw.strip() and ct is None:
+            raise ApiError("bad_request", f"malformed Content-Type header {raw[:100].decode('latin-1')!r}",
+                           "Content-Type")
+        media = ct[0] if ct else None
+        if "json" in route.body and media == "application/json":
+            return "json"
+        if "json" in route.body and media is None and route.access != "write":
+            return "json"  # as BentoML reads it; writes must say so (a browser must preflight that)
+        if media == "multipart/form-data" and ("binary" in route.body or "form" in route.body):
+            if not _BOUNDARY.match(ct[1].get("boundary", "")):  # type: ignore[index]
+                raise ApiError("bad_request", "multipart/form-data needs a boundary parameter of 1-70 allowed "
+                               "characters", "Content-Type")
+            return "form" if "form" in route.body else "binary"
+        if "binary" in route.body and media in IMAGE_TYPES:
+            return "binary"
+        if "form" in route.body:
+            raise ApiError("unsupported_media_type", f"{path} takes multipart/form-data (curl -F), not "
+                           f"{media or 'no Content-Type'}", "Content-Type")
+        if media is None:
+            raise ApiError("unsupported_media_type", f"{path} is a write: send Content-Type: application/json",
+                           "Content-Type")
+        raise ApiError("unsupported_media_type", f"{path} takes application/json, not {media}", "Content-Type")
 
     @staticmethod
     async def _check_form(scope: dict, body: bytes, spec: FormSpec) -> tuple[int, dict] | None:
@@ -197,3 +213,22 @@ def install_route_metrics(known: Iterable[str]) -> None:
             await super().__call__(scope, receive, send)
 
     ins.RunnerTrafficMetricsMiddleware = RouteLabelledMetrics
+
+
+async def _read_within(receive: Any, limit: int | None, path: str) -> bytes | None:
+    """The whole body, or ApiError 413 as soon as it passes ``limit``; None when the client went away."""
+    chunks: list[bytes] = []
+    n = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return None
+        chunk = msg.get("body", b"")
+        n += len(chunk)
+        if limit is not None and n > limit:
+            raise ApiError("too_large", f"request body of more than {limit} bytes is over the largest valid {path} "
+                           "request (CMC_MAX_ITEMS, CMC_MAX_IMAGE_MB, CMC_MAX_BODY_MB and the model's input sizes)",
+                           "body")
+        chunks.append(chunk)
+        if not msg.get("more_body"):
+            return b"".join(chunks)

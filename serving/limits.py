@@ -13,15 +13,13 @@ from .schemas import KEY_MAX_CHARS
 METADATA_MAX_DEPTH = 8
 # a search answer's metadata, all hits together (the rest of a hit is a few dozen bytes)
 RESPONSE_METADATA_BYTES = 8 << 20
-# the decode limit never goes under this (a 1024 x 1024 photo decodes whatever the model's input size)
-MIN_DECODE_PIXELS = 1 << 20
-# JPEG draft decoding shrinks each side up to 8x, so 64 x the model's input area is what a JPEG can be cut down to
-DECODE_AREA_FACTOR = 64
 
 
 def decode_pixels(cap: int, image_size: int) -> int:
-    """Pixels an input image may decode to: sized to the model's input, at most ``cap`` (CMC_MAX_PIXELS)."""
-    return max(1, min(int(cap), max(DECODE_AREA_FACTOR * image_size * image_size, MIN_DECODE_PIXELS)))
+    """Pixels an input image may have, checked on its header before any decoding (models/imageio.py): the cap
+    (CMC_MAX_PIXELS). Decoded images are reduced to the model's input at once (models/runtime.to_source), so a
+    request holds at most one full-size decode per decode thread."""
+    return max(1, int(cap))
 
 
 def _bad_char(s: str, controls: bool = True) -> str | None:

@@ -4,14 +4,23 @@ Every error the server answers is ``{"error": <short kind>, "detail": <message>,
 with a 4xx status (503 when the index is missing or the server is overloaded).
 
 The constraints below make the OpenAPI schema describe what the handlers accept, so that generated requests
-(a fuzzer's, a client generator's) mostly reach them. Count and size limits are in the schema only
-(``json_schema_extra``): the handlers enforce them with a 413 that names the setting.
+(a fuzzer's, a client generator's) mostly reach them. Lists, images and vectors are bounded inside the parser
+(``max_length``, from the settings: a list over CMC_MAX_ITEMS is a 413); key and metadata limits are in the
+schema only (``json_schema_extra``): the handlers enforce them with a 413 that names the setting. What the
+parser builds at all is bounded before it runs, by the per-route budgets of serving/routes.py.
 """
 from __future__ import annotations
 
 from typing import Annotated, Any, Optional, Union
 
 from pydantic import BaseModel, Field
+
+from .routes import image_chars
+from .settings import from_env
+
+_S = from_env()
+MAX_ITEMS = _S.max_items
+MAX_VECTOR = 65536  # a sanity bound of the parser; the model's own input length bounds the body (routes.budget)
 
 KEY_MAX_CHARS = 256
 VIEW_PATTERN = r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$"
@@ -21,15 +30,16 @@ ViewName = Annotated[str, Field(min_length=1, max_length=64, pattern=VIEW_PATTER
                                 description="a view of the model, e.g. 'L', 'ab', 'depth' (see /info)")]
 Key = Annotated[str, Field(min_length=1, description="unique key of an item: printable text",
                            json_schema_extra={"maxLength": KEY_MAX_CHARS, "pattern": KEY_PATTERN})]
-Base64Image = Annotated[str, Field(min_length=1, description="base64-encoded PNG, JPEG or WebP bytes "
+Base64Image = Annotated[str, Field(min_length=1, max_length=image_chars(_S.max_image_bytes), description="base64-encoded PNG, JPEG or WebP bytes "
                                    "(a 16-bit PNG for depth views); a data: URL prefix is allowed")]
-Vector = Annotated[list[float], Field(min_length=1, json_schema_extra={"maxItems": 65536},
+Vector = Annotated[list[float], Field(min_length=1, max_length=MAX_VECTOR,
                                       description="a vector of numbers, for vector views")]
 
 
-def max_items(n: int) -> dict:
-    """Schema-only list bound (the handler answers 413 beyond it)."""
-    return {"maxItems": int(n)}
+
+def items(t: object) -> object:
+    """A list of ``t`` of at most CMC_MAX_ITEMS entries (a 413 beyond, serving/auth.py's envelope)."""
+    return Annotated[list[t], Field(max_length=MAX_ITEMS)]  # type: ignore[valid-type]
 
 
 class Input(BaseModel):
@@ -46,7 +56,7 @@ class AddItem(BaseModel):
                                      "(at most CMC_MAX_METADATA_BYTES serialized, 8 levels deep)")
     inputs: dict[Annotated[str, Field(pattern=VIEW_PATTERN)], Union[Base64Image, Vector]] = Field(
         description="by source ('rgb', 'depth': base64 image) or by vector view name (a list of numbers)",
-        json_schema_extra={"minProperties": 1})
+        max_length=64, json_schema_extra={"minProperties": 1})
 
 
 # HTTP status per error kind

@@ -6,8 +6,9 @@ Run ``bentoml serve`` in the project root (bentofile.yaml names this service). T
 packages it and a Bento serves the model it carries; ``CMC_MODEL`` still overrides at serve time.
 Settings come from the environment (see serving.settings.Settings): CMC_MODEL, CMC_INDEX, CMC_WORKERS, CMC_THREADS,
 CMC_BATCHING, CMC_MAX_BATCH_SIZE, CMC_MAX_LATENCY_MS, CMC_MAX_ITEMS, CMC_MAX_PIXELS, CMC_MAX_K, CMC_MAX_BODY_MB,
-CMC_MAX_METADATA_BYTES, CMC_DECODE_THREADS, CMC_TIMEOUT_S, CMC_DEVICE, CMC_API_TOKEN (unset: writes only from
-loopback clients).
+CMC_MAX_METADATA_BYTES, CMC_MAX_IMAGE_MB, CMC_MAX_CONCURRENCY, CMC_MAX_INFLIGHT_MB, CMC_DECODE_THREADS,
+CMC_TIMEOUT_S, CMC_DEVICE, CMC_API_TOKEN (unset: protected mode, writes only from local, direct, same-site clients).
+The HTTP edge (who may call what, body forms and limits, metrics labels) derives from serving/routes.py.
 Speed settings: CMC_SPIN, CMC_ACCESS_LOG, CMC_TRACE_HOT, CMC_FAST_JSON (see README).
 """
 from __future__ import annotations
@@ -16,6 +17,10 @@ import os
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
+from serving.lifecycle import follow_serve_process  # noqa: E402
+
+follow_serve_process()  # first of all: a worker never outlives `bentoml serve`, even one killed during start-up
+
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Any, Optional  # noqa: E402
 
@@ -23,23 +28,19 @@ import bentoml  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from models.artifact import declared_model  # noqa: E402
-from serving.observability import QuietAccessLog, logging_config, tracing_config  # noqa: E402
-from serving.auth import PUBLIC_PATHS, BearerAuth, BodyLimit, ErrorEnvelope  # noqa: E402
+from serving import routes, web  # noqa: E402
+from serving.admission import Admission  # noqa: E402
+from serving.auth import AccessControl, BodyLimit, ErrorEnvelope  # noqa: E402
 from serving.binary import BinaryEmbed, Encoding, embed_answer  # noqa: E402
-from serving.core import Core, Settings, respond  # noqa: E402
-from serving.guard import ContentGuard, FormSpec, install_route_metrics  # noqa: E402
-from serving.schemas import AddItem, Base64Image, Input, Key, Vector, ViewName, max_items  # noqa: E402
+from serving.core import Core, current_core, respond  # noqa: E402
 from serving.fastjson import FastJSON  # noqa: E402
-from serving.lifecycle import die_with_parent  # noqa: E402
-from serving import web  # noqa: E402
+from serving.guard import ContentGuard, install_route_metrics  # noqa: E402
+from serving.observability import QuietAccessLog, logging_config, tracing_config  # noqa: E402
+from serving.schemas import AddItem, Base64Image, Input, Key, Vector, ViewName, items  # noqa: E402
+from serving.settings import from_env  # noqa: E402
 
-SETTINGS = Settings()
-N = SETTINGS.max_items
-JSON_ROUTES = ("/embed", "/similarity", "/search", "/index/add", "/index/remove", "/info")
-FORM_ROUTES = {"/embed_file": FormSpec(files=("image",), texts=("view",))}
-# metrics are labelled by these paths only (every other path counts as /other)
-install_route_metrics(JSON_ROUTES + tuple(FORM_ROUTES) + ("/", "/docs", "/docs.json", "/metrics", "/readyz",
-                                                          "/livez", "/healthz") + web.METRIC_ROUTES)
+SETTINGS = from_env()
+install_route_metrics(routes.metric_paths())  # metrics are labelled by the table's paths (every other: /other)
 MODEL_TAG, MODEL_IN_STORE = declared_model(Path(__file__).resolve().parents[1])
 
 
@@ -51,7 +52,6 @@ class CMCService:
 
     def __init__(self) -> None:
         self.ready = False
-        die_with_parent()  # a worker never outlives `bentoml serve` (serving/lifecycle.py)
         if not SETTINGS.model and MODEL_IN_STORE:
             SETTINGS.model = self.model.path  # the declared model (inside a Bento: the one it carries)
         self.core = Core.load(SETTINGS)  # model, warm-up, index, batcher
@@ -66,8 +66,8 @@ class CMCService:
 
     @bentoml.api
     async def embed(self, view: ViewName,
-                    images: Annotated[Optional[list[Base64Image]], Field(json_schema_extra=max_items(N))] = None,
-                    arrays: Annotated[Optional[list[Vector]], Field(json_schema_extra=max_items(N))] = None,
+                    images: Optional[items(Base64Image)] = None,
+                    arrays: Optional[items(Vector)] = None,
                     encoding: Encoding = "float") -> dict:
         """Embed base64 images (image views) or arrays (vector views) in one view -> L2-normalised embeddings.
         Also takes raw image bytes (Content-Type: image/png|jpeg|webp, ?view=L) and multipart (images parts,
@@ -82,7 +82,7 @@ class CMCService:
 
     @bentoml.api
     async def similarity(self, a: Optional[Input] = None, b: Optional[Input] = None, query: Optional[Input] = None,
-                         candidates: Annotated[Optional[list[Input]], Field(json_schema_extra=max_items(N))] = None
+                         candidates: Optional[items(Input)] = None
                          ) -> dict:
         """Pair form {a, b} -> cosine and critic exp(cos/tau); rank form {query, candidates} -> sorted scores."""
         return await respond(self.core.similarity(a, b, query, candidates))
@@ -95,12 +95,12 @@ class CMCService:
         return await respond(self.core.search(query, target_view, k, include_metadata))
 
     @bentoml.api(route="/index/add")
-    async def index_add(self, items: Annotated[list[AddItem], Field(json_schema_extra=max_items(N))]) -> dict:
+    async def index_add(self, items: items(AddItem)) -> dict:
         """Embed and add items (inputs by source or vector view name); answered once durable."""
         return await respond(self.core.index_add(items))
 
     @bentoml.api(route="/index/remove")
-    async def index_remove(self, keys: Annotated[list[Key], Field(json_schema_extra=max_items(N))]) -> dict:
+    async def index_remove(self, keys: items(Key)) -> dict:
         """Remove items by key; answered once durable."""
         return await respond(self.core.index_remove(keys))
 
@@ -113,11 +113,15 @@ class CMCService:
 # outermost of ours: sees every answer, 401s included
 CMCService.add_asgi_middleware(QuietAccessLog, enabled=not SETTINGS.access_log)
 CMCService.add_asgi_middleware(ErrorEnvelope)
-CMCService.add_asgi_middleware(BearerAuth, token=SETTINGS.token, public_paths=PUBLIC_PATHS | web.PUBLIC_PATHS)
+# then, from the route table (serving/routes.py): admission (503 + Retry-After), access (token or protected mode),
+# the body limit, and the per-route body screening, before anything parses a body
+CMCService.add_asgi_middleware(Admission, max_concurrency=SETTINGS.max_concurrency,
+                               max_bytes=SETTINGS.max_inflight_mb << 20, chunked_bytes=SETTINGS.max_body_mb << 20)
+CMCService.add_asgi_middleware(AccessControl, token=SETTINGS.token)
 CMCService.mount_asgi_app(web.app, path="/")  # the web page, thumbnails, search by key (serving/web.py)
 CMCService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_mb << 20)
-CMCService.add_asgi_middleware(BinaryEmbed)  # binary forms of /embed, after auth and the body limit
-CMCService.add_asgi_middleware(ContentGuard, json_routes=JSON_ROUTES, form_routes=FORM_ROUTES)
+CMCService.add_asgi_middleware(ContentGuard, budgets=lambda: current_core().budgets)
+CMCService.add_asgi_middleware(BinaryEmbed)  # binary forms of /embed, after the body screening
 # innermost: JSON endpoints without BentoML's per-request work
 CMCService.add_asgi_middleware(FastJSON, enabled=SETTINGS.fast_json)
 

@@ -1,6 +1,7 @@
 """Server settings from the environment (read once, at import of the service and at start)."""
 from __future__ import annotations
 
+import functools
 import os
 
 
@@ -45,6 +46,11 @@ class Settings:
         self.max_pixels = max(1, env_int("CMC_MAX_PIXELS", 16_000_000))
         self.max_k = max(1, env_int("CMC_MAX_K", 1000))
         self.max_body_mb = max(1, env_int("CMC_MAX_BODY_MB", 32))
+        # one input image's encoded bytes (its base64 is 4/3 of that); the per-route body budgets derive from it
+        self.max_image_bytes = max(1, env_int("CMC_MAX_IMAGE_MB", 8)) << 20
+        # admission control per worker (serving/admission.py): requests and request-body bytes in flight
+        self.max_concurrency = max(1, env_int("CMC_MAX_CONCURRENCY", 64))
+        self.max_inflight_mb = max(1, env_int("CMC_MAX_INFLIGHT_MB", 64))
         self.max_metadata_bytes = max(2, env_int("CMC_MAX_METADATA_BYTES", 16 << 10))
         self.timeout_s = max(1, env_int("CMC_TIMEOUT_S", 60))
         self.device = os.environ.get("CMC_DEVICE", "auto")
@@ -58,3 +64,9 @@ class Settings:
 
     def as_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "token"} | {"auth": self.token is not None}
+
+
+@functools.cache
+def from_env() -> Settings:
+    """The server's settings, read from the environment once per process (the service and its schemas)."""
+    return Settings()

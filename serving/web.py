@@ -1,7 +1,7 @@
 """The web page of the CMC server and the few routes it needs beside the JSON API (a Starlette app mounted on
 the BentoML service, so one ``bentoml serve`` process serves both).
 
-Routes (all but the page's own files go through the service's bearer-token middleware like any endpoint):
+Routes (declared with their access class in serving/routes.py; all but the page's own files need the token):
 
 * ``GET /`` and ``GET /ui``: the page (serving/static/index.html); ``/ui/app.js``, ``/ui/app.css``: its code.
   Public: the page asks for the token itself and sends it as ``Authorization: Bearer``.
@@ -32,7 +32,7 @@ from starlette.routing import Route
 
 from index.thumbs import ThumbStore, kind_of_view
 
-from .core import ApiError
+from .core import ApiError, current_core
 from .errors import error_response as _err
 from .limits import check_key as _key
 from .schemas import error_body
@@ -40,20 +40,8 @@ from .schemas import error_body
 LOG = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
-# the page's own files: served without a token (they hold no data)
-PUBLIC_PATHS = frozenset({"/", "/ui", "/ui/app.js", "/ui/app.css"})
-# fixed paths labelled in /metrics (thumbnails by key count under /other: keys are unbounded)
-METRIC_ROUTES = ("/ui", "/ui/app.js", "/ui/app.css", "/thumbs", "/gallery/random", "/search_by_key")
 
 _thumbs: dict[str, ThumbStore] = {}
-
-
-def _core() -> Any:
-    import bentoml
-    try:
-        return bentoml.get_current_service().core
-    except Exception:  # noqa: BLE001 - not instantiated yet
-        raise ApiError("unavailable", "the service is still starting", None) from None
 
 
 def thumbs_of(store: Any) -> ThumbStore | None:
@@ -101,7 +89,7 @@ def _index_route(fn: Any) -> Any:
     @functools.wraps(fn)
     async def route(request: Request) -> Response:
         try:
-            core = _core()
+            core = current_core()
             return await fn(request, core, core.need_store())
         except Exception as e:  # noqa: BLE001 - every failure becomes an answer
             return _err(e)
