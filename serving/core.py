@@ -26,9 +26,11 @@ from typing import Any, Callable, TypeVar
 import anyio
 import numpy as np
 
+from index import manifest as index_manifest
 from models.artifact import default_index_dir
 from models.card import CardError
 from models.runtime import InputError, Runtime
+from models.views import source_key
 
 from .batcher import MicroBatcher, Overloaded
 from .errors import ApiError, respond, to_api_error  # noqa: F401 - re-exported (the service imports respond here)
@@ -103,7 +105,7 @@ class Core:
         if ref is not None and ref.strip().lower() in ("", "none", "off"):
             return None, "index disabled (CMC_INDEX=none)"
         path = Path(ref).expanduser() if ref else default_index_dir(fingerprint)
-        if not ref and not (path / "manifest.json").exists():
+        if not ref and not index_manifest.exists(path):
             return None, f"no index: CMC_INDEX is unset and the model's default index {path} does not exist"
         try:
             return IndexStore.open(path, fingerprint=fingerprint, follow=True), f"index {path}"
@@ -293,7 +295,7 @@ class Core:
     async def index_add(self, items: list) -> dict:
         store = self.need_store()
         items = [it.model_dump() if hasattr(it, "model_dump") else it for it in self._check_count(items, "items")]
-        indexed = {v: (self.rt.views[v]["source"] if self.rt.views[v]["source"] != "vector" else v)
+        indexed = {v: source_key(v, self.rt.views[v])
                    for v in store.views if v in self.rt.views}
         sources = set(indexed.values())
         keys: list[str] = []
@@ -364,6 +366,7 @@ class Core:
         index: dict[str, Any] = {"available": self.store is not None, "note": self.index_note}
         if self.store is not None:
             index |= {"path": str(self.store.path), "views": dict(self.store.views),
+                      "types": {v: type(self.store.index_of(v)).__name__ for v in self.store.views},
                       "counts": {v: int(self.store.count(v)) for v in self.store.views},
                       "readonly": bool(getattr(self.store, "readonly", False))}
         return {
@@ -375,7 +378,7 @@ class Core:
             "views": {n: {"source": v["source"], "channels": v.get("channels"), "input": v.get("input"),
                           "description": v.get("description")} for n, v in rt.views.items()},
             "providers": list(rt.providers),
-            "server": {"event_loop": type(asyncio.get_running_loop()).__module__,  # uvloop when installed
+            "server": {"pid": os.getpid(), "event_loop": type(asyncio.get_running_loop()).__module__,  # uvloop?
                        "http_parser": "httptools" if "uvicorn.protocols.http.httptools_impl" in sys.modules else "h11"},
             "index": index,
             "settings": self.settings.as_dict(),

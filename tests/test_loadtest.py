@@ -75,7 +75,8 @@ def test_locust_smoke_zero_failures(tmp_path, kind):
     if kind == "vector":
         adds, removes = rows["POST /index/add"]["requests"], rows["POST /index/remove"]["requests"]
         assert removes > 0 and rows["POST /index/remove"]["failures"] == 0
-        assert 0 <= adds - removes <= 2 * 2  # 2 users x CMC_CHURN
+        # 2 users x (CMC_CHURN + 1): a user stopped between an add and the remove it triggers keeps one more
+        assert 0 <= adds - removes <= 2 * (2 + 1)
         from index.store import IndexStore
         with IndexStore.open(index_dir, readonly=True) as store:  # the user's index: served from a copy
             n0 = len(store)
