@@ -17,6 +17,7 @@ from pathlib import Path
 from models.card import CardError
 from models.data import DataError
 from models.runtime import InputError, Runtime
+from models.views import source_key
 from .store import IndexStore, StoreError
 
 
@@ -57,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             from models import data as datasets
             ds = datasets.load(a.data, "test", image_size=rt.image_size)
             pos = [int(i) for i in a.items.split(",")]
-            src = rt.view(a.view)["source"]
-            arr = ds.sources[src if src != "vector" else a.view]
+            arr = ds.sources[source_key(a.view, rt.view(a.view))]
             items = [arr[i] for i in pos]
         else:
             raise InputError("give --image, --vector or --data")

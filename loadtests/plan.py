@@ -14,6 +14,7 @@ import random
 import numpy as np
 
 from models.imageio import encode_png
+from models.views import source_key
 
 
 def synth_rgb(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -73,9 +74,8 @@ class Plan:
         self.add_sources = sorted({self.source_key(v) for v in self.index_views})
 
     def source_key(self, view: str) -> str:
-        """The key of a view's input in /index/add's ``inputs``: its source for image views, its name for vectors."""
-        src = self.views[view]["source"]
-        return view if src == "vector" else src
+        """The key of a view's input in /index/add's ``inputs`` (models.views.source_key)."""
+        return source_key(view, self.views[view])
 
     def is_vector(self, view: str) -> bool:
         return self.views[view]["source"] == "vector"

@@ -226,10 +226,5 @@ class CMCModel(nn.Module):
 
     def forward(self, sources: dict[str, Tensor]) -> dict[str, Tensor]:
         crop = sources.get(CROP_KEY)
-        return {name: m(sources[source_key(self.specs[name])], crop if self.specs[name].is_image else None)
+        return {name: m(sources[self.specs[name].source_key], crop if self.specs[name].is_image else None)
                 for name, m in self.views.items()}
-
-
-def source_key(spec: ViewSpec) -> str:
-    """The key of a view's input in a batch of sources: 'rgb'/'depth' for images, the view's name for vectors."""
-    return spec.source if spec.is_image else spec.name

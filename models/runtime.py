@@ -1,6 +1,7 @@
 """An exported CMC model through onnxruntime: no torch.
 
-``Runtime(ref)`` resolves a model reference, verifies the card, opens one session per view (the CUDA
+``Runtime(ref)`` resolves a model reference (a tag, a run or an artifact directory: ``models.artifact.resolve``,
+the one resolver, which says in one line what is missing), verifies the card, opens one session per view (the CUDA
 provider when a GPU is usable, else the CPU provider, without error spam), turns decoded images or arrays
 into each view's input exactly as training did (decode, resize by the card's rule, scale to [0, 1];
 the view transform itself is inside the graph) and embeds batches.
@@ -17,6 +18,7 @@ import onnxruntime as ort
 from .artifact import resolve
 from .card import Card, load_card
 from .imageio import SERVED_FORMATS, ImageError, decode_depth, decode_image, fit_image, scale_shorter
+from .views import source_key
 
 LOG = logging.getLogger(__name__)
 
@@ -182,8 +184,7 @@ class Runtime:
     def embed_sources(self, view: str, sources: dict[str, np.ndarray]) -> np.ndarray:
         """Embed a batch of a Dataset's raw sources (uint8 rgb (N,H,W,3), uint16 depth (N,H,W), vectors)."""
         v = self.view(view)
-        key = v["source"] if v["source"] != "vector" else view
-        return self.embed(view, to_source(v, list(sources[key]), self.image_size))
+        return self.embed(view, to_source(v, list(sources[source_key(view, v)]), self.image_size))
 
     def warmup(self) -> None:
         for name, v in self.views.items():

@@ -1,7 +1,8 @@
 """View transforms as torch modules: whole batches on the training device, exportable to ONNX.
 
 Each module maps a *source* batch (float32 NCHW RGB in [0, 1], depth in [0, 1], or (N, D) vectors) to the
-tensor its encoder sees. Training applies them on the device; export puts them inside the ONNX graph, so
+tensor its encoder sees; which one a view uses is its ViewSpec's ``transform`` recipe (models/views.py), built by
+:func:`make_transform` from :data:`TRANSFORMS`. Training applies them on the device; export puts them inside the ONNX graph, so
 the server only decodes and resizes.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data.scenes import TAN_HALF_FOV as SCENES_TAN_HALF_FOV
-from .views import LAB_MEAN, LAB_STD, RGB_MEAN, RGB_STD, ViewSpec
+from .views import LAB_MEAN, LAB_STD, RGB_MEAN, RGB_STD, ViewError, ViewSpec
 
 # sRGB (D65) -> XYZ, as in scikit-image
 _RGB2XYZ = (
@@ -149,17 +150,21 @@ class VectorStandardize(nn.Module):
         return (x - self.mean) / self.std
 
 
+# Transform recipes by kind (a ViewSpec's ``transform`` is (kind, *args)): (spec, *args) -> module.
+TRANSFORMS = {
+    "lab": lambda spec, *keep: Lab(keep),
+    "ycbcr": lambda spec, *keep: YCbCr(keep),
+    "rgb_normalize": lambda spec: Normalize(RGB_MEAN, RGB_STD),
+    "depth_standardize": lambda spec: DepthStandardize(),
+    "depth_normals": lambda spec: DepthToNormals(),
+    "vector_standardize": lambda spec: VectorStandardize(spec.channels),
+}
+
+
 def make_transform(spec: ViewSpec, image_size: int | None = None) -> nn.Module:
-    """The torch module of a view: source batch -> encoder input."""
-    if spec.source == "vector":
-        return VectorStandardize(spec.channels)
-    table = {
-        "L": lambda: Lab((0,)),
-        "ab": lambda: Lab((1, 2)),
-        "Y": lambda: YCbCr((0,)),
-        "CbCr": lambda: YCbCr((1, 2)),
-        "rgb": lambda: Normalize(RGB_MEAN, RGB_STD),
-        "depth": lambda: DepthStandardize(),
-        "normals": lambda: DepthToNormals(),
-    }
-    return table[spec.name]()
+    """The torch module of a view, built from its spec's transform recipe: source batch -> encoder input."""
+    if not spec.transform or spec.transform[0] not in TRANSFORMS:
+        raise ViewError(f"view {spec.name!r} has no known transform ({spec.transform!r}); known kinds: "
+                        f"{', '.join(TRANSFORMS)}")
+    kind, *args = spec.transform
+    return TRANSFORMS[kind](spec, *args)

@@ -1,14 +1,17 @@
 """The view registry: a view is defined once, here, and every consumer reads it from this module or the card.
 
 A view is a named modality with a *source* (what the server decodes: an RGB image, a depth map, or a
-vector) and a *transform* (source batch -> the tensor the view's encoder sees). The transforms are torch
-modules in :mod:`models.transforms`; this module is torch-free so that the ONNX runtime, the index and the
-server can read view specs without importing torch.
+vector), the key its input has among a batch's sources (:func:`source_key`) and a *transform* (source batch ->
+the tensor the view's encoder sees), all on its :class:`ViewSpec`. The spec names its transform as a recipe
+(``("lab", 0)``: kind and arguments) that :func:`models.transforms.make_transform` builds as a torch module;
+this module is torch-free so that the ONNX runtime, the index and the server can read view specs without
+importing torch.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 SOURCES = ("rgb", "depth", "vector")
 
@@ -24,16 +27,31 @@ class ViewError(ValueError):
     """An unknown view, or a view that the data or the model does not provide."""
 
 
+def source_key(name: str, spec: "ViewSpec | Mapping[str, Any]") -> str:
+    """Which source a view reads: the key of its input among a batch's sources, in ``/index/add``'s ``inputs``
+    and among an item's stored query inputs. Image views read their source ('rgb', 'depth'; L and ab share
+    one image), a vector view its own vector, under its name. ``spec``: a ViewSpec or a view of the card or of
+    ``/info`` (a mapping with ``source``)."""
+    source = spec.source if isinstance(spec, ViewSpec) else spec["source"]
+    return name if source == "vector" else source
+
+
 @dataclass(frozen=True)
 class ViewSpec:
     name: str
     source: str  # 'rgb' | 'depth' | 'vector': what the server decodes for this view
     channels: int  # channels the encoder sees (image views) or the vector's length (vector views)
     description: str = ""
+    transform: tuple = ()  # (kind, *args): the recipe models.transforms.make_transform builds (not in the card)
 
     @property
     def is_image(self) -> bool:
         return self.source in ("rgb", "depth")
+
+    @property
+    def source_key(self) -> str:
+        """The key of this view's input among a batch's sources (see :func:`source_key`)."""
+        return source_key(self.name, self)
 
     @property
     def source_channels(self) -> int:
@@ -57,21 +75,24 @@ class ViewSpec:
                 "resize": None, "decode": "JSON list of numbers, standardised inside the graph"}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """What the card and the checkpoint record of the view (the transform follows from name and source)."""
+        return {"name": self.name, "source": self.source, "channels": self.channels, "description": self.description}
 
 
+# The built-in views, one row each: name, source, channels, description, transform recipe (models/transforms.py).
 BUILTIN: dict[str, ViewSpec] = {
     v.name: v
     for v in (
-        ViewSpec("L", "rgb", 1, "CIE Lab lightness (D65), normalised to about [-1, 1]"),
-        ViewSpec("ab", "rgb", 2, "CIE Lab chroma a, b (D65), normalised to about [-1, 1]"),
-        ViewSpec("Y", "rgb", 1, "YCbCr luma (ITU-R BT.601)"),
-        ViewSpec("CbCr", "rgb", 2, "YCbCr chroma (ITU-R BT.601)"),
-        ViewSpec("rgb", "rgb", 3, "RGB, mean/std normalised"),
-        ViewSpec("depth", "depth", 1, "depth map, standardised per image"),
-        ViewSpec("normals", "depth", 3, "surface normals derived from depth by finite differences"),
+        ViewSpec("L", "rgb", 1, "CIE Lab lightness (D65), normalised to about [-1, 1]", ("lab", 0)),
+        ViewSpec("ab", "rgb", 2, "CIE Lab chroma a, b (D65), normalised to about [-1, 1]", ("lab", 1, 2)),
+        ViewSpec("Y", "rgb", 1, "YCbCr luma (ITU-R BT.601)", ("ycbcr", 0)),
+        ViewSpec("CbCr", "rgb", 2, "YCbCr chroma (ITU-R BT.601)", ("ycbcr", 1, 2)),
+        ViewSpec("rgb", "rgb", 3, "RGB, mean/std normalised", ("rgb_normalize",)),
+        ViewSpec("depth", "depth", 1, "depth map, standardised per image", ("depth_standardize",)),
+        ViewSpec("normals", "depth", 3, "surface normals derived from depth by finite differences", ("depth_normals",)),
     )
 }
+VECTOR_TRANSFORM = ("vector_standardize",)  # every vector view: per-feature standardisation fitted on its data
 
 _VECTOR_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
 
@@ -83,7 +104,8 @@ def get_view(name: str, vector_dims: dict[str, int] | None = None) -> ViewSpec:
     if vector_dims and name in vector_dims:
         if not _VECTOR_NAME.match(name):
             raise ViewError(f"invalid vector view name {name!r} (letters, digits, '_' and '-')")
-        return ViewSpec(name, "vector", int(vector_dims[name]), "numeric vector, standardised per feature")
+        return ViewSpec(name, "vector", int(vector_dims[name]), "numeric vector, standardised per feature",
+                        VECTOR_TRANSFORM)
     known = sorted(BUILTIN) + sorted(vector_dims or {})
     raise ViewError(f"unknown view {name!r}; known views: {', '.join(known)}")
 
@@ -98,5 +120,8 @@ def parse_views(text: str | list[str], vector_dims: dict[str, int] | None = None
     return [get_view(n, vector_dims) for n in names]
 
 
-def spec_from_dict(d: dict) -> ViewSpec:
-    return ViewSpec(d["name"], d["source"], int(d["channels"]), d.get("description", ""))
+def spec_from_dict(d: Mapping[str, Any]) -> ViewSpec:
+    """A view as the card or a checkpoint records it (:meth:`ViewSpec.to_dict`), with its transform recipe."""
+    name, source = d["name"], d["source"]
+    transform = VECTOR_TRANSFORM if source == "vector" else BUILTIN[name].transform if name in BUILTIN else ()
+    return ViewSpec(name, source, int(d["channels"]), d.get("description", ""), transform)

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Optional  # noqa: E402
 import bentoml  # noqa: E402
 from pydantic import Field  # noqa: E402
 
-from models.artifact import declared_model  # noqa: E402
+from models.artifact import declared_model, store_model  # noqa: E402
 from serving import routes, web  # noqa: E402
 from serving.admission import Admission  # noqa: E402
 from serving.auth import AccessControl, BodyLimit, ErrorEnvelope  # noqa: E402
@@ -48,7 +48,7 @@ MODEL_TAG, MODEL_IN_STORE = declared_model(Path(__file__).resolve().parents[1])
                  logging=logging_config(SETTINGS.access_log), tracing=tracing_config(SETTINGS.trace_hot))
 class CMCService:
     if MODEL_TAG:
-        model = bentoml.models.BentoModel(MODEL_TAG)  # packaged by `bentoml build`
+        model = store_model(MODEL_TAG)  # a bentoml.models.BentoModel: packaged by `bentoml build`
 
     def __init__(self) -> None:
         self.ready = False

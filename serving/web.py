@@ -31,6 +31,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from index.thumbs import ThumbStore, kind_of_view
+from models.views import source_key
 
 from .core import ApiError, current_core
 from .errors import error_response as _err
@@ -165,7 +166,7 @@ async def search_by_key(request: Request, core: Any, store: Any) -> Response:
     key = _key(body.get("key"), "key")
     view = body.get("view")
     spec = core.view_spec(view)
-    src = spec["source"] if spec["source"] != "vector" else view
+    src = source_key(view, spec)
 
     def load() -> bytes | None:
         if store.ids_of([key])[0] is None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.artifact import save_to_store
+from models.artifact import RUN_EXPORT, save_to_store
 from models.card import Card, CardError, git_commit, sha256_file
 from models.encoders import CMCModel
 from .config import ConfigError
@@ -138,7 +138,7 @@ def export_model(model: CMCModel, image_size: int, out: str | Path, cfg: dict, e
 def export_run(run: str | Path, out: str | Path | None = None, store: bool = True, evaluation: dict | None = None) -> tuple[Card, Path, str | None]:
     """Export a run directory's checkpoint; returns (card, directory, BentoML tag or None)."""
     model, state = load_run(run)
-    out = Path(out) if out else Path(run) / "export"
+    out = Path(out) if out else Path(run) / RUN_EXPORT
     cfg = state["config"]
     card = export_model(model, state["image_size"], out, cfg, evaluation)
     tag = save_to_store(out, card) if store else None

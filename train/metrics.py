@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.data import DataError, Dataset
-from models.encoders import CMCModel, source_key
+from models.encoders import CMCModel
 from .losses import cmc_loss
 from .pipeline import DeviceData
 
@@ -46,7 +46,7 @@ def extract(model: CMCModel, ds: Dataset, device="cpu", batch_size: int = 256,
         b = data.batch(torch.arange(lo, min(lo + batch_size, len(ds))))
         for s in specs:
             m = model.views[s.name]
-            f, z = m.encoder.probe(m.view_input(b[source_key(s)]))  # probe features (N, C), embedding (N, D)
+            f, z = m.encoder.probe(m.view_input(b[s.source_key]))  # probe features (N, C), embedding (N, D)
             emb[s.name].append(z.float().cpu())
             if features:
                 feat[s.name].append(f.float().cpu())

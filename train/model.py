@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.artifact import CHECKPOINT, ModelNotFound, locate
 from models.data import Dataset
 from models.encoders import CMCModel
 from models.views import ViewSpec, spec_from_dict
@@ -17,8 +18,6 @@ from .config import Config, ConfigError, from_dict
 from .pipeline import DeviceData
 
 LOG = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoint.pt"
 
 
 def build_model(cfg: Config, specs: list[ViewSpec], image_size: int, ds: Dataset | None = None) -> CMCModel:
@@ -42,13 +41,14 @@ def save_checkpoint(obj: dict, path: Path) -> None:
 
 
 def load_run(run: str | Path, device="cpu", random_init: bool = False) -> tuple[CMCModel, dict]:
-    """The trained model of a run directory (or a checkpoint file), in eval mode, and its checkpoint dict.
-    ``random_init``: the same encoders at another seed's initial weights (the baseline), keeping the vector
-    views' standardisation statistics, which are data, not learned weights."""
-    p = Path(run)
-    path = p / CHECKPOINT if p.is_dir() else p
-    if not path.is_file():
-        raise ConfigError(f"no checkpoint at {path}")
+    """The trained model of a run directory (or a checkpoint file, or the artifact directory a run exported),
+    in eval mode, and its checkpoint dict; the path comes from models.artifact.locate, the resolver the ONNX
+    runtime uses too. ``random_init``: the same encoders at another seed's initial weights (the baseline),
+    keeping the vector views' standardisation statistics, which are data, not learned weights."""
+    try:
+        path = locate(run, "checkpoint")
+    except ModelNotFound as e:
+        raise ConfigError(str(e)) from None
     state = torch.load(path, map_location="cpu", weights_only=False)
     cfg = from_dict(state["config"])
     specs = [spec_from_dict(d) for d in state["views"]]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.data import Dataset
-from models.encoders import CROP_KEY, source_key
+from models.encoders import CROP_KEY
 from models.views import ViewSpec
 
 
@@ -26,7 +26,7 @@ class DeviceData:
 
     def __init__(self, ds: Dataset, specs: list[ViewSpec], device: torch.device, pin: bool = False):
         self.device = device
-        keys = sorted({source_key(s) for s in specs})
+        keys = sorted({s.source_key for s in specs})
         self.host: dict[str, Tensor] = {}
         for k in keys:
             a = ds.sources[k]

@@ -7,7 +7,6 @@ import numpy as np
 
 from models import data as datasets
 from models.data import DataError, Dataset
-from models.encoders import source_key
 from models.views import ViewError, ViewSpec, parse_views
 from .config import Config
 
@@ -21,7 +20,7 @@ def vector_dims(ds: Dataset) -> dict[str, int]:
 def check_views(specs: list[ViewSpec], ds: Dataset, spec: str) -> None:
     have = sorted(ds.sources)
     for s in specs:
-        if source_key(s) not in ds.sources:
+        if s.source_key not in ds.sources:
             raise ViewError(f"view {s.name!r} needs a {s.source!r} source, but data {spec!r} provides only: "
                             f"{', '.join(have)}")
 

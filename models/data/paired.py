@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import csv
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from models.data.base import Dataset, DataError, check_split, is_test_key
-from models.data.readers import DEFAULT_IMAGE_SIZE, IMAGE_EXTS, _bar, _existing, _split_root, _warn_skipped, concat
+from models.data.readers import DEFAULT_IMAGE_SIZE, IMAGE_EXTS, _existing, _split_root, concat, decode_in_batches
 from models.imageio import ImageError, decode_depth, decode_image, fit_image
 
 LOG = logging.getLogger(__name__)
@@ -106,29 +105,16 @@ def iter_paired(arg: str, split: str, batch_size: int, *, image_size: int | None
     """Stream a paired folder in batches; items with any unreadable file are skipped."""
     root, items, classes, info = _paired_items(arg, split)
     size = image_size or DEFAULT_IMAGE_SIZE
-    skipped: list[str] = []
-    bar = _bar(None, progress, f"paired {split}", len(items)) if progress else None
-    with ThreadPoolExecutor(threads) as pool:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            decoded = list(pool.map(lambda it: _decode_item(it, size), chunk))
-            good = [(it, d) for it, d in zip(chunk, decoded) if d is not None]
-            skipped += [it[0] for it, d in zip(chunk, decoded) if d is None]
-            if bar is not None:
-                bar.update(len(chunk))
-            if not good:
-                continue
-            try:
-                sources = {v: np.stack([d[v] for _, d in good]) for v in good[0][1]}
-            except ValueError as e:
-                raise DataError(f"paired: items of one source differ in shape under {root}: {e}") from None
-            yield Dataset(sources=sources,
-                          y=None if classes is None else np.array([it[2] for it, _ in good], np.int64),
-                          classes=None if classes is None else list(classes), keys=[it[0] for it, _ in good],
-                          info={**info, "skipped": len(skipped), "skipped_files": skipped[:10]})
-    if bar is not None:
-        bar.close()
-    _warn_skipped("paired", root, skipped)
+    for good, skipped in decode_in_batches("paired", split, root, items, lambda it: _decode_item(it, size),
+                                           batch_size, threads, progress):
+        try:
+            sources = {v: np.stack([d[v] for _, d in good]) for v in good[0][1]}
+        except ValueError as e:
+            raise DataError(f"paired: items of one source differ in shape under {root}: {e}") from None
+        yield Dataset(sources=sources,
+                      y=None if classes is None else np.array([it[2] for it, _ in good], np.int64),
+                      classes=None if classes is None else list(classes), keys=[it[0] for it, _ in good],
+                      info={**info, "skipped": len(skipped), "skipped_files": skipped[:10]})
 
 
 def load_paired(arg: str, split: str = "train", *, image_size: int | None = None, progress: bool = False) -> Dataset:

@@ -5,7 +5,7 @@ import logging
 import pickle
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -165,30 +165,40 @@ def _warn_skipped(kind: str, root: Path, skipped: list[str]) -> None:
         LOG.warning("%s: skipped %d unreadable file(s) under %s, first: %s", kind, len(skipped), root, skipped[:10])
 
 
+def decode_in_batches(kind: str, split: str, root: Path, items: list, decode: Callable[[Any], Any], batch_size: int,
+                      threads: int, progress: bool) -> Iterator[tuple[list[tuple[Any, Any]], list[str]]]:
+    """Decode ``items`` (tuples whose first field is the item's key) on a thread pool, ``batch_size`` at a time:
+    yields each batch's readable ``(item, decode(item))`` pairs (batches with none are left out) and the keys of
+    the items skipped so far (``decode`` returned None); warns once, at the end, of the skipped ones."""
+    skipped: list[str] = []
+    bar = _bar(None, progress, f"{kind} {split}", len(items)) if progress else None
+    with ThreadPoolExecutor(threads) as pool:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            decoded = list(pool.map(decode, chunk))
+            good = [(it, d) for it, d in zip(chunk, decoded) if d is not None]
+            skipped += [it[0] for it, d in zip(chunk, decoded) if d is None]
+            if bar is not None:
+                bar.update(len(chunk))
+            if good:
+                yield good, skipped
+    if bar is not None:
+        bar.close()
+    _warn_skipped(kind, root, skipped)
+
+
 def iter_imagefolder(arg: str, split: str, batch_size: int, *, image_size: int | None = None,
                      progress: bool = False, threads: int = 4) -> Iterator[Dataset]:
     """Stream an imagefolder in batches of decoded, fitted images (corrupt files skipped)."""
     root, items, classes = _imagefolder_items(arg, split)
     size = image_size or DEFAULT_IMAGE_SIZE
-    skipped: list[str] = []
-    bar = _bar(None, progress, f"imagefolder {split}", len(items)) if progress else None
-    with ThreadPoolExecutor(threads) as pool:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            imgs = list(pool.map(lambda it: _decode_rgb(it[1], size), chunk))
-            good = [(it, im) for it, im in zip(chunk, imgs) if im is not None]
-            skipped += [it[0] for it, im in zip(chunk, imgs) if im is None]
-            if bar is not None:
-                bar.update(len(chunk))
-            if good:
-                yield Dataset(sources={"rgb": np.stack([im for _, im in good])},
-                              y=np.array([it[2] for it, _ in good], np.int64), classes=list(classes),
-                              keys=[it[0] for it, _ in good],
-                              info={"spec": f"imagefolder:{arg}", "split": split,
-                                    "skipped": len(skipped), "skipped_files": skipped[:10]})
-    if bar is not None:
-        bar.close()
-    _warn_skipped("imagefolder", root, skipped)
+    for good, skipped in decode_in_batches("imagefolder", split, root, items, lambda it: _decode_rgb(it[1], size),
+                                           batch_size, threads, progress):
+        yield Dataset(sources={"rgb": np.stack([im for _, im in good])},
+                      y=np.array([it[2] for it, _ in good], np.int64), classes=list(classes),
+                      keys=[it[0] for it, _ in good],
+                      info={"spec": f"imagefolder:{arg}", "split": split,
+                            "skipped": len(skipped), "skipped_files": skipped[:10]})
 
 
 def concat(parts: list[Dataset], empty_msg: str) -> Dataset:
