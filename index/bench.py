@@ -23,6 +23,7 @@ import faiss
 import numpy as np
 
 from index.factory import choose_factory, nlist_for
+from index.recall import exact_knn, overlap
 from index.store import IndexStore
 
 LOG = logging.getLogger(__name__)
@@ -55,11 +56,6 @@ def rss_bytes() -> int:
     return 0
 
 
-def recall_at(I: np.ndarray, gt: np.ndarray) -> float:
-    k = gt.shape[1]
-    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(I.tolist(), gt.tolist())]))
-
-
 def bench_one(kind: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, xt: np.ndarray, gt_t: np.ndarray,
               k: int, budget_mb: int, target: float, workdir: Path) -> dict:
     n, dim = xb.shape
@@ -87,7 +83,7 @@ def bench_one(kind: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, xt: np.
     t0 = time.perf_counter()
     Is = [store.search(xq[i:i + 64], "v", k)[1] for i in range(0, len(xq), 64)]
     qps64 = len(xq) / (time.perf_counter() - t0)
-    rec = recall_at(np.concatenate(Is), gt)
+    rec = overlap(np.concatenate(Is), gt)
     store.close(snapshot=False)
     return {"type": kind, "factory": store.manifest["views"]["v"]["factory"], "n": n, "dim": dim,
             "build_s": round(build_s, 2), "index_bytes": size, "rss_delta_bytes": rss_delta, "params": params,
@@ -114,10 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             for kind in args.data.split(","):
                 xb = make_data(n, args.dim, kind, seed=0)
                 xq, xt = make_data(args.nq, args.dim, kind, seed=1), make_data(200, args.dim, kind, seed=2)
-                exact = faiss.IndexFlatIP(args.dim)
-                exact.add(xb)
-                gt, gt_t = exact.search(xq, args.k)[1], exact.search(xt, args.k)[1]
-                del exact
+                gt, gt_t = exact_knn(xq, xb, args.k)[1], exact_knn(xt, xb, args.k)[1]
                 for t in args.types.split(","):
                     row = bench_one(t, xb, xq, gt, xt, gt_t, args.k, args.memory_budget_mb, args.target_recall,
                                     Path(tmp))

@@ -20,6 +20,7 @@ from models import data as datasets
 from models.card import CardError
 from models.data import DataError, Dataset
 from models.runtime import InputError, Runtime
+from .recall import exact_knn
 from .store import IndexStore, StoreError
 from .thumbs import ThumbStore
 
@@ -108,7 +109,7 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
 def _tune(store: IndexStore, view: str, ids: np.ndarray, xb: np.ndarray, nq: int = 200) -> None:
     """ANN views: the smallest nprobe / efSearch reaching recall@10 >= 0.95 against exact search, with queries
     drawn from a sample of the stored vectors. When the sample is the whole collection the exact neighbours
-    come from numpy; otherwise from the index itself searched exhaustively (IVF with nprobe = nlist is exact;
+    come from faiss.knn; otherwise from the index itself searched exhaustively (IVF with nprobe = nlist is exact;
     HNSW with a very large efSearch is as close as it gets)."""
     import faiss
     f = store.manifest["views"][view]["factory"]
@@ -116,7 +117,7 @@ def _tune(store: IndexStore, view: str, ids: np.ndarray, xb: np.ndarray, nq: int
         return
     xq = xb[np.random.default_rng(0).choice(len(xb), min(nq, len(xb)), replace=False)]
     if len(ids) == len(store):
-        gt = ids[np.argsort(-(xq @ xb.T), axis=1)[:, :10]]  # exact neighbours: the sample is everything
+        gt = ids[exact_knn(xq, xb, 10)[1]]  # exact neighbours: the sample is everything
     elif "IVF" in f:
         nlist = faiss.extract_index_ivf(store.index_of(view)).nlist
         gt = store.search(xq, view, 10, nprobe=nlist)[1]

@@ -20,6 +20,7 @@ from models import data as datasets
 from models.card import CardError
 from models.data import DataError
 from models.runtime import InputError, Runtime
+from .recall import exact_knn, overlap
 from .store import IndexStore, StoreError
 
 
@@ -34,7 +35,7 @@ def cross_view(xq: np.ndarray, xb: np.ndarray, factory: str = "IDMap2,Flat", k: 
         store = IndexStore.create(d, views={"g": xb.shape[1]}, fingerprint="eval", model_ref="eval", factory=factory)
         ids = store.add([str(i) for i in range(len(xb))], {"g": xb})
         if "HNSW" in factory or "IVF" in factory:
-            gt = np.argsort(-(xq[:200] @ xb.T), axis=1)[:, :k]
+            gt = exact_knn(xq[:200], xb, k)[1]
             store.tune_search("g", xq[:200], ids[gt])
         _, I = store.search(xq, "g", k)
         store.close(snapshot=False)
@@ -58,8 +59,7 @@ def evaluate(rt: Runtime, spec: str, pairs: list[tuple[str, str]], limit: int = 
         row = {"cmc": rec, "random": base}
         if ann:
             _, I_ann = cross_view(z[q], z[g], ann)
-            row["ann_recall@10_vs_exact"] = float(np.mean([len(set(a) & set(b)) / 10 for a, b in
-                                                          zip(I_ann.tolist(), I_exact.tolist())]))
+            row["ann_recall@10_vs_exact"] = overlap(I_ann, I_exact, 10)
         out["pairs"][f"{q}->{g}"] = row
     return out
 

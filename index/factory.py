@@ -118,24 +118,25 @@ def needs_training(factory: str, dim: int, metric: str = "ip") -> bool:
     return not make_index(factory, dim, metric).is_trained
 
 
+def _nlist(factory: str, dim: int, metric: str) -> int | None:
+    """The inverted lists of ``factory``'s IVF index (None for other types)."""
+    idx = make_index(factory, dim, metric)  # kept alive while its inner index is read (FAISS frees it with idx)
+    ivf = faiss.try_extract_index_ivf(base_of(idx))
+    return ivf.nlist if ivf is not None else None
+
+
 def train_threshold(factory: str, dim: int, metric: str = "ip") -> int:
     """Number of vectors to collect before training (39 per centroid, as FAISS asks)."""
-    idx = make_index(factory, dim, metric)
-    ivf = faiss.try_extract_index_ivf(base_of(idx))
-    need = 39 * ivf.nlist if ivf is not None else 0
-    if "PQ" in factory:
-        need = max(need, 39 * 256)
+    nlist = _nlist(factory, dim, metric)
+    need = max(39 * (nlist or 0), 39 * 256 if "PQ" in factory else 0)
     return max(need, 1)
 
 
 def train_sample_size(factory: str, dim: int, metric: str = "ip") -> int:
     """Up to 64 vectors per centroid (and at least 256 per PQ centroid)."""
-    idx = make_index(factory, dim, metric)
-    ivf = faiss.try_extract_index_ivf(base_of(idx))
-    size = 64 * ivf.nlist if ivf is not None else 65536
-    if "PQ" in factory:
-        size = max(size, 256 * 64)
-    return size
+    nlist = _nlist(factory, dim, metric)
+    size = 64 * nlist if nlist is not None else 65536
+    return max(size, 256 * 64) if "PQ" in factory else size
 
 
 def search_params(idx: faiss.Index, *, nprobe: int | None = None, ef_search: int | None = None,

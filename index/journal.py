@@ -18,7 +18,7 @@ import json
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 import numpy as np
 
@@ -34,6 +34,17 @@ Row = tuple[int, str, bytes]  # (seq, op, payload)
 
 class Gap(Exception):
     """Log rows a process needs were pruned: it must reload from the committed snapshot."""
+
+
+FailureHook = Callable[[BaseException, str], "BaseException | None"]
+
+
+def _raise(error: BaseException, stage: str, on_failure: FailureHook | None) -> NoReturn:
+    """Raise what ``on_failure`` makes of ``error`` (called inside the ``except`` that caught it)."""
+    instead = on_failure(error, stage) if on_failure is not None else None
+    if instead is None:
+        raise error
+    raise instead from error
 
 
 def unpack(payload: bytes) -> dict[str, np.ndarray]:
@@ -53,6 +64,7 @@ class Journal:
             self.write = self._connect(db, False)
             self.write.executescript(SCHEMA)
         self.read: sqlite3.Connection | None = self._connect(db, readonly)
+        self._open, self._on_failure = False, None  # the transaction of transaction(), and its failure hook
 
     @staticmethod
     def _connect(db: Path, readonly: bool) -> sqlite3.Connection:
@@ -79,23 +91,40 @@ class Journal:
 
     # ------------------------------------------------------------------ transactions
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` on the write connection (caller holds ``write_lock``); COMMIT on success,
-        ROLLBACK on any exception (re-raised)."""
+    def transaction(self, on_failure: FailureHook | None = None) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` on the write connection (caller holds ``write_lock``); COMMIT when the block ends,
+        or earlier with :meth:`commit` (a caller that commits under a lock of its own); ROLLBACK on any exception.
+
+        ``on_failure(error, stage)``, stage ``'begin'``, ``'body'`` or ``'commit'``, is called once the transaction
+        is rolled back (for ``'commit'`` inside :meth:`commit`, so under the caller's locks) and returns the
+        exception to raise instead (chained to ``error``), or None to re-raise ``error``."""
         conn = self.write
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except BaseException as e:
+            _raise(e, "begin", on_failure)
+        self._open, self._on_failure = True, on_failure
         try:
             yield conn
-        except BaseException:
+        except BaseException as e:
+            if not self._open:  # commit() failed: rolled back and reported already
+                raise
+            self._open = False
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            raise
+            _raise(e, "body", on_failure)
+        if self._open:
+            self.commit()
+
+    def commit(self) -> None:
+        """COMMIT the transaction open in :meth:`transaction` now; on failure ROLLBACK, then its failure hook."""
+        conn, self._open = self.write, False
         try:
             conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            raise
+            _raise(e, "commit", self._on_failure)
 
     # ------------------------------------------------------------------ queries (any connection)
     @staticmethod
@@ -121,23 +150,18 @@ class Journal:
         return rows
 
     @staticmethod
-    def _where_in(conn: sqlite3.Connection, sql: str, values: list) -> Iterator[tuple]:
-        """Rows of ``sql`` (with one ``{}`` for the placeholders of ``... IN ({})``) over ``values`` in chunks
-        of 500 (SQLite's limit on host parameters)."""
-        for s in range(0, len(values), 500):
-            part = values[s:s + 500]
-            yield from conn.execute(sql.format(",".join("?" * len(part))), part)
-
-    @staticmethod
     def rows_for(conn: sqlite3.Connection, keys: list[str]) -> dict[str, tuple[int, str]]:
-        return {k: (i, vs) for k, i, vs in Journal._where_in(conn, "SELECT key, id, views FROM items WHERE key IN ({})",
-                                                             keys)}
+        """``{key: (id, views)}`` of the stored keys among ``keys`` (one JSON parameter, however many keys)."""
+        return {k: (i, vs) for k, i, vs in conn.execute(
+            "SELECT key, id, views FROM items WHERE key IN (SELECT value FROM json_each(?))",
+            (json.dumps(keys, ensure_ascii=False),))}
 
     @staticmethod
     def items_by_id(conn: sqlite3.Connection, ids: list[int]) -> dict[int, dict[str, Any]]:
         return {i: {"id": i, "key": key, "metadata": json.loads(meta) if meta else {}}
-                for i, key, meta in Journal._where_in(conn, "SELECT id, key, metadata FROM items WHERE id IN ({})",
-                                                      ids)}
+                for i, key, meta in conn.execute(
+                    "SELECT id, key, metadata FROM items WHERE id IN (SELECT value FROM json_each(?))",
+                    (json.dumps(ids),))}
 
     @staticmethod
     def live_ids(conn: sqlite3.Connection, view: str) -> np.ndarray:

@@ -6,7 +6,6 @@ building its own."""
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import time
 from typing import Any, Iterable
@@ -15,6 +14,7 @@ import faiss
 import numpy as np
 
 from index import factory as fac
+from index import manifest as mf
 from index import snapshots as snaps
 from index.errors import NotWritableError, StoreError, WriteFailed
 from index.journal import Gap as _Gap, Journal, unpack
@@ -36,7 +36,7 @@ class Loading:
                 return self._load(recover, manifest)
             except StoreError:
                 try:
-                    newer = snaps.read_manifest(self.path)
+                    newer = mf.read_manifest(self.path)
                 except (OSError, ValueError):
                     raise
                 if newer == manifest:
@@ -61,7 +61,7 @@ class Loading:
                 LOG.warning("view %s: %s is missing or corrupt; recovered from the previous snapshot %s and "
                             "replaying the log from seq %d", name, spec["snapshot"]["file"], got[1],
                             spec["previous"]["seq"])
-                self._bad.add(snaps.entry_id(spec["snapshot"]))  # the next snapshot keeps `got` as previous
+                self._bad.add(mf.entry_id(spec["snapshot"]))  # the next snapshot keeps `got` as previous
                 recovered = True
             self._check_index(v, got[0], got[1])
             v.index, v.build = got[0], int(spec[which].get("build", 0))
@@ -98,7 +98,7 @@ class Loading:
             raise StoreError(f"index file {self.path / fname} does not hold an IDMap2/IVF index of dim {v.dim}")
 
     def _load_error(self, spec: dict[str, Any], recover: bool) -> str:
-        name = snaps.candidates(spec, "snapshot")[0]
+        name = mf.candidates(spec, "snapshot")[0]
         fp = self.path / name
         state = "missing" if not fp.exists() else "corrupt or truncated (sha256 does not match the manifest)"
         prev = snaps.read_view(self.path, spec, "previous") if not recover else None
@@ -111,7 +111,7 @@ class Loading:
         last: Exception | None = None
         for _ in range(3):  # a concurrent snapshot may delete a file between reading the manifest and it
             try:
-                self._load(False, snaps.read_manifest(self.path))
+                self._load(False, mf.read_manifest(self.path))
                 LOG.warning("index %s: in-memory views reloaded from snapshot + log (seq %d)", self.path,
                             self._applied)
                 return
@@ -171,15 +171,11 @@ class Loading:
     # ------------------------------------------------------------------ following committed structures
     def _follow_manifest(self) -> None:
         """Cheap unless ``manifest.json`` changed (a stat): then follow the structures it names."""
-        try:
-            st = os.stat(self.path / snaps.MANIFEST)
-        except OSError:
-            return
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if key == self._manifest_key or not self._follow_mutex.acquire(blocking=False):
+        key = mf.stat_key(self.path)
+        if key is None or key == self._manifest_key or not self._follow_mutex.acquire(blocking=False):
             return  # unchanged, or another thread of this process is following it now
         try:
-            disk = snaps.read_manifest(self.path)
+            disk = mf.read_manifest(self.path)
             if not self._follow(disk):  # a file replaced meanwhile: the manifest changed again, so it is read again
                 LOG.warning("index %s: a view's committed snapshot could not be read; kept the index it has", self.path)
             self._manifest_key = key
@@ -197,13 +193,13 @@ class Loading:
         with self._follow_mutex:
             for name, spec in disk["views"].items():
                 v, snap = self._views.get(name), spec.get("snapshot") or {}
-                if v is None or int(snap.get("build", 0)) == v.build or snaps.entry_id(snap) in self._bad:
+                if v is None or int(snap.get("build", 0)) == v.build or mf.entry_id(snap) in self._bad:
                     continue
                 got = snaps.read_view(self.path, spec, "snapshot")
                 if got is None:
                     done = False
                     if locked:
-                        self._bad.add(snaps.entry_id(snap))
+                        self._bad.add(mf.entry_id(snap))
                         LOG.error("view %s: the committed snapshot %s is missing or corrupt; not loaded", name,
                                   snap.get("file"))
                     continue

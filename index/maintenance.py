@@ -18,6 +18,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from index import manifest as mf
 from index import snapshots as snaps
 from index.errors import NotWritableError, StoreError
 from index.journal import Journal, unpack
@@ -66,7 +67,7 @@ class Maintenance:
 
     # ------------------------------------------------------------------ snapshots
     def _snapshot_due(self) -> bool:
-        behind = self._applied - snaps.manifest_seq(self._manifest)
+        behind = self._applied - mf.manifest_seq(self._manifest)
         if behind <= 0 and not self._params_dirty:
             return False
         if time.monotonic() < self._retry_at:
@@ -109,7 +110,7 @@ class Maintenance:
             lock = snaps.SnapshotLock(self.path)
             lock.acquire(timeout)
             try:
-                disk = self._manifest if initial else snaps.read_manifest(self.path)
+                disk = self._manifest if initial else mf.read_manifest(self.path)
                 if not initial:
                     self._follow(disk, locked=True)
                 got = self._serialize_clean(disk, refresh=not initial, always=initial or force)
@@ -139,12 +140,11 @@ class Maintenance:
                 if self._dirty:
                     continue  # a write failed since _refresh: reload, then copy
                 seq = self._applied
-                if not always and seq <= snaps.manifest_seq(disk) and not self._params_dirty:
+                if not always and seq <= mf.manifest_seq(disk) and not self._params_dirty:
                     return None
                 blobs = {n: faiss.serialize_index(v.index) for n, v in self._views.items()}  # (bytes,) uint8
                 states = {n: {"count": v.count, "pending_training": v.pending, "build": v.build,
-                              "search_params": (v.params if n in self._params_dirty
-                                                else disk["views"][n].get("search_params") or {})}
+                              "search_params": v.params if n in self._params_dirty else mf.search_params(disk, n)}
                           for n, v in self._views.items()}
                 return seq, blobs, states
         raise StoreError(f"index {self.path}: the views stayed dirty through {CLEAN_TRIES} reloads; no snapshot")
@@ -157,7 +157,7 @@ class Maintenance:
         jr = self._journal
         try:
             with jr.write_lock, jr.transaction() as conn:
-                Journal.prune(conn, snaps.manifest_seq(new), prev_seq)
+                Journal.prune(conn, mf.manifest_seq(new), prev_seq)
         except Exception as e:  # noqa: BLE001 - the snapshot is committed; pruning waits for the next
             LOG.warning("index %s: pruning the log failed: %s", self.path, e)
         self._adopt(new)
@@ -167,9 +167,9 @@ class Maintenance:
         """Take a committed manifest as this process's view of it (and other processes' tuned params)."""
         for n, v in self._views.items():
             if n in self._params_dirty:
-                manifest["views"][n]["search_params"] = dict(v.params)
+                mf.set_search_params(manifest, n, dict(v.params))
             else:
-                v.params = dict(manifest["views"][n].get("search_params") or {})
+                v.params = mf.search_params(manifest, n)
         self._manifest = manifest
 
     # ------------------------------------------------------------------ IVF/PQ training, HNSW rebuilds
@@ -188,7 +188,7 @@ class Maintenance:
                 LOG.info("index %s: %s; this process loads its result instead", self.path, e)
                 return
             try:
-                self._follow(snaps.read_manifest(self.path))  # built by another process meanwhile: load it
+                self._follow(mf.read_manifest(self.path))  # built by another process meanwhile: load it
                 for name in [n for n, v in self._views.items() if _due(v)]:
                     try:
                         self._build(name)
@@ -220,7 +220,7 @@ class Maintenance:
                 jr = self._journal
                 if self._closed or jr is None or jr.closed:
                     return  # closed meanwhile: the copy is dropped
-                disk = snaps.read_manifest(self.path)
+                disk = mf.read_manifest(self.path)
                 spec = disk["views"][name]
                 with jr.read_lock:
                     rows = Journal.rows_after(jr.read, seq0)

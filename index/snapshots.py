@@ -1,10 +1,11 @@
-"""Snapshots of an index directory: FAISS files named by ``manifest.json``, the one commit point.
+"""Snapshots of an index directory: FAISS files named by ``manifest.json`` (``index/manifest.py``), the one
+commit point.
 
 A snapshot never moves or overwrites a file that the committed manifest names. It writes each view to a new
-file ``<view>.<seq>.<token>.faiss`` (fsync), fsyncs the directory, then atomically replaces ``manifest.json``
-(tmp + fsync + rename + directory fsync): the new manifest names, per view, the new file as ``snapshot`` and
-the old current one as ``previous`` (each ``{file, sha256, seq}``). Only then are files that the new manifest
-does not name deleted. A crash or an ``OSError`` at any step leaves the old manifest and every file it names
+file ``<view>.<seq>.<token>.faiss`` (fsync), fsyncs the directory, then has ``index.manifest`` commit the next
+manifest (tmp + fsync + rename + directory fsync): it names, per view, the new file as ``snapshot`` and the old
+current one as ``previous`` (each ``{file, sha256, seq}``). Only then are files that the new manifest does not
+name deleted. A crash or an ``OSError`` at any step leaves the old manifest and every file it names
 intact; stray files are removed by the next snapshot.
 
 One process at a time writes snapshots: :class:`SnapshotLock` flocks ``LOCK`` and writes the holder's pid
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import time
@@ -30,11 +30,10 @@ from typing import Any, Collection
 import faiss
 import numpy as np
 
-from index.durable import _atomic_write, _fsync_path, _now, _sha256
+from index import manifest as mf
+from index.durable import _fsync_path, _sha256
 
 LOG = logging.getLogger(__name__)
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 
 
 class SnapshotLockHeld(RuntimeError):
@@ -82,46 +81,12 @@ class SnapshotLock:
             self.fd = None
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    mpath = path / MANIFEST
-    if not mpath.exists():
-        raise FileNotFoundError(f"no index at {path} (missing {MANIFEST})")
-    manifest = json.loads(mpath.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"index at {path} has format version {manifest.get('format_version')}, "
-                         f"this code reads {FORMAT_VERSION}")
-    return normalize(path, manifest)
-
-
-def manifest_seq(manifest: dict[str, Any]) -> int:
-    """The seq that every view's current snapshot covers."""
-    return min(((s.get("snapshot") or {}).get("seq", 0) for s in manifest["views"].values()), default=0)
-
-
-def candidates(spec: dict[str, Any], which: str) -> list[str]:
-    """File names that may hold ``spec[which]`` (older manifests named no file: ``<view>.faiss[.prev]``)."""
-    snap = spec.get(which) or {}
-    if snap.get("file"):
-        return [snap["file"]]
-    return [spec["file"], spec["file"] + ".prev"]
-
-
-def entry_id(snap: dict[str, Any]) -> tuple:
-    """What names one snapshot entry (file names are unique; older manifests may lack one)."""
-    return snap.get("file"), snap.get("sha256"), snap.get("seq")
-
-
-def named_files(manifest: dict[str, Any]) -> set[str]:
-    return {f for s in manifest["views"].values() for w in ("snapshot", "previous") if s.get(w)
-            for f in candidates(s, w)}
-
-
 def read_view(path: Path, spec: dict[str, Any], which: str) -> tuple[faiss.Index, str] | None:
     """The index of ``spec[which]`` from the first candidate file whose sha256 matches, else None."""
     snap = spec.get(which)
     if not snap:
         return None
-    for name in candidates(spec, which):
+    for name in mf.candidates(spec, which):
         fp = path / name
         try:
             if _sha256(fp) != snap["sha256"]:
@@ -144,11 +109,6 @@ def write_file(fp: Path, blob: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
-def commit_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    """The commit point: atomically replace manifest.json (tmp, fsync, rename, fsync the directory)."""
-    _atomic_write(path / MANIFEST, json.dumps(manifest, indent=2).encode())
-
-
 def write_snapshot(path: Path, disk: dict[str, Any], blobs: dict[str, np.ndarray], seq: int,
                    states: dict[str, dict[str, Any]], bad: Collection[tuple] = ()) -> dict[str, Any]:
     """Write ``blobs[view]`` (serialized indexes at ``seq``; any subset of the views) as new files, commit a
@@ -158,28 +118,22 @@ def write_snapshot(path: Path, disk: dict[str, Any], blobs: dict[str, np.ndarray
     the view's spec; its ``build`` goes into the new snapshot entry. The caller holds the snapshot lock; on
     OSError the committed state is unchanged and the new files are removed."""
     token = os.urandom(3).hex()
-    new = json.loads(json.dumps(disk))
     written: list[Path] = []
+    entries: dict[str, dict[str, Any]] = {}
     try:
         for name, blob in blobs.items():
             fname = f"{name}.{seq}.{token}.faiss"
             fp = path / fname
             written.append(fp)
             write_file(fp, blob)
-            spec, state = new["views"][name], dict(states[name])
-            if not spec.get("snapshot") or entry_id(spec["snapshot"]) not in bad:
-                spec["previous"] = _with_file(spec, "snapshot")
-            spec["snapshot"] = {"file": fname, "sha256": hashlib.sha256(memoryview(blob)).hexdigest(), "seq": seq,
-                                "build": int(state.pop("build", 0))}
-            spec.update(state)
+            entries[name] = {"file": fname, "sha256": hashlib.sha256(memoryview(blob)).hexdigest(), "seq": seq}
         _fsync_path(path)
-        new["updated"] = _now()
-        commit_manifest(path, new)
+        new = mf.advance(disk, entries, states, bad)
+        mf.commit_manifest(path, new)
     except BaseException:
-        try:  # the rename may have happened before the failure (e.g. of the directory fsync): keep what it names
-            keep = named_files(json.loads((path / MANIFEST).read_text()))
-        except (OSError, ValueError, KeyError):
-            keep = None  # unknown: delete nothing now, the next snapshot collects the garbage
+        # the rename may have happened before the failure (e.g. of the directory fsync): keep what it names;
+        # when it cannot be read, delete nothing now (the next snapshot collects the garbage)
+        keep = mf.committed_files(path)
         for fp in written if keep is not None else []:
             if fp.name not in keep:
                 with contextlib.suppress(OSError):
@@ -189,33 +143,13 @@ def write_snapshot(path: Path, disk: dict[str, Any], blobs: dict[str, np.ndarray
     return new
 
 
-def _with_file(spec: dict[str, Any], which: str) -> dict[str, Any] | None:
-    snap = spec.get(which)
-    return dict(snap) if snap else None
-
-
-def normalize(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Older manifests name one file per view (``<view>.faiss``, rotated to ``.prev``): record in each
-    snapshot entry the file that holds it now (by sha256), so that later snapshots never touch it."""
-    for spec in manifest["views"].values():
-        for which in ("snapshot", "previous"):
-            snap = spec.get(which)
-            if not snap or snap.get("file"):
-                continue
-            for name in candidates(spec, which):
-                if (path / name).exists() and _sha256(path / name) == snap["sha256"]:
-                    snap["file"] = name
-                    break
-    return manifest
-
-
 def collect_garbage(path: Path, manifest: dict[str, Any]) -> None:
     """Delete snapshot files (and temporaries) that ``manifest`` does not name."""
-    keep = named_files(manifest)
+    keep = mf.named_files(manifest)
     for fp in path.iterdir():
         n = fp.name
         if n in keep or not (n.endswith(".faiss") or n.endswith(".faiss.prev") or n.endswith(".faiss.tmp")
-                             or n == MANIFEST + ".tmp"):
+                             or mf.is_temporary(n)):
             continue
         with contextlib.suppress(OSError):
             fp.unlink()

@@ -91,10 +91,12 @@ import faiss
 import numpy as np
 
 from index import factory as fac
-from index import snapshots as snaps
-from index.durable import _now, _RWLock
+from index import manifest as mf
+from index.durable import _RWLock
 from index.errors import (DuplicateKeyError, NotWritableError, StoreError, UnknownKeyError,  # noqa: F401 - re-exported
                           WriteFailed)
+from index.inputs import check_vectors
+from index.recall import overlap
 from index.journal import Journal
 from index.loading import Loading
 from index.maintenance import Maintenance
@@ -105,7 +107,6 @@ SEARCH_RETRIES = 5  # search_items: searches again when a hit was removed by ano
 
 LOG = logging.getLogger(__name__)
 
-FORMAT_VERSION = snaps.FORMAT_VERSION
 _VIEW_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -145,7 +146,7 @@ class IndexStore(Writes, Loading, Maintenance):
         ``factory=None`` chooses per view with ``choose_factory(n_hint, dim, memory_budget_mb / len(views))``.
         """
         p = Path(path)
-        if (p / snaps.MANIFEST).exists():
+        if mf.exists(p):
             raise StoreError(f"an index already exists at {p}")
         if not views:
             raise StoreError("an index needs at least one view")
@@ -163,16 +164,12 @@ class IndexStore(Writes, Loading, Maintenance):
                 fac.make_index(f, int(dim), metric)
             except Exception as e:  # faiss raises RuntimeError on a bad factory string
                 raise StoreError(f"view {name!r}: invalid index factory {f!r}: {e}") from e
-            specs[name] = {"dim": int(dim), "metric": metric, "factory": fac.normalize_factory(f), "count": 0,
-                           "file": f"{name}.faiss", "snapshot": None, "previous": None, "search_params": {},
-                           "pending_training": False, "builds": 0}
+            specs[name] = mf.view_entry(name, int(dim), metric, fac.normalize_factory(f))
         p.mkdir(parents=True, exist_ok=True)
         store = cls(p, False, **open_kw)
         try:
             store._journal = Journal(p, False)
-            store._manifest = {"format_version": FORMAT_VERSION, "model_ref": model_ref,
-                               "fingerprint": fingerprint, "created": _now(), "updated": _now(),
-                               "n_hint": n_hint, "memory_budget_mb": memory_budget_mb, "views": specs}
+            store._manifest = mf.new_manifest(model_ref, fingerprint, specs, n_hint, memory_budget_mb)
             store._views = {n: _View(n, s) for n, s in specs.items()}
             for v in store._views.values():
                 v.refresh_state()
@@ -194,11 +191,11 @@ class IndexStore(Writes, Loading, Maintenance):
         background thread (follow other processes' writes, snapshots, IVF training) in writable stores."""
         p = Path(path)
         try:
-            manifest = snaps.read_manifest(p)
+            manifest = mf.read_manifest(p)
         except FileNotFoundError as e:
             raise StoreError(str(e)) from None
         except (OSError, ValueError) as e:
-            raise StoreError(f"manifest {p / snaps.MANIFEST} is unreadable: {e}") from e
+            raise StoreError(f"manifest {p / mf.MANIFEST} is unreadable: {e}") from e
         if fingerprint is not None and fingerprint != manifest["fingerprint"]:
             raise StoreError(f"index at {p} was built with model space {manifest['fingerprint']}, this model is "
                              f"{fingerprint}; rebuild the index with this model")
@@ -229,7 +226,7 @@ class IndexStore(Writes, Loading, Maintenance):
             if self._thread is not None:
                 self._thread.join(timeout=120)
             if (snapshot and not self.readonly and self._journal is not None and not self._dirty
-                    and self._applied > snaps.manifest_seq(self._manifest)):
+                    and self._applied > mf.manifest_seq(self._manifest)):
                 try:
                     self._snapshot(timeout=5.0)
                 except Exception as e:  # noqa: BLE001 - the log holds every acknowledged write
@@ -257,7 +254,7 @@ class IndexStore(Writes, Loading, Maintenance):
                 ef_search: int | None) -> tuple[np.ndarray, np.ndarray]:
         if self._closed:
             raise NotWritableError("index is closed")
-        xq = self._check_x(xq, view, None)  # (nq, dim)
+        xq = check_vectors(xq, view, self._views, None)  # (nq, dim)
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise StoreError(f"k must be a positive int, got {k!r}")
         v = self._views[view]
@@ -316,7 +313,6 @@ class IndexStore(Writes, Loading, Maintenance):
         stored as the view's default (persisted at the next snapshot). Trains a due IVF view (rebuilds a due HNSW view) first."""
         self._views_due()
         v = self._views[view]
-        gt = np.asarray(gt_I)[:, :k]
         if fac.is_hnsw(v.index):
             name, grid = "ef_search", [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
         elif fac.is_ivf(v.index):
@@ -328,14 +324,14 @@ class IndexStore(Writes, Loading, Maintenance):
         best: dict[str, Any] = {}
         for val in grid:
             _, I = self.search(xq, view, k, **{name: val})
-            rec = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(I.tolist(), gt.tolist())]))
+            rec = overlap(I, np.asarray(gt_I), k)
             best = {name: val, "recall": rec}
             if rec >= target_recall:
                 break
         with self._wmutex:
             v.params = {name: best[name]}
             self._params_dirty.add(view)
-            self._manifest["views"][view]["search_params"] = v.params
+            mf.set_search_params(self._manifest, view, v.params)
         LOG.info("view %s: tuned %s", view, best)
         return best
 

@@ -1,5 +1,6 @@
-"""Writes of an index store: validation, and one SQLite transaction per add/remove that is applied to the
-in-memory views before it commits (a mixin of :class:`index.store.IndexStore`; see its module docstring)."""
+"""Writes of an index store: one SQLite transaction per add/remove (``Journal.transaction``), applied to the
+in-memory views before it commits (a mixin of :class:`index.store.IndexStore`; see its module docstring). Reads
+never come here: they share only the input checks (``index/inputs.py``) and the follow path (``loading.py``)."""
 from __future__ import annotations
 
 import json
@@ -11,13 +12,14 @@ import numpy as np
 
 from index.durable import _pack
 from index.errors import DuplicateKeyError, NotWritableError, StoreError, UnknownKeyError, WriteFailed
+from index.inputs import check_keys, check_vectors
 from index.journal import Gap, Journal
 
 LOG = logging.getLogger(__name__)
 
 
 class Writes:
-    """add/remove. Relies on IndexStore's attributes, ``_catch_up`` and ``_reload``."""
+    """add/remove. Relies on IndexStore's attributes, ``_catch_up``, ``_reload`` and ``_note_write``."""
 
     # ------------------------------------------------------------------ writes
     def _writable(self) -> Journal:
@@ -27,95 +29,60 @@ class Writes:
             raise NotWritableError("index is closed")
         return self._journal
 
-    def _check_x(self, x: Any, view: str, n: int | None) -> np.ndarray:
-        if view not in self._views:
-            raise StoreError(f"unknown view {view!r}; this index has views {sorted(self._views)}")
-        x = np.asarray(x)
-        if x.dtype not in (np.float32, np.float64):
-            raise StoreError(f"view {view!r}: vectors must be float32 or float64, got {x.dtype}")
-        if x.ndim == 1 and n is None:
-            x = x[None, :]
-        dim = self._views[view].dim
-        if x.ndim != 2 or x.shape[1] != dim:
-            raise StoreError(f"view {view!r}: expected shape (n, {dim}), got {x.shape}")
-        if n is not None and x.shape[0] != n:
-            raise StoreError(f"view {view!r}: {x.shape[0]} vectors for {n} keys")
-        if not np.isfinite(x).all():
-            raise StoreError(f"view {view!r}: vectors contain NaN or inf")
-        return np.ascontiguousarray(x, dtype=np.float32)
-
-    @staticmethod
-    def _check_keys(keys: Any) -> list[str]:
-        if isinstance(keys, str) or not all(isinstance(k, str) and k for k in keys):
-            raise StoreError("keys must be a list of non-empty strings")
-        keys = list(keys)
-        for k in keys:
-            try:
-                k.encode("utf-8")
-            except UnicodeEncodeError:
-                raise StoreError(f"key {k!r} is not valid UTF-8 text (a lone surrogate)") from None
-        if len(set(keys)) != len(keys):
-            dup = next(k for i, k in enumerate(keys) if k in keys[:i])
-            raise DuplicateKeyError(f"duplicate key {dup!r} in the request")
-        return keys
-
     def _commit(self, prepare: Any, apply: Any) -> Any:
-        """One write: BEGIN IMMEDIATE; ``prepare(conn) -> (result, seq)`` inserts the rows; under the writer lock
-        catch up with other processes' rows, ``apply()`` this one, COMMIT. Any failure rolls back."""
+        """One write in ``Journal.transaction``: ``prepare(conn) -> (result, seq)`` inserts the rows; under the
+        writer lock catch up with other processes' rows, ``apply()`` this one, COMMIT. Any failure rolls back
+        (:meth:`_write_failed` says what the caller sees)."""
         with self._wmutex:
             jr = self._writable()
             if self._dirty:
                 with self._rw.write():
                     self._reload()
-            with jr.write_lock:
-                conn = jr.write
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                except sqlite3.Error as e:
-                    raise WriteFailed(f"index {self.path}: cannot start a write: {e}") from e
-                done = False
-                try:
-                    try:
-                        result, seq = prepare(conn)
-                    except sqlite3.Error as e:  # e.g. disk full, or busy past the timeout
-                        raise WriteFailed(f"the write was rolled back: {type(e).__name__}: {e}") from e
-                    with self._rw.write():
-                        try:
-                            try:
-                                self._catch_up(conn, seq - 1)
-                            except Gap:
-                                self._reload()  # the committed state, without this uncommitted row
-                            apply()
-                        except BaseException as e:
-                            self._dirty = True
-                            LOG.error("index %s: applying a write failed (%s: %s); rolled back", self.path,
-                                      type(e).__name__, e)
-                            if isinstance(e, StoreError):
-                                raise
-                            raise WriteFailed(f"the write was rolled back: {type(e).__name__}: {e}") from e
-                        try:
-                            conn.execute("COMMIT")
-                        except sqlite3.Error as e:
-                            self._dirty = True  # the views hold a row that is not committed
-                            raise WriteFailed(f"the write was not committed: {e}") from e
-                        done, self._applied = True, seq
-                finally:
-                    if not done:
-                        try:
-                            conn.execute("ROLLBACK")
-                        except sqlite3.Error:
-                            pass
+            with jr.write_lock, jr.transaction(on_failure=self._write_failed) as conn:
+                result, seq = prepare(conn)
+                with self._rw.write():
+                    self._apply_uncommitted(conn, seq, apply)
+                    jr.commit()  # still under the writer lock: no search here sees an uncommitted vector
+                    self._applied = seq
             self._note_write()
             return result
+
+    def _apply_uncommitted(self, conn: sqlite3.Connection, seq: int, apply: Any) -> None:
+        """Bring the views to the row before ``seq`` and apply this write's (caller holds the writer lock); on
+        failure the views are marked dirty (reloaded before their next use) and the write is rolled back."""
+        try:
+            try:
+                self._catch_up(conn, seq - 1)
+            except Gap:
+                self._reload()  # the committed state, without this uncommitted row
+            apply()
+        except BaseException as e:
+            self._dirty = True
+            LOG.error("index %s: applying a write failed (%s: %s); rolled back", self.path, type(e).__name__, e)
+            if isinstance(e, StoreError):
+                raise
+            raise WriteFailed(f"the write was rolled back: {type(e).__name__}: {e}") from e
+
+    def _write_failed(self, e: BaseException, stage: str) -> BaseException | None:
+        """The failure hook of a write's transaction (already rolled back): the error the caller gets, or None
+        for ``e`` itself (a duplicate or unknown key, a failure of applying it: already a StoreError)."""
+        if stage == "commit":
+            self._dirty = True  # the views hold a row that is not committed (called under the writer lock)
+            return WriteFailed(f"the write was not committed: {e}") if isinstance(e, sqlite3.Error) else None
+        if not isinstance(e, sqlite3.Error):
+            return None
+        if stage == "begin":
+            return WriteFailed(f"index {self.path}: cannot start a write: {e}")
+        return WriteFailed(f"the write was rolled back: {type(e).__name__}: {e}")  # e.g. disk full, busy too long
 
     def add(self, keys: list[str], vectors: dict[str, np.ndarray], metadata: list[dict] | None = None) -> np.ndarray:
         """Add items; ``vectors[view]`` is (len(keys), dim). Returns their int64 ids. Durable on return."""
         self._writable()
-        keys = self._check_keys(keys)
+        keys = check_keys(keys)
         n = len(keys)
         if not vectors:
             raise StoreError("vectors must give at least one view")
-        xs = {view: self._check_x(x, view, n) for view, x in vectors.items()}
+        xs = {view: check_vectors(x, view, self._views, n) for view, x in vectors.items()}
         metadata = metadata if metadata is not None else [{} for _ in keys]
         if len(metadata) != n:
             raise StoreError(f"{len(metadata)} metadata entries for {n} keys")
@@ -150,7 +117,7 @@ class Writes:
     def remove(self, keys: list[str]) -> int:
         """Remove items by key (all of them, or none if a key is unknown). Durable on return."""
         self._writable()
-        keys = self._check_keys(keys)
+        keys = check_keys(keys)
         if not keys:
             return 0
         per_view: dict[str, np.ndarray] = {}

@@ -30,13 +30,14 @@ def scratch_index(out: Path) -> dict:
     the user's own index is left as it was. Returns the environment for the server."""
     import shutil
 
+    from index import manifest as index_manifest
     from models.artifact import default_index_dir, resolve
     from models.card import load_card
     src = os.environ.get("CMC_INDEX")
     if src and src.lower() in ("none", "off", ""):
         return {}
     src_path = Path(src).expanduser() if src else default_index_dir(load_card(resolve(None), verify=False).fingerprint)
-    if not (src_path / "manifest.json").exists():
+    if not index_manifest.exists(src_path):
         return {}
     dst = out / "index"
     shutil.rmtree(dst, ignore_errors=True)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from index import manifest as index_manifest
 from serving.launch import ServerProcess
 from serving.loadgen import Req, load_with_probe, probe, wrk_path
 
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     batches = sorted({min(r["images"] * r["clients"], max_batch) for r in rows if r["endpoint"] == "embed"} | {1})
     index = a.index or index
     ip = in_process(model, a.view, img, a.threads or cpu_count(), a.device, batches, a.requests, a.seconds,
-                    index if index and Path(index, "manifest.json").exists() else None)
+                    index if index and index_manifest.exists(index) else None)
     compare(rows, ip, max_batch)
     res = {"model": model, "view": a.view, "image": f"{a.image_size}x{a.image_size} PNG", "cpus": cpu_count(),
            "device": a.device, "generator": "wrk + http.client probe" if use_wrk else "asyncio raw-socket client",

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from index import maintenance, snapshots
+from index import maintenance, manifest, snapshots
 from index.factory import is_ivf
 from index.store import DuplicateKeyError, IndexStore
 
@@ -48,13 +48,13 @@ def install_stall(phase: str) -> None:
             stall()
         snapshots.write_file = write_file
     elif phase == "manifest":
-        orig = snapshots.commit_manifest
+        orig = manifest.commit_manifest
 
         def commit_manifest(path, manifest):
             if any((s.get("previous") or {}).get("seq") for s in manifest["views"].values()):
                 stall()
             orig(path, manifest)
-        snapshots.commit_manifest = commit_manifest
+        manifest.commit_manifest = commit_manifest
     elif phase == "gc":
         orig_gc = snapshots.collect_garbage
 

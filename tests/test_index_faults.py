@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index import maintenance, snapshots
+from index import maintenance, manifest, snapshots
 from index.factory import is_ivf
 from index.store import IndexStore, NotWritableError, StoreError, WriteFailed
 from index.viewindex import _View
@@ -99,11 +99,11 @@ def test_disk_full_during_snapshot(tmp_path, monkeypatch):
     # space again: the retry commits a snapshot in the background, and the log is pruned behind it
     monkeypatch.setattr(snapshots, "write_file", real)
     deadline = time.time() + 10
-    while snapshots.manifest_seq(committed(path)) < 41 and time.time() < deadline:
+    while manifest.manifest_seq(committed(path)) < 41 and time.time() < deadline:
         s.add([f"k{len(acked)}"], {"v": vec(len(acked)), "w": vec(len(acked))})
         acked.append(f"k{len(acked)}")
         time.sleep(0.1)
-    assert snapshots.manifest_seq(committed(path)) >= 41
+    assert manifest.manifest_seq(committed(path)) >= 41
     s.close()
     s = IndexStore.open(path)
     assert_all_found(s, acked)
@@ -114,18 +114,18 @@ def test_disk_full_during_snapshot(tmp_path, monkeypatch):
 def test_failure_after_the_manifest_rename_keeps_its_files(tmp_path, monkeypatch):
     s = make(tmp_path)
     s.add(["k0"], {"v": vec(0)})
-    real = snapshots.commit_manifest
+    real = manifest.commit_manifest
 
     def renamed_then_failed(path, manifest):  # e.g. the directory fsync fails after the rename
         real(path, manifest)
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(snapshots, "commit_manifest", renamed_then_failed)
+    monkeypatch.setattr(manifest, "commit_manifest", renamed_then_failed)
     with pytest.raises(StoreError, match="Input/output error"):
         s.snapshot()
     m = committed(tmp_path / "ix")
-    assert snapshots.manifest_seq(m) == 1
-    assert all((tmp_path / "ix" / f).exists() for f in snapshots.named_files(m))
+    assert manifest.manifest_seq(m) == 1
+    assert all((tmp_path / "ix" / f).exists() for f in manifest.named_files(m))
     s.close(snapshot=False)
     monkeypatch.undo()
     s = IndexStore.open(tmp_path / "ix")
@@ -280,7 +280,7 @@ def test_snapshot_lock_names_its_holder(tmp_path):
         holder.kill()
         holder.wait()
     s.snapshot(timeout=5)  # released by the kernel when its holder died
-    assert snapshots.manifest_seq(committed(tmp_path / "ix")) == 2
+    assert manifest.manifest_seq(committed(tmp_path / "ix")) == 2
     s.close()
 
 

@@ -1,0 +1,24 @@
+"""How close an ANN search comes to exact search, computed in one place (search-parameter tuning, index.bench,
+index.evaluate): exact neighbours from ``faiss.knn`` and the overlap of two result tables from
+``faiss.contrib.evaluation.knn_intersection_measure``."""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+from faiss.contrib.evaluation import knn_intersection_measure
+
+from index.factory import METRICS
+
+
+def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str = "ip") -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` of each query: D (nq, k), I (nq, k) positions in ``xb`` (brute force, no index)."""
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    return faiss.knn(xq, xb, int(k), METRICS[metric])
+
+
+def overlap(I: np.ndarray, gt: np.ndarray, k: int | None = None) -> float:
+    """Recall@k of result ids ``I`` against exact ids ``gt`` (nq, >= k each): the mean fraction of the exact top
+    ``k`` that the search returned (the first ``k`` columns of both; ``k`` defaults to ``gt``'s width)."""
+    k = gt.shape[1] if k is None else k
+    return float(knn_intersection_measure(np.asarray(I)[:, :k], np.asarray(gt)[:, :k]))
