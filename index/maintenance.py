@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import faiss
@@ -33,6 +34,33 @@ CLEAN_TRIES = 5  # a snapshot rebuilds views marked dirty (by a failed write) th
 
 def _due(v: _View) -> bool:
     return v.due_for_training or v.due_for_rebuild
+
+
+@dataclass
+class Schedule:
+    """When the background work runs next; the store's state that only :class:`Maintenance` reads and writes."""
+    ops_since: int = 0  # writes since the last snapshot
+    last_snap: float = field(default_factory=time.monotonic)
+    retry_at: float = 0.0  # no snapshot attempt before this (back-off after a failure)
+    backoff: float = 1.0
+    train_retry_at: float = 0.0  # no background build before this (after a failed one)
+
+    def snapshot_due(self, behind: int, params_dirty: bool, ops: int, seconds: float) -> bool:
+        """``behind``: log rows past the committed snapshot; ``ops``/``seconds``: the store's snapshot policy."""
+        if behind <= 0 and not params_dirty:
+            return False
+        if time.monotonic() < self.retry_at:
+            return False
+        return behind >= ops or self.ops_since >= ops or time.monotonic() - self.last_snap >= seconds
+
+    def snapshotted(self) -> None:
+        self.ops_since, self.last_snap = 0, time.monotonic()
+
+    def failed(self) -> float:
+        """A snapshot failed: the seconds until the next attempt (doubling up to MAX_BACKOFF_S)."""
+        wait, self.retry_at = self.backoff, time.monotonic() + self.backoff
+        self.backoff = min(MAX_BACKOFF_S, self.backoff * 2)
+        return wait
 
 
 class Maintenance:
@@ -61,33 +89,26 @@ class Maintenance:
                     LOG.exception("index %s: background %s failed", self.path, step.__name__)
 
     def _note_write(self) -> None:
-        self._ops_since += 1
+        self._schedule.ops_since += 1
         if self._snapshot_due() or any(_due(v) for v in self._views.values()):
             self._wake.set()
 
     # ------------------------------------------------------------------ snapshots
     def _snapshot_due(self) -> bool:
         behind = self._applied - mf.manifest_seq(self._manifest)
-        if behind <= 0 and not self._params_dirty:
-            return False
-        if time.monotonic() < self._retry_at:
-            return False
-        return (behind >= self.snapshot_ops or self._ops_since >= self.snapshot_ops
-                or time.monotonic() - self._last_snap >= self.snapshot_seconds)
+        return self._schedule.snapshot_due(behind, bool(self._params_dirty), self.snapshot_ops, self.snapshot_seconds)
 
     def _maybe_snapshot(self) -> None:
         if not self._snapshot_due():
             return
         try:
             self._snapshot(timeout=0.0)
-            self._backoff = 1.0
+            self._schedule.backoff = 1.0
         except snaps.SnapshotLockHeld:
-            self._last_snap = time.monotonic()  # another process is snapshotting; look again later
+            self._schedule.last_snap = time.monotonic()  # another process is snapshotting; look again later
         except Exception as e:  # noqa: BLE001 - the log holds every acknowledged write
-            self._retry_at = time.monotonic() + self._backoff
             LOG.error("index %s: snapshot failed (%s: %s); the log keeps every write, retrying in %.0f s",
-                      self.path, type(e).__name__, e, self._backoff)
-            self._backoff = min(MAX_BACKOFF_S, self._backoff * 2)
+                      self.path, type(e).__name__, e, self._schedule.failed())
 
     def snapshot(self, timeout: float = 60.0) -> None:
         """Write a snapshot of every view now (trains due IVF views and rebuilds due HNSW views first); raises StoreError on failure,
@@ -122,7 +143,7 @@ class Maintenance:
                 self._commit_snapshot(disk, blobs, seq, states)
                 del blobs, got
                 self._params_dirty.clear()
-                self._ops_since, self._last_snap = 0, time.monotonic()
+                self._schedule.snapshotted()
                 LOG.info("snapshot of %s at seq %d in %.2fs", self.path, seq, time.perf_counter() - t0)
                 return True
             finally:
@@ -176,7 +197,7 @@ class Maintenance:
     def _views_due(self, background: bool = False) -> None:
         """Train the IVF/PQ views that have enough vectors, rebuild the HNSW views past their tombstone limit,
         once per index: only the holder of the build lock builds (others skip, and load its snapshot)."""
-        if self.readonly or (background and time.monotonic() < self._train_retry_at):
+        if self.readonly or (background and time.monotonic() < self._schedule.train_retry_at):
             return
         if not any(_due(v) for v in self._views.values()):
             return
@@ -193,7 +214,7 @@ class Maintenance:
                     try:
                         self._build(name)
                     except Exception:
-                        self._train_retry_at = time.monotonic() + MAX_BACKOFF_S  # e.g. out of memory: not every round
+                        self._schedule.train_retry_at = time.monotonic() + MAX_BACKOFF_S  # e.g. out of memory
                         raise
             finally:
                 lock.release()

@@ -83,7 +83,6 @@ import os
 import re
 import sqlite3
 import threading
-import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -99,7 +98,7 @@ from index.inputs import check_vectors
 from index.recall import overlap
 from index.journal import Journal
 from index.loading import Loading
-from index.maintenance import Maintenance
+from index.maintenance import Maintenance, Schedule
 from index.writes import Writes
 from index.viewindex import TOMBSTONE_REBUILD, _View  # noqa: F401 - re-exported
 
@@ -127,9 +126,8 @@ class IndexStore(Writes, Loading, Maintenance):
         self._applied = 0  # every log row with seq <= this is applied to self._views, and no other
         self._dirty = False  # the views may differ from snapshot + log: reload before use
         self._closed = False
-        self._ops_since, self._last_snap, self._retry_at, self._backoff = 0, time.monotonic(), 0.0, 1.0
+        self._schedule = Schedule()  # when snapshots and builds run next: Maintenance's alone
         self._params_dirty: set[str] = set()
-        self._train_retry_at = 0.0
         self._follow_mutex = threading.RLock()  # one thread at a time loads structures other processes committed
         self._manifest_key: tuple | None = None  # stat of the manifest last followed
         self._bad: set[tuple] = set()  # snapshot entries whose file is corrupt: never loaded, never kept as previous
