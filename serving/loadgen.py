@@ -2,7 +2,7 @@
 
 * :func:`run_wrk` - throughput from ``wrk`` (a C generator using little CPU; Debian package ``wrk``) with a Lua
   script that sets the POST body. Only its requests/s is read: its latency percentiles are wrong against
-  BentoML (DESIGN.md), so latency comes from :func:`probe`.
+  BentoML (docs/ARCHITECTURE.md), so latency comes from :func:`probe`.
 * :func:`run_raw` - the fallback without wrk: an asyncio raw-socket HTTP/1.1 keep-alive client, which reports
   its own CPU time so a reader can see how much of the 2 cores it took from the server.
 * :func:`probe` - one sequential keep-alive ``http.client`` connection: the latency a client sees, alone or

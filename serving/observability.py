@@ -1,7 +1,7 @@
 """Access logging and tracing of the CMC server: both off for the hot embedding endpoints by default, errors
 always logged.
 
-BentoML's access log costs about 15% of a small request's throughput (measured on 2 cores, DESIGN.md). With
+BentoML's access log costs about 15% of a small request's throughput (measured on 2 cores, docs/ARCHITECTURE.md). With
 ``CMC_ACCESS_LOG`` unset or false, :func:`logging_config` turns it off and :class:`QuietAccessLog` logs instead:
 every answer of 400 or more on any path, and every request on the paths that are neither hot (``HOT_PATHS``, the
 embedding endpoints) nor health checks, so writes such as /index/add stay in the log. ``CMC_ACCESS_LOG=1`` gives
