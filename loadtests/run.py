@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the project's packages import without installing
 
-from serving.launch import ServerProcess  # noqa: E402
+from serving.measure.launch import ServerProcess  # noqa: E402
 
 
 def scratch_index(out: Path) -> dict:

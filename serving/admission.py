@@ -3,11 +3,11 @@ in flight; a request past either is answered 503 with ``Retry-After`` before its
 
 A request reserves its declared ``Content-Length`` (or, for a chunked body, the body limit, CMC_MAX_BODY_MB) for
 as long as it runs (bodies of at most SMALL_BODY reserve nothing: the count bounds them, so ordinary searches
-still get through while large uploads fill the byte budget); a request that arrives while nothing else is in flight is always admitted, so a body up to the
-limit can always be served. Public routes (health, metrics, the page's own files: serving/routes.py) bypass it,
-so ``/readyz`` answers under any load. With the per-route budgets of serving/routes.py, this bounds what the
-requests of one worker can hold at once (README, "Limits"): BentoML's own ``max_concurrency`` answers 429
-without ``Retry-After`` and does not count bytes.
+still get through while large uploads fill the byte budget); a request that arrives while nothing else is in
+flight is always admitted, so a body up to the limit can always be served. Public routes (health, metrics, the
+page's own files: serving/routes.py) bypass it, so ``/readyz`` answers under any load. With the per-route
+budgets of serving/routes.py, this bounds what the requests of one worker can hold at once (README, "Limits"):
+BentoML's own ``max_concurrency`` answers 429 without ``Retry-After`` and does not count bytes.
 """
 from __future__ import annotations
 

@@ -198,7 +198,8 @@ def normalize_error(status: int, body: bytes) -> dict:
                 parts.append(f"{loc}: {msg}" if loc else str(msg))
             more = f" (and {len(parts) - 3} more)" if len(parts) > 3 else ""
             too_long = all(isinstance(e, dict) and e.get("type") == "too_long" for e in detail) and detail
-            return {"error": "too_large" if too_long else "invalid_input", "detail": "; ".join(parts[:3]) + more or err, "field": field or "body"}
+            return {"error": "too_large" if too_long else "invalid_input",
+                    "detail": "; ".join(parts[:3]) + more or err, "field": field or "body"}
         if detail is None:
             detail, err = err, ("invalid_input" if status == 400 else _KIND.get(status, "error"))
         return {"error": err, "detail": str(detail), "field": field}
@@ -206,7 +207,8 @@ def normalize_error(status: int, body: bytes) -> dict:
     return {"error": _KIND.get(status, "error"), "detail": text or f"HTTP {status}", "field": None}
 
 
-_KIND = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
+_KIND = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+         413: "too_large",
          415: "unsupported_media_type", 422: "invalid_input", 500: "internal", 503: "unavailable"}
 
 

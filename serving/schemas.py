@@ -30,7 +30,8 @@ ViewName = Annotated[str, Field(min_length=1, max_length=64, pattern=VIEW_PATTER
                                 description="a view of the model, e.g. 'L', 'ab', 'depth' (see /info)")]
 Key = Annotated[str, Field(min_length=1, description="unique key of an item: printable text",
                            json_schema_extra={"maxLength": KEY_MAX_CHARS, "pattern": KEY_PATTERN})]
-Base64Image = Annotated[str, Field(min_length=1, max_length=image_chars(_S.max_image_bytes), description="base64-encoded PNG, JPEG or WebP bytes "
+Base64Image = Annotated[str, Field(min_length=1, max_length=image_chars(_S.max_image_bytes),
+                                   description="base64-encoded PNG, JPEG or WebP bytes "
                                    "(a 16-bit PNG for depth views); a data: URL prefix is allowed")]
 Vector = Annotated[list[float], Field(min_length=1, max_length=MAX_VECTOR,
                                       description="a vector of numbers, for vector views")]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.launch import ServerProcess, free_port  # noqa: F401 - re-exported for tests
+from serving.measure.launch import ServerProcess, free_port  # noqa: F401 - re-exported for tests
 
 ROOT = Path(__file__).resolve().parents[1]
 VIEWS = "L,ab,depth,fou"
@@ -75,4 +75,4 @@ def model_and_index(base: Path, n: int, ds=None) -> dict:
             "BENTOML_HOME": str(base / "bentoml"), "CMC_HOME": str(base / "cmc")}
 
 
-Server = ServerProcess  # a real `bentoml serve` on a free port (serving/launch.py)
+Server = ServerProcess  # a real `bentoml serve` on a free port (serving/measure/launch.py)

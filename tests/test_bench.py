@@ -1,4 +1,4 @@
-"""serving.loadgen against a stub HTTP/1.1 server that counts what it answers (fast), and `python -m serving.bench
+"""serving.measure.loadgen against a stub HTTP/1.1 server that counts what it answers (fast), and `python -m serving.measure.bench
 --quick` end to end (slow: it starts a real server)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import run_cli
-from serving.loadgen import Req, load_with_probe, probe, run_raw, run_wrk, wrk_path
+from serving.measure.loadgen import Req, load_with_probe, probe, run_raw, run_wrk, wrk_path
 
 
 class Stub(BaseHTTPRequestHandler):
@@ -80,7 +80,7 @@ def test_bench_quick_runs(tmp_path):
     build_model(tmp_path / "model")
     build_index(tmp_path / "index", tmp_path / "model", scenes(32), 32)
     out = tmp_path / "bench.json"
-    r = run_cli(["-m", "serving.bench", "--model", str(tmp_path / "model"), "--index", str(tmp_path / "index"),
+    r = run_cli(["-m", "serving.measure.bench", "--model", str(tmp_path / "model"), "--index", str(tmp_path / "index"),
                  "--quick", "--json", str(out)], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
     res = json.loads(out.read_text())

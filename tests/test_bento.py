@@ -50,7 +50,7 @@ class BentoServer(ServerProcess):
     """`bentoml serve <bento tag>` from ``cwd`` (outside the repository); stopped and awaited as ServerProcess."""
 
     def __init__(self, bento: str, env: dict, cwd: Path, log: Path):
-        from serving.launch import free_port
+        from serving.measure.launch import free_port
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log

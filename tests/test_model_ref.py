@@ -104,7 +104,7 @@ def test_no_model_names_what_to_run(tmp_path):
 
 
 def test_bentoml_serve_without_a_model_says_what_to_run(tmp_path):
-    from serving.launch import free_port
+    from serving.measure.launch import free_port
     r = subprocess.run([sys.executable, "-m", "bentoml", "serve", "--port", str(free_port())], cwd=ROOT,
                        env=empty_store_env(tmp_path), capture_output=True, text=True, timeout=240)
     out = r.stdout + r.stderr

@@ -1,6 +1,6 @@
 """The CMC server beside the same work done in-process, in one run (no torch).
 
-    python -m serving.bench [--model DIR|TAG] [--index DIR] [--url URL] [--device cpu|cuda] [--forms json,binary]
+    python -m serving.measure.bench [--model DIR|TAG] [--index DIR] [--url URL] [--device cpu|cuda] [--forms json,binary]
                             [--duration 10] [--requests 500] [--quick] [--json [PATH]]
 
 Rows (each for every request form in --forms; /search in JSON only):
@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from index import manifest as index_manifest
-from serving.launch import ServerProcess
-from serving.loadgen import Req, load_with_probe, probe, wrk_path
+from serving.measure.launch import ServerProcess
+from serving.measure.loadgen import Req, load_with_probe, probe, wrk_path
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROWS = (("embed", 1, 1), ("embed", 1, 32), ("embed", 16, 8), ("search", 1, 1))  # (endpoint, images, clients)
 
 

@@ -1,6 +1,6 @@
 """A real `bentoml serve` process on a free port: started, awaited on /readyz, stopped.
 
-One helper for everything that needs a live server: the server tests, `python -m serving.bench` and
+One helper for everything that needs a live server: the server tests, `python -m serving.measure.bench` and
 `loadtests/run.py`.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""Load generators for serving.bench that measure the server rather than themselves.
+"""Load generators for serving.measure.bench that measure the server rather than themselves.
 
 * :func:`run_wrk` - throughput from ``wrk`` (a C generator using little CPU; Debian package ``wrk``) with a Lua
   script that sets the POST body. Only its requests/s is read: its latency percentiles are wrong against
