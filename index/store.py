@@ -363,6 +363,10 @@ class IndexStore(Writes, Loading, Maintenance):
     def manifest(self) -> dict[str, Any]:
         return json.loads(json.dumps(self._manifest))
 
+    def index_types(self) -> dict[str, str]:
+        """Per view, the class of its live FAISS index (for /info; the Milvus backend names its index type)."""
+        return {n: type(v.index).__name__ for n, v in self._views.items()}
+
     def index_of(self, view: str) -> faiss.Index:
         """The live FAISS index of a view (read-only use; for benchmarks and inspection)."""
         return self._views[view].index

@@ -199,7 +199,7 @@ class ThumbStore:
 
     @classmethod
     def exists(cls, index_dir: str | Path) -> bool:
-        return (Path(index_dir) / FILE).exists()
+        return "://" not in str(index_dir) and (Path(index_dir) / FILE).exists()  # a Milvus URL keeps none
 
     def close(self) -> None:
         with self._lock:

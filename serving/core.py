@@ -69,13 +69,20 @@ class Core:
 
     @staticmethod
     def open_index(ref: str | None, fingerprint: str) -> tuple[Any, str]:
-        """CMC_INDEX (a directory; '' or 'none' for none) or else the model's default index if it exists.
+        """CMC_INDEX (a directory, or milvus://HOST:PORT[/DB]?collection=NAME; '' or 'none' for none) or else the
+        model's default index if it exists.
 
         Every worker opens the index for writing: SQLite arbitrates the writers and each worker follows the
         others' committed writes (see index/store.py), so all workers serve every endpoint."""
         from index.store import IndexStore, StoreError
         if ref is not None and ref.strip().lower() in ("", "none", "off"):
             return None, "index disabled (CMC_INDEX=none)"
+        if ref and ref.strip().lower().startswith("milvus://"):  # a Milvus collection (index/milvus.py)
+            from index.milvus import MilvusStore
+            try:
+                return MilvusStore.open(ref.strip(), fingerprint=fingerprint), f"index {ref.strip()}"
+            except StoreError as e:
+                raise RuntimeError(f"cannot open the index {ref}: {e}") from None
         path = Path(ref).expanduser() if ref else default_index_dir(fingerprint)
         if not ref and not index_manifest.exists(path):
             return None, f"no index: CMC_INDEX is unset and the model's default index {path} does not exist"
@@ -143,7 +150,7 @@ class Core:
         index: dict[str, Any] = {"available": self.store is not None, "note": self.index_note}
         if self.store is not None:
             index |= {"path": str(self.store.path), "views": dict(self.store.views),
-                      "types": {v: type(self.store.index_of(v)).__name__ for v in self.store.views},
+                      "types": self.store.index_types(),
                       "counts": {v: int(self.store.count(v)) for v in self.store.views},
                       "readonly": bool(getattr(self.store, "readonly", False))}
         return {

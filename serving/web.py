@@ -119,6 +119,8 @@ async def thumb(request: Request, core: Any, store: Any) -> Response:
     key = _key(request.path_params["key"], "key")
     kind = _kind(core, request.query_params.get("view"), request.query_params.get("kind"))
     t = await anyio.to_thread.run_sync(lambda: _lookup_thumb(thumbs_of(store), key, kind))
+    if t is None and "://" in str(store.path):  # a Milvus collection (index/milvus.py): no thumbnail file
+        raise ApiError("not_found", f"this index ({store.path}) keeps no thumbnails", "key")
     if t is None:
         raise ApiError("not_found", f"no thumbnail for key {key!r}", "key")
     return Response(t[2], media_type=t[1], headers={"cache-control": "private, max-age=300"})

@@ -1,0 +1,274 @@
+"""The Milvus backend (index/milvus.py) against a real Milvus-protocol server: ``milvus-lite server`` started as a
+process. Its semantics are checked call by call against the FAISS store on the same vectors, and two real
+`bentoml serve` replicas that share nothing but the Milvus collection see each other's writes at once.
+
+Needs the optional extra: ``pip install -e ".[dev,milvus]"`` (CI installs it); skipped without pymilvus.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pymilvus")
+if shutil.which("milvus-lite") is None and not (Path(sys.executable).parent / "milvus-lite").exists():
+    pytest.skip("milvus-lite is not installed", allow_module_level=True)
+
+from index.errors import DuplicateKeyError, NotWritableError, StoreError, UnknownKeyError  # noqa: E402
+from index.milvus import MilvusStore, is_milvus, parse_url  # noqa: E402
+from index.store import IndexStore  # noqa: E402
+from serving.measure.launch import free_port  # noqa: E402
+
+FP = "fp-test"
+
+
+class MilvusServer:
+    """``milvus-lite server`` on a free local port, with its own data directory."""
+
+    def __init__(self, data_dir: Path):
+        self.port = free_port()
+        self.data_dir = data_dir
+        exe = shutil.which("milvus-lite") or str(Path(sys.executable).parent / "milvus-lite")
+        self.log = open(data_dir.parent / f"milvus-{self.port}.log", "wb")
+        self.proc = subprocess.Popen([exe, "server", "--data-dir", str(data_dir), "--host", "127.0.0.1",
+                                      "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def url(self, collection: str) -> str:
+        return f"milvus://127.0.0.1:{self.port}?collection={collection}"
+
+    def wait_ready(self, timeout: float = 60) -> "MilvusServer":
+        from pymilvus import MilvusClient
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"milvus-lite exited with {self.proc.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    pass
+                c = MilvusClient(uri=f"http://127.0.0.1:{self.port}", timeout=5)
+                c.list_collections()
+                c.close()
+                return self
+            except Exception:  # noqa: BLE001 - not listening yet
+                time.sleep(0.3)
+        raise RuntimeError(f"milvus-lite not ready after {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def milvus(tmp_path_factory):
+    base = tmp_path_factory.mktemp("milvus")
+    srv = MilvusServer(base / "data").wait_ready()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _data(n=240, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n, 16)).astype(np.float32)
+    b = rng.standard_normal((n, 8)).astype(np.float32)
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    keys = [f"k-{i}" if i % 7 else f'odd "key" \\ {i} é' for i in range(n)]  # quotes, backslashes in keys
+    return keys, a, b, rng
+
+
+def _hits(store, xq, view, k):
+    return [[(h["key"], h["metadata"], round(h["score"], 4)) for h in row] for row in store.search_items(xq, view, k)]
+
+
+def test_url_parsing():
+    assert is_milvus("milvus://h:1/db?collection=c") and not is_milvus("/tmp/index")
+    assert parse_url("milvus://h:1/db?collection=c")["uri"] == "http://h:1"
+    assert parse_url("milvus://h:1/db?collection=c")["db"] == "db"
+    assert parse_url("milvus://h?collection=c")["uri"] == "http://h:19530"
+    with pytest.raises(StoreError):
+        parse_url("milvus://h:1/db")
+    with pytest.raises(StoreError):
+        parse_url("milvus://h:1?collection=bad-name")
+
+
+def test_same_answers_as_the_faiss_store(milvus, tmp_path):
+    keys, a, b, rng = _data()
+    views = {"a": 16, "b": 8}
+    fs = IndexStore.create(tmp_path / "faiss", views=views, fingerprint=FP, model_ref="m", factory="Flat")
+    ms = MilvusStore.create(milvus.url("same_answers"), views=views, fingerprint=FP, model_ref="m", factory="Flat")
+    try:
+        for s in (fs, ms):
+            meta = [{"i": i, "tag": ["x", i % 3]} for i in range(200)]
+            s.add(keys[:100], {"a": a[:100], "b": b[:100]}, meta[:100])
+            s.add(keys[100:200], {"a": a[100:200]}, meta[100:200])  # some items in one view only
+            assert s.remove([keys[3], keys[150], keys[7]]) == 3
+            s.add([keys[3]], {"a": a[3:4], "b": b[3:4]}, [{"again": True}])
+        assert fs.count() == ms.count() == {"a": 198, "b": 99}
+        assert len(ms) == len(fs) == 198
+        xa, xb = a[200:210], b[200:210]
+        for view, xq, k in (("a", xa, 10), ("b", xb, 10), ("a", a[:3], 1), ("b", xb[:2], 150)):
+            assert _hits(ms, xq, view, k) == _hits(fs, xq, view, k)
+        D1, I1 = fs.search(xa, "a", 5)
+        D2, I2 = ms.search(xa, "a", 5)
+        np.testing.assert_allclose(D1, D2, atol=1e-5)
+        assert [[it["key"] for it in fs.lookup(r)] for r in I1] == [[it["key"] for it in ms.lookup(r)] for r in I2]
+        probe = [keys[0], keys[3], keys[150], "never"]
+        absent = [False, False, True, True]
+        assert [i is None for i in ms.ids_of(probe)] == [i is None for i in fs.ids_of(probe)] == absent
+        ids = ms.ids_of([keys[0], keys[3]])
+        assert ms.lookup([ids[1], -1, 12345, ids[0]]) == [
+            {"id": ids[1], "key": keys[3], "metadata": {"again": True}}, None, None,
+            {"id": ids[0], "key": keys[0], "metadata": {"i": 0, "tag": ["x", 0]}}]
+        assert ms.views == fs.views == views
+        assert ms.index_types() == {"a": "milvus FLAT", "b": "milvus FLAT"}
+        for s in (fs, ms):  # the same errors, and nothing changed by a refused write
+            with pytest.raises(DuplicateKeyError):
+                s.add([keys[0]], {"a": a[:1]})
+            with pytest.raises(DuplicateKeyError):
+                s.add(["new", "new"], {"a": a[:2]})
+            with pytest.raises(UnknownKeyError):
+                s.remove([keys[1], "never"])
+            with pytest.raises(StoreError):
+                s.add(["x"], {"zz": a[:1]})
+            with pytest.raises(StoreError):
+                s.add(["x"], {"a": b[:1]})
+            with pytest.raises(StoreError):
+                s.search(xa, "a", 0)
+            assert s.count("a") == 198 and s.ids_of([keys[1]])[0] is not None
+    finally:
+        fs.close()
+        ms.close()
+
+
+def test_open_create_readonly_and_index_types(milvus):
+    url = milvus.url("lifecycle")
+    views = {"L": 4, "ab.x": 4}
+    s = MilvusStore.create(url, views=views, fingerprint=FP, model_ref="m")
+    s.close()
+    with pytest.raises(StoreError, match="already exists"):
+        MilvusStore.create(url, views=views, fingerprint=FP, model_ref="m")
+    with pytest.raises(StoreError, match="model space"):
+        MilvusStore.open(url, fingerprint="other")
+    with pytest.raises(StoreError, match="does not exist"):
+        MilvusStore.open(milvus.url("absent"))
+    r = MilvusStore.open(url, fingerprint=FP, readonly=True)
+    with pytest.raises(NotWritableError):
+        r.add(["x"], {"L": np.ones((1, 4), np.float32)})
+    r.close()
+    with pytest.raises(NotWritableError):
+        r.search(np.ones(4, np.float32), "L", 1)
+    big = MilvusStore.create(milvus.url("big"), views={"L": 32, "ab": 32}, fingerprint=FP, model_ref="m",
+                             n_hint=200_000)
+    hnsw = MilvusStore.create(milvus.url("hnsw"), views={"L": 8}, fingerprint=FP, model_ref="m", factory="HNSW32")
+    try:
+        assert big.manifest["views"]["L"]["factory"] == "IVF_FLAT"
+        assert big.index_types()["L"].startswith("milvus IVF_FLAT nlist=")
+        assert hnsw.index_types()["L"].startswith("milvus HNSW M=32")
+        rng = np.random.default_rng(1)
+        x = rng.standard_normal((50, 32)).astype(np.float32)
+        for s in (big, hnsw):
+            dim = s.views["L"]
+            s.add([f"i{i}" for i in range(50)], {"L": x[:, :dim]})
+            assert s.search_items(x[:2, :dim], "L", 1)[0][0]["key"] == "i0"
+            assert s.search_items(x[:2, :dim], "L", 1)[1][0]["key"] == "i1"
+    finally:
+        big.close()
+        hnsw.close()
+
+
+# ------------------------------------------------------------------------------------------ two real replicas
+@pytest.fixture(scope="module")
+def replicas(milvus, tmp_path_factory):
+    from server_fixtures import Server, build_model, scenes
+    from models.runtime import Runtime
+    from models.views import source_key
+
+    base = tmp_path_factory.mktemp("replicas")
+    build_model(base / "model")
+    rt = Runtime(base / "model")
+    ds = scenes(24)
+    url = milvus.url("replicas")
+    src = {v: source_key(v, rt.views[v]) for v in rt.views}
+    vecs = {v: rt.embed_sources(v, {src[v]: ds.sources[src[v]][:16]}) for v in rt.views if src[v] in ds.sources}
+    store = MilvusStore.create(url, views={v: rt.dim for v in rt.views}, fingerprint=rt.fingerprint,
+                               model_ref=str(base / "model"))
+    store.add([f"item-{i}" for i in range(16)], vecs, [{"i": i} for i in range(16)])
+    store.close()
+    servers = []
+    try:
+        for name in ("a", "b"):  # as two machines: nothing shared but the Milvus server
+            d = base / name
+            d.mkdir()
+            servers.append(Server({"CMC_MODEL": str(base / "model"), "CMC_INDEX": url, "CMC_THREADS": "1",
+                                   "BENTOML_HOME": str(d / "bentoml"), "CMC_HOME": str(d / "cmc")}, d / "server.log"))
+        for s in servers:
+            s.wait_ready()
+        yield {"a": servers[0], "b": servers[1], "ds": ds, "url": url, "dim": rt.dim}
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def _post(server, path, body):
+    import httpx
+    r = httpx.post(server.url + path, json=body, timeout=60)
+    return r
+
+
+def _ok(r) -> dict:
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.server
+def test_replicas_info_and_thumbnails(replicas):
+    import httpx
+    info = _ok(_post(replicas["a"], "/info", {}))["index"]
+    assert info["path"] == replicas["url"] and info["counts"]["L"] >= 16
+    assert info["types"]["L"] == "milvus FLAT"
+    r = httpx.get(replicas["b"].url + "/thumb/item-0", timeout=30)
+    assert r.status_code == 404 and "no thumbnails" in r.json()["detail"]
+    r = httpx.get(replicas["b"].url + "/gallery/random", timeout=30)
+    assert r.status_code == 404 and "no thumbnails" in r.json()["detail"]
+
+
+@pytest.mark.server
+def test_an_add_through_a_is_found_through_b_at_once(replicas):
+    from server_fixtures import png_b64
+    a, b = replicas["a"], replicas["b"]
+    xs = np.random.default_rng(7).standard_normal((50, 8)).round(4).tolist()
+    for i, x in enumerate(xs):  # vector-view items: each add through A, then at once a search through B
+        d = _ok(_post(a, "/index/add", {"items": [{"key": f"v-{i}", "metadata": {"n": i}, "inputs": {"fou": x}}]}))
+        assert d["added"] == 1 and d["views"] == ["fou"]
+        hit = _ok(_post(b, "/search", {"query": {"view": "fou", "array": x}, "k": 1}))["results"][0]
+        assert hit["key"] == f"v-{i}" and hit["metadata"] == {"n": i}, i
+    ds = replicas["ds"]  # an image item in every view of its sources, then the conflict and the remove
+    item = {"key": "img-20", "metadata": {"note": "added"},
+            "inputs": {"rgb": png_b64(ds.sources["rgb"][20])}}
+    assert set(_ok(_post(a, "/index/add", {"items": [item]}))["views"]) == {"L", "ab"}
+    q = {"query": {"view": "L", "image": item["inputs"]["rgb"]}, "k": 1}
+    assert _ok(_post(b, "/search", q))["results"][0]["key"] == "img-20"
+    r = _post(b, "/index/add", {"items": [item]})
+    assert r.status_code == 409 and r.json()["error"] == "conflict"
+    assert _ok(_post(b, "/index/remove", {"keys": ["img-20", "v-3"]}))["removed"] == 2
+    assert _ok(_post(a, "/search", q))["results"][0]["key"] != "img-20"
+    assert _ok(_post(a, "/search", {"query": {"view": "fou", "array": xs[3]}, "k": 1}))["results"][0]["key"] != "v-3"
+    r = _post(a, "/index/remove", {"keys": ["img-20"]})
+    assert r.status_code == 404
