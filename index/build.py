@@ -20,6 +20,7 @@ from models import data as datasets
 from models.card import CardError
 from models.data import DataError, Dataset
 from models.runtime import InputError, Runtime
+from .milvus import is_milvus
 from .recall import exact_knn
 from .store import IndexStore, StoreError
 from .thumbs import ThumbStore
@@ -55,6 +56,15 @@ def add_chunk(store: IndexStore, rt: Runtime, chunk: Dataset, views: list[str], 
     return ids, vectors
 
 
+def store_class(out: str | Path) -> type:
+    """Where ``--out`` points: IndexStore for a directory, MilvusStore for
+    ``milvus://HOST:PORT[/DB]?collection=NAME`` (index/milvus.py, the ``[milvus]`` extra)."""
+    if is_milvus(str(out)):
+        from .milvus import MilvusStore
+        return MilvusStore
+    return IndexStore
+
+
 def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[str] | None, out: str | Path, *,
                 model_ref: str | None = None, split: str = "test", factory: str | None = None,
                 batch_size: int = 256, memory_budget_mb: int = 2048, n_hint: int = 0,
@@ -72,13 +82,13 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
     else:
         chunks = datasets.iter_batches(data, split, batch_size, image_size=rt.image_size)
         total = None
-    store = IndexStore.create(out, views={v: rt.dim for v in views}, fingerprint=rt.fingerprint,
+    store = store_class(out).create(out, views={v: rt.dim for v in views}, fingerprint=rt.fingerprint,
                               model_ref=str(model_ref or rt.path), factory=factory, n_hint=n_hint or total or 0,
                               memory_budget_mb=memory_budget_mb, snapshot_ops=10**9, snapshot_seconds=10**9)
     sample_ids: list[np.ndarray] = []
     sample_x: dict[str, list[np.ndarray]] = {v: [] for v in views}
     kept = done = 0
-    th = ThumbStore(out) if thumbs else None
+    th = ThumbStore(out) if thumbs and not is_milvus(str(out)) else None  # a Milvus collection keeps none
     sources = {v: rt.views[v]["source"] for v in views}
     try:
         with tqdm(total=total, desc="index", unit="item", disable=not progress, dynamic_ncols=True) as bar:
@@ -94,7 +104,7 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
                         sample_x[v].append(vec[v])
                     kept += len(ids)
                 bar.update(len(ids))
-        if kept:
+        if kept and isinstance(store, IndexStore):  # Milvus: search parameters by size (index/milvus.py)
             ids = np.concatenate(sample_ids)
             for v in views:
                 _tune(store, v, ids, np.concatenate(sample_x[v]))
@@ -103,7 +113,7 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
         store.close()
         if th is not None:
             th.close()
-    return Path(out)
+    return out if is_milvus(str(out)) else Path(out)
 
 
 def _tune(store: IndexStore, view: str, ids: np.ndarray, xb: np.ndarray, nq: int = 200) -> None:
@@ -132,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="data spec (scenes, cifar10:PATH, imagefolder:PATH, paired:PATH, npz:PATH)")
     p.add_argument("--split", default="test", choices=["train", "test"], help="which split to index")
     p.add_argument("--views", default=None, help="comma-separated views to index (default: every view of the model)")
-    p.add_argument("--out", required=True, help="index directory (must not exist yet)")
+    p.add_argument("--out", required=True,
+                   help="index directory, or milvus://HOST:PORT[/DB]?collection=NAME (must not exist yet)")
     p.add_argument("--index-factory", default=None, help="faiss.index_factory string (default: chosen by size)")
     p.add_argument("--batch-size", type=int, default=256, help="items embedded and added per chunk")
     p.add_argument("--memory-mb", type=int, default=2048, help="memory budget for choosing the index type")
@@ -148,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, StoreError, CardError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with IndexStore.open(out, readonly=True) as s:
+    with store_class(out).open(out, readonly=True) as s:
         print(f"index {out}: {len(s)} items; " + ", ".join(f"{v} {s.manifest['views'][v]['factory']}" for v in s.views))
     return 0
 

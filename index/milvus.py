@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from types import SimpleNamespace
 from typing import Any, Iterable
 from urllib.parse import parse_qs, urlsplit
@@ -45,6 +46,7 @@ SCHEME = "milvus://"
 PROPERTY = "cmc.manifest"
 KEY_MAX_BYTES = 65535  # Milvus's VARCHAR limit
 CHUNK = 1000  # keys or ids per filter expression
+CONNECT_TRIES = 3
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 _VIEW_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
@@ -121,11 +123,15 @@ class MilvusStore:
         except ImportError:
             raise StoreError(f"{url}: the Milvus backend needs pymilvus: pip install -e \".[milvus]\"") from None
         p = parse_url(url)
-        try:
-            client = MilvusClient(uri=p["uri"], db_name=p["db"], token=p["token"], timeout=30)
-        except Exception as e:  # noqa: BLE001 - pymilvus raises MilvusException or grpc errors
-            raise StoreError(f"cannot connect to Milvus at {p['uri']}: {e}") from None
-        return client, p["collection"]
+        for attempt in range(CONNECT_TRIES):  # a busy server can miss the handshake's deadline: try again
+            try:
+                return MilvusClient(uri=p["uri"], db_name=p["db"], token=p["token"], timeout=30), p["collection"]
+            except Exception as e:  # noqa: BLE001 - pymilvus raises MilvusException or grpc errors
+                if attempt == CONNECT_TRIES - 1:
+                    raise StoreError(f"cannot connect to Milvus at {p['uri']}: {e}") from None
+                LOG.warning("connecting to Milvus at %s failed (%s); trying again", p["uri"], e)
+                time.sleep(1.0 + attempt)
+        raise AssertionError("unreachable")
 
     @classmethod
     def create(cls, url: str, *, views: dict[str, int], fingerprint: str, model_ref: str,

@@ -93,8 +93,13 @@ def _data(n=240, seed=0):
     return keys, a, b, rng
 
 
-def _hits(store, xq, view, k):
-    return [[(h["key"], h["metadata"], round(h["score"], 4)) for h in row] for row in store.search_items(xq, view, k)]
+def _same_hits(s1, s2, xq, view, k):
+    """Both stores answer the same keys and metadata in the same order, with the same scores (within 1e-5)."""
+    h1, h2 = s1.search_items(xq, view, k), s2.search_items(xq, view, k)
+    assert [[(h["key"], h["metadata"]) for h in row] for row in h1] == [[(h["key"], h["metadata"]) for h in row]
+                                                                         for row in h2]
+    np.testing.assert_allclose([h["score"] for row in h1 for h in row], [h["score"] for row in h2 for h in row],
+                               atol=1e-5)
 
 
 def test_url_parsing():
@@ -124,7 +129,7 @@ def test_same_answers_as_the_faiss_store(milvus, tmp_path):
         assert len(ms) == len(fs) == 198
         xa, xb = a[200:210], b[200:210]
         for view, xq, k in (("a", xa, 10), ("b", xb, 10), ("a", a[:3], 1), ("b", xb[:2], 150)):
-            assert _hits(ms, xq, view, k) == _hits(fs, xq, view, k)
+            _same_hits(ms, fs, xq, view, k)
         D1, I1 = fs.search(xa, "a", 5)
         D2, I2 = ms.search(xa, "a", 5)
         np.testing.assert_allclose(D1, D2, atol=1e-5)
@@ -220,7 +225,7 @@ def replicas(milvus, tmp_path_factory):
                                    "BENTOML_HOME": str(d / "bentoml"), "CMC_HOME": str(d / "cmc")}, d / "server.log"))
         for s in servers:
             s.wait_ready()
-        yield {"a": servers[0], "b": servers[1], "ds": ds, "url": url, "dim": rt.dim}
+        yield {"a": servers[0], "b": servers[1], "ds": ds, "url": url, "dim": rt.dim, "model": base / "model"}
     finally:
         for s in servers:
             s.stop()
@@ -272,3 +277,26 @@ def test_an_add_through_a_is_found_through_b_at_once(replicas):
     assert _ok(_post(a, "/search", {"query": {"view": "fou", "array": xs[3]}, "k": 1}))["results"][0]["key"] != "v-3"
     r = _post(a, "/index/remove", {"keys": ["img-20"]})
     assert r.status_code == 404
+
+
+@pytest.mark.server
+def test_index_build_writes_a_collection(replicas, milvus, tmp_path):
+    """``python -m index.build --out milvus://...`` indexes what a directory build indexes, and answers alike."""
+    from conftest import run_cli
+    url = milvus.url("built")
+    common = ["-m", "index.build", "--model", str(replicas["model"]), "--data", "scenes:n=64,size=32,seed=5,test_n=24",
+              "--views", "L,ab,depth", "--out"]
+    for out in (url, str(tmp_path / "faiss")):
+        r = run_cli(common + [out], timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "24 items" in r.stdout
+    ms, fs = MilvusStore.open(url, readonly=True), IndexStore.open(tmp_path / "faiss", readonly=True)
+    try:
+        assert len(ms) == len(fs) == 24 and ms.count() == fs.count() and ms.views == fs.views
+        assert ms.manifest["fingerprint"] == fs.manifest["fingerprint"]
+        xq = np.random.default_rng(3).standard_normal((5, replicas["dim"])).astype(np.float32)
+        for v in fs.views:
+            _same_hits(ms, fs, xq, v, 8)
+    finally:
+        ms.close()
+        fs.close()
