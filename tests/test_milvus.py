@@ -6,12 +6,13 @@ Needs the optional extra: ``pip install -e ".[dev,milvus]"`` (CI installs it); s
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,8 +34,8 @@ FP = "fp-test"
 class MilvusServer:
     """``milvus-lite server`` on a free local port, with its own data directory."""
 
-    def __init__(self, data_dir: Path):
-        self.port = free_port()
+    def __init__(self, data_dir: Path, port: int | None = None):
+        self.port = port or free_port()
         self.data_dir = data_dir
         exe = shutil.which("milvus-lite") or str(Path(sys.executable).parent / "milvus-lite")
         self.log = open(data_dir.parent / f"milvus-{self.port}.log", "wb")
@@ -61,6 +62,10 @@ class MilvusServer:
             except Exception:  # noqa: BLE001 - not listening yet
                 time.sleep(0.3)
         raise RuntimeError(f"milvus-lite not ready after {timeout:.0f} s")
+
+    def kill9(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=20)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -198,6 +203,33 @@ def test_open_create_readonly_and_index_types(milvus):
         hnsw.close()
 
 
+def test_acknowledged_writes_survive_a_kill9_of_the_milvus_server(tmp_path):
+    """kill -9 of the server right after the acknowledgements: a restart on the same data directory has every
+    acknowledged add and remove (Milvus Lite's write-ahead log), and a client opened before reconnects."""
+    srv = MilvusServer(tmp_path / "data").wait_ready()
+    url = srv.url("restart")
+    keys, a, b, _ = _data(60, seed=4)
+    s = MilvusStore.create(url, views={"a": 16}, fingerprint=FP, model_ref="m", factory="Flat")
+    try:
+        for lo in range(0, 60, 20):
+            s.add(keys[lo:lo + 20], {"a": a[lo:lo + 20]}, [{"i": i} for i in range(lo, lo + 20)])
+        s.remove(keys[10:15])
+        srv.kill9()
+        srv = MilvusServer(tmp_path / "data", port=srv.port).wait_ready()
+        s2 = MilvusStore.open(url, fingerprint=FP)
+        try:
+            assert len(s2) == 55 and s2.ids_of(keys[10:15]) == [None] * 5 and None not in s2.ids_of(keys[:10])
+            hits = s2.search_items(a, "a", 1)
+            assert all((hits[i][0]["key"] == k) == (not 10 <= i < 15) for i, k in enumerate(keys))
+            s2.add(["after"], {"a": a[:1]})
+            assert s.search_items(a[:1], "a", 2)[0][1]["key"] in ("after", keys[0])  # the old client reconnected
+        finally:
+            s2.close()
+    finally:
+        s.close()
+        srv.stop()
+
+
 # ------------------------------------------------------------------------------------------ two real replicas
 @pytest.fixture(scope="module")
 def replicas(milvus, tmp_path_factory):
@@ -300,3 +332,37 @@ def test_index_build_writes_a_collection(replicas, milvus, tmp_path):
     finally:
         ms.close()
         fs.close()
+
+
+@pytest.mark.server
+def test_kill9_of_a_replica_mid_load_loses_no_acknowledged_write(replicas):
+    """Adds stream through A; A is killed (-9) mid-load; every add A acknowledged is found through B, which
+    keeps serving reads and writes. Kills A: the last test of this module."""
+    import httpx
+    a, b = replicas["a"], replicas["b"]
+    xs = np.random.default_rng(11).standard_normal((400, 8)).round(4).tolist()
+    acked: list[int] = []
+
+    def load():
+        for i, x in enumerate(xs):
+            try:
+                r = httpx.post(a.url + "/index/add", timeout=30,
+                               json={"items": [{"key": f"k9-{i}", "inputs": {"fou": x}}]})
+            except httpx.HTTPError:
+                return
+            if r.status_code == 200:
+                acked.append(i)
+
+    t = threading.Thread(target=load)
+    t.start()
+    t0 = time.time()
+    while len(acked) < 20 and time.time() - t0 < 120:
+        time.sleep(0.05)
+    os.killpg(a.proc.pid, signal.SIGKILL)
+    t.join(timeout=60)
+    assert 20 <= len(acked) < len(xs)
+    for i in acked:
+        hit = _ok(_post(b, "/search", {"query": {"view": "fou", "array": xs[i]}, "k": 1}))["results"][0]
+        assert hit["key"] == f"k9-{i}"
+    assert httpx.get(b.url + "/readyz", timeout=10).status_code == 200
+    assert _ok(_post(b, "/index/remove", {"keys": [f"k9-{acked[0]}"]}))["removed"] == 1
