@@ -288,9 +288,10 @@ def test_replicas_info_and_thumbnails(replicas):
 
 @pytest.mark.server
 def test_an_add_through_a_is_found_through_b_at_once(replicas):
+    """200 adds in a row through A, each searched through B right after A's acknowledgement."""
     from server_fixtures import png_b64
     a, b = replicas["a"], replicas["b"]
-    xs = np.random.default_rng(7).standard_normal((50, 8)).round(4).tolist()
+    xs = np.random.default_rng(7).standard_normal((200, 8)).round(4).tolist()
     for i, x in enumerate(xs):  # vector-view items: each add through A, then at once a search through B
         d = _ok(_post(a, "/index/add", {"items": [{"key": f"v-{i}", "metadata": {"n": i}, "inputs": {"fou": x}}]}))
         assert d["added"] == 1 and d["views"] == ["fou"]
@@ -332,6 +333,13 @@ def test_index_build_writes_a_collection(replicas, milvus, tmp_path):
     finally:
         ms.close()
         fs.close()
+
+
+@pytest.mark.server
+def test_fuzz_against_the_milvus_backend(replicas):
+    """The schemathesis fuzz of tests/test_fuzz.py (no request answered 5xx), against replica B."""
+    import test_fuzz
+    test_fuzz.test_fuzz_no_server_errors(replicas["b"])
 
 
 @pytest.mark.server
