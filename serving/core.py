@@ -162,7 +162,8 @@ class Core:
             "views": {n: {"source": v["source"], "channels": v.get("channels"), "input": v.get("input"),
                           "description": v.get("description")} for n, v in rt.views.items()},
             "providers": list(rt.providers),
-            "server": {"pid": os.getpid(), "event_loop": type(asyncio.get_running_loop()).__module__,  # uvloop?
+            "worker_pid": os.getpid(),  # which worker answered (one process of `bentoml serve`)
+            "server": {"event_loop": type(asyncio.get_running_loop()).__module__,  # uvloop when installed
                        "http_parser": "httptools" if "uvicorn.protocols.http.httptools_impl" in sys.modules else "h11"},
             "index": index,
             "settings": self.settings.as_dict(),

@@ -81,7 +81,9 @@ def test_locust_smoke_zero_failures(tmp_path, kind):
         with IndexStore.open(index_dir, readonly=True) as store:  # the user's index: served from a copy
             n0 = len(store)
         with IndexStore.open(tmp_path / "out" / "index", readonly=True) as store:  # the scratch copy served
-            assert len(store) == n0 + adds - removes  # the gallery's items stay; removed adds are gone
+            # the gallery's items stay; removed adds are gone (within the 2 users' requests cut off at the stop:
+            # done by the server, never counted by locust)
+            assert abs(len(store) - (n0 + adds - removes)) <= 2
     else:
         assert "POST /index/remove" not in rows
     if kind == "image":

@@ -123,11 +123,12 @@ def test_torchrun_first_loss_equals_single_process(tmp_path, views):
     # after one step the memory bank, the weights and batch-norm statistics agree too, so the second loss does
     assert b[1]["loss"] == pytest.approx(a[1]["loss"], abs=1e-4)
     one, two = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["model"] for d in ("one", "two"))
-    # to float32 rounding of reductions split over two processes (2.3e-4 absolute on a weight of scale ~1 on
-    # some CPUs): within 1e-4 plus 1e-3 of each tensor's scale
+    # to float32 rounding of reductions split over two processes: on some CPUs (AVX512) a conv weight of scale
+    # 0.04 differs by 2.3e-4 after two steps (oneDNN picks other kernels for a batch of 16 than of 32); within
+    # 1e-4 plus 1% of each tensor's scale (a batch norm or bank left unsynchronised is off by far more)
     for k in one:
         x, y = one[k].float(), two[k].float()
-        assert float((x - y).abs().max()) <= 1e-4 + 1e-3 * float(x.abs().max()), k
+        assert float((x - y).abs().max()) <= 1e-4 + 1e-2 * float(x.abs().max()), k
 
 
 def test_config_file_values_are_typed_like_flags(tmp_path):
