@@ -9,6 +9,7 @@ class name and split as metadata (SQLite).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -68,10 +69,13 @@ def store_class(out: str | Path) -> type:
 def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[str] | None, out: str | Path, *,
                 model_ref: str | None = None, split: str = "test", factory: str | None = None,
                 batch_size: int = 256, memory_budget_mb: int = 2048, n_hint: int = 0,
-                progress: bool = True, tune_sample: int = 20_000, thumbs: bool = True) -> Path:
+                progress: bool = True, tune_sample: int = 20_000, thumbs: bool = True,
+                engine: str = "local", ray_options: dict | None = None) -> Path:
     """Build an index directory at ``out`` (which must not hold an index yet). ANN views get their
     nprobe / efSearch tuned to recall@10 >= 0.95 against exact search on a sample of the stored vectors.
-    ``thumbs``: also keep each item's thumbnails and query inputs for the web page (index/thumbs.py)."""
+    ``thumbs``: also keep each item's thumbnails and query inputs for the web page (index/thumbs.py).
+    ``engine="ray"``: embed on a Ray cluster (index/ray_engine.py; ``ray_options`` are its keyword arguments:
+    address, num_cpus, actors, batch_size, ...); the store is written here either way."""
     rt = model if isinstance(model, Runtime) else Runtime(model)
     views = views or list(rt.views)
     for v in views:
@@ -90,11 +94,16 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
     kept = done = 0
     th = ThumbStore(out) if thumbs and not is_milvus(str(out)) else None  # a Milvus collection keeps none
     sources = {v: rt.views[v]["source"] for v in views}
+    if engine == "ray":
+        from .ray_engine import embed_chunks
+        embedded = embed_chunks(rt, chunks, views, **(ray_options or {}))
+    else:
+        embedded = ((c, {v: rt.embed_sources(v, c.sources) for v in views}) for c in chunks)
     try:
         with tqdm(total=total, desc="index", unit="item", disable=not progress, dynamic_ncols=True) as bar:
-            for chunk in chunks:
+            for chunk, vec in embedded:
                 keys = chunk_keys(chunk, done)  # keyless data: numbered across chunks, not from 0 in each
-                ids, vec = add_chunk(store, rt, chunk, views, split, keys)
+                ids = store.add(keys, vec, item_metadata(chunk, split))
                 done += len(keys)
                 if th is not None:
                     th.add_sources(keys, chunk.sources, sources, rt.image_size, ids)
@@ -136,6 +145,15 @@ def _tune(store: IndexStore, view: str, ids: np.ndarray, xb: np.ndarray, nq: int
     store.tune_search(view, xq, gt)
 
 
+def _ray_options(a: argparse.Namespace) -> dict | None:
+    if a.engine != "ray":
+        return None
+    if importlib.util.find_spec("ray") is None:
+        raise InputError("--engine ray needs Ray: pip install -e '.[ray]'", "engine")
+    opts = {"address": a.address, "num_cpus": a.ray_cpus, "batch_size": a.ray_batch_size}
+    return {k: v for k, v in opts.items() if v is not None}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m index.build", description="Build a cross-view FAISS index.")
     p.add_argument("--model", default=None, help="model reference: BentoML tag (default cmc:latest) or directory")
@@ -149,13 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-mb", type=int, default=2048, help="memory budget for choosing the index type")
     p.add_argument("--n-hint", type=int, default=0, help="expected item count (streamed folders)")
     p.add_argument("--no-thumbs", action="store_true", help="keep no thumbnails for the web page (thumbs.sqlite)")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="where to embed: this process, or a Ray cluster (pip install -e '.[ray]')")
+    p.add_argument("--address", default=None, help="--engine ray: the cluster to join (default: start a local Ray)")
+    p.add_argument("--ray-cpus", type=int, default=None, help="--engine ray, local Ray: its CPUs (default: all)")
+    p.add_argument("--ray-batch-size", type=int, default=None, help="--engine ray: items per actor call (default 256)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         views = [v.strip() for v in a.views.split(",")] if a.views else None
         out = build_index(a.model, a.data, views, a.out, model_ref=a.model, split=a.split, factory=a.index_factory,
                           batch_size=a.batch_size, memory_budget_mb=a.memory_mb, n_hint=a.n_hint,
-                          thumbs=not a.no_thumbs)
+                          thumbs=not a.no_thumbs, engine=a.engine, ray_options=_ray_options(a))
     except (DataError, StoreError, CardError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
