@@ -18,6 +18,7 @@ from models.card import CardError
 from models.data import DataError
 from models.runtime import InputError, Runtime
 from models.views import source_key
+from .build import store_class
 from .store import IndexStore, StoreError
 
 
@@ -30,7 +31,7 @@ def search(store: IndexStore, rt: Runtime, view: str, target_view: str, items: l
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m index.search", description="Search an index across views.")
-    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--index", required=True, help="index directory, or milvus://HOST:PORT[/DB]?collection=NAME")
     p.add_argument("--model", default=None, help="model reference (default: the index's model)")
     p.add_argument("--view", required=True, help="view of the query")
     p.add_argument("--target-view", default=None, help="view to search in (default: the query's view)")
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a = p.parse_args(argv)
     try:
-        store = IndexStore.open(a.index, readonly=True)
+        store = store_class(a.index).open(a.index, readonly=True)  # a directory or milvus://...
         rt = Runtime(a.model or store.manifest["model_ref"])
         if store.manifest["fingerprint"] != rt.fingerprint:
             raise StoreError(f"index {a.index} was built with model space {store.manifest['fingerprint']}, "

@@ -6,6 +6,7 @@ Needs the optional extra: ``pip install -e ".[dev,milvus]"`` (CI installs it); s
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -333,6 +334,15 @@ def test_index_build_writes_a_collection(replicas, milvus, tmp_path):
     finally:
         ms.close()
         fs.close()
+    found = []
+    for index in (url, str(tmp_path / "faiss")):  # python -m index.search reads either
+        r = run_cli(["-m", "index.search", "--index", index, "--model", str(replicas["model"]), "--data",
+                     "scenes:n=64,size=32,seed=5,test_n=24", "--view", "L", "--target-view", "ab", "--items", "0,5",
+                     "-k", "3", "--json"], timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        found.append([h for row in json.loads(r.stdout) for h in row])
+    assert [h["key"] for h in found[0]] == [h["key"] for h in found[1]] and len(found[0]) == 6
+    np.testing.assert_allclose([h["score"] for h in found[0]], [h["score"] for h in found[1]], atol=1e-5)
 
 
 @pytest.mark.server
