@@ -45,6 +45,7 @@ LOG = logging.getLogger(__name__)
 SCHEME = "milvus://"
 PROPERTY = "cmc.manifest"
 KEY_MAX_BYTES = 65535  # Milvus's VARCHAR limit
+JSON_MAX_BYTES = 65536  # Milvus's default limit of a JSON field
 CHUNK = 1000  # keys or ids per filter expression
 CONNECT_TRIES = 3
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
@@ -264,9 +265,12 @@ class MilvusStore:
         if len(metadata) != n:
             raise StoreError(f"{len(metadata)} metadata entries for {n} keys")
         try:
-            metadata = [json.loads(json.dumps(m, allow_nan=False)) for m in metadata]
+            texts = [json.dumps(m, allow_nan=False) for m in metadata]
         except (TypeError, ValueError) as e:
             raise StoreError(f"metadata must be JSON-serializable: {e}") from e
+        if any(len(t.encode("utf-8")) > JSON_MAX_BYTES for t in texts):
+            raise StoreError(f"metadata of an item is longer than Milvus's {JSON_MAX_BYTES} bytes per JSON field")
+        metadata = [json.loads(t) for t in texts]
         if n == 0:
             return np.zeros(0, dtype=np.int64)
         present = self._rows_for(keys, ["key"])

@@ -162,6 +162,8 @@ def test_same_answers_as_the_faiss_store(milvus, tmp_path):
                 s.add(["x"], {"a": b[:1]})
             with pytest.raises(StoreError):
                 s.search(xa, "a", 0)
+            with pytest.raises(StoreError):
+                s.add(["x"], {"a": a[:1]}, [{"m": float("nan")}])
             assert s.count("a") == 198 and s.ids_of([keys[1]])[0] is not None
     finally:
         fs.close()
@@ -179,6 +181,8 @@ def test_open_create_readonly_and_index_types(milvus):
         MilvusStore.open(url, fingerprint="other")
     with pytest.raises(StoreError, match="does not exist"):
         MilvusStore.open(milvus.url("absent"))
+    with MilvusStore.open(url, fingerprint=FP) as w, pytest.raises(StoreError, match="bytes per JSON field"):
+        w.add(["x"], {"L": np.ones((1, 4), np.float32)}, [{"m": "x" * 70_000}])
     r = MilvusStore.open(url, fingerprint=FP, readonly=True)
     with pytest.raises(NotWritableError):
         r.add(["x"], {"L": np.ones((1, 4), np.float32)})
