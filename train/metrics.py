@@ -65,9 +65,7 @@ def embed_all(model: CMCModel, ds: Dataset, device, batch_size: int = 512) -> di
 def sample(ds: Dataset, n: int, seed: int = 0) -> Dataset:
     """``n`` items of ``ds`` drawn at random (seeded, kept in file order), or all of them when ``n`` is 0 or
     at least ``len(ds)``. Never the first ``n``: files may be sorted by class (CIFAR-10's npz is)."""
-    if n <= 0 or n >= len(ds):
-        return ds
-    return ds.subset(np.sort(np.random.default_rng(seed).permutation(len(ds))[:n]))
+    return ds.sample(n, seed)
 
 
 def labelled(ds: Dataset, what: str = "evaluation") -> Dataset:
@@ -171,13 +169,16 @@ def mean_cross_view_recall(z: dict[str, Tensor]) -> tuple[float, dict[str, float
     return sum(per.values()) / max(1, len(per)), per
 
 
-def mi_bound(za: Tensor, zb: Tensor, k: int, tau: float) -> float:
-    """Mean over consecutive batches of k rows of log(k) - L(a, b)/2 (CMC eq. 6, both directions), where za, zb
-    are (N, D) unit-norm embeddings of the same N items; the last incomplete batch is dropped so that k is
-    fixed."""
+def mi_bound(za: Tensor, zb: Tensor, k: int, tau: float, seed: int = 0) -> float:
+    """Mean over batches of k rows of log(k) - L(a, b)/2 (CMC eq. 6, both directions), where za, zb are (N, D)
+    unit-norm embeddings of the same N items. The rows are shuffled first (seeded), so that a batch's negatives
+    come from the marginal distribution, not from one class of a class-sorted file; the last incomplete batch is
+    dropped so that k is fixed."""
     n = za.shape[0]
     if n < k or k < 2:
         raise DataError(f"the MI bound needs k >= 2 and at least k held-out items (k = {k}, items = {n})")
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    za, zb = za[order.to(za.device)], zb[order.to(zb.device)]
     bounds = []
     for lo in range(0, n - k + 1, k):
         _, stats = cmc_loss({"a": za[lo:lo + k].float(), "b": zb[lo:lo + k].float()}, tau, "full")

@@ -66,9 +66,11 @@ def has_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def recalibrate_bn(model: CMCModel, ds: Dataset, device="cpu", n: int = 2048, batch_size: int = 256) -> CMCModel:
-    """Re-estimate every batch-norm layer's running statistics on up to ``n`` (unlabelled) items of ``ds``,
-    without augmentation (cumulative average over batches), and return the model in eval mode. A randomly
+def recalibrate_bn(model: CMCModel, ds: Dataset, device="cpu", n: int = 2048, batch_size: int = 256,
+                   seed: int = 0) -> CMCModel:
+    """Re-estimate every batch-norm layer's running statistics on ``n`` (unlabelled) items of ``ds`` drawn at
+    random (seeded: never the first ``n`` of a class-sorted file), without augmentation (cumulative average over
+    batches), and return the model in eval mode. A randomly
     initialised encoder's default statistics (mean 0, variance 1) mis-scale its features; this is the fair
     random-init baseline."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -77,8 +79,9 @@ def recalibrate_bn(model: CMCModel, ds: Dataset, device="cpu", n: int = 2048, ba
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average: every batch weighs the same
     model.train()
+    ds = ds.sample(n, seed)
     data = DeviceData(ds, list(model.specs.values()), torch.device(device))
-    stop = min(n, len(ds))
+    stop = len(ds)
     for lo in range(0, stop, batch_size):
         hi = min(lo + batch_size, stop)
         if hi - lo >= 2 and bns:  # batch norm needs two samples

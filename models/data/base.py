@@ -31,6 +31,14 @@ class Dataset:
             return int(next(iter(self.sources.values())).shape[0])
         return len(self.keys)
 
+    def sample(self, n: int, seed: int = 0) -> "Dataset":
+        """``n`` items drawn at random (seeded, kept in file order), or all of them when ``n`` is 0 or at least
+        ``len(self)``. The one way to take a subset for statistics: never the first ``n``, since files may be
+        sorted by class (CIFAR-10's npz is)."""
+        if n <= 0 or n >= len(self):
+            return self
+        return self.subset(np.sort(np.random.default_rng(seed).permutation(len(self))[:n]))
+
     def subset(self, idx: np.ndarray) -> "Dataset":
         """Items at ``idx`` (integer indices or a boolean mask), in that order."""
         idx = np.asarray(idx)
