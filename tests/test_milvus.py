@@ -388,3 +388,58 @@ def test_kill9_of_a_replica_mid_load_loses_no_acknowledged_write(replicas):
         assert hit["key"] == f"k9-{i}"
     assert httpx.get(b.url + "/readyz", timeout=10).status_code == 200
     assert _ok(_post(b, "/index/remove", {"keys": [f"k9-{acked[0]}"]}))["removed"] == 1
+
+
+@pytest.mark.slow  # trains a small model (as tests/test_web.py does) and drives Chromium: about 2 minutes
+@pytest.mark.server
+def test_the_web_page_on_the_milvus_backend(milvus, tmp_path_factory):
+    """The web page's browser flow on a Milvus collection: an uploaded gallery image finds itself first across
+    views; the random-item button, which needs thumbnails, shows the server's 'keeps no thumbnails' error."""
+    import test_web as tw
+    if not (Path(tw.CHROMIUM).exists() and Path(tw.CHROMEDRIVER).exists()):
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    pytest.importorskip("selenium")
+    from PIL import Image
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    from index.build import build_index
+    from models.runtime import Runtime
+    from server_fixtures import Server
+    base = tmp_path_factory.mktemp("web_milvus")
+    ds = tw._train(base)
+    url = milvus.url("web")
+    build_index(Runtime(base / "model"), ds, ["L", "ab", "depth"], url, split="train", progress=False)
+    srv = Server({"CMC_MODEL": str(base / "model"), "CMC_INDEX": url, "CMC_API_TOKEN": tw.TOKEN,
+                  "BENTOML_HOME": str(base / "bentoml"), "CMC_HOME": str(base / "cmc"), "CMC_THREADS": "1"},
+                 base / "server.log")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = tw.CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--window-size=1200,900", f"--user-data-dir={base / 'chrome'}"):
+        opts.add_argument(arg)
+    drv = None
+    try:
+        srv.wait_ready()
+        drv = webdriver.Chrome(service=Service(tw.CHROMEDRIVER), options=opts)
+        drv.set_page_load_timeout(60)
+        drv.get(srv.url + "/")
+        tw._wait(drv, lambda d: tw._el(d, "#error").is_displayed())
+        tw._el(drv, "#token").send_keys(tw.TOKEN + "\t")
+        tw._wait(drv, lambda d: "dim" in tw._el(d, "#card").text and not tw._el(d, "#error").is_displayed())
+        assert "L 16" in tw._el(drv, "#card").text
+        i = 5
+        Image.fromarray(ds.sources["rgb"][i]).save(base / "query.png")
+        before = tw._mark_status(drv)
+        tw._el(drv, "#file").send_keys(str(base / "query.png"))
+        tw._search_done(drv, before)
+        assert not tw._el(drv, "#error").is_displayed(), tw._el(drv, "#error").text
+        keys = tw._results(drv)
+        assert keys[0] == ds.keys[i] and len(keys) == 12
+        tw._el(drv, "#random").click()
+        tw._wait(drv, lambda d: tw._el(d, "#error").is_displayed())
+        assert "404" in tw._el(drv, "#error").text and "no thumbnails" in tw._el(drv, "#error").text
+    finally:
+        if drv is not None:
+            drv.quit()
+        srv.stop()
