@@ -80,10 +80,11 @@ def _lit(values: Iterable[Any]) -> str:
                           for v in values) + "]"
 
 
-def choose_index(n: int, dim: int, memory_budget_mb: int = 2048) -> dict[str, Any]:
-    """A Milvus index (type, build params, search params) for ``n`` vectors, by ``factory.choose_factory``."""
-    f = fac.choose_factory(n, dim, memory_budget_mb)
-    return index_from_factory(f)
+def choose_index(n: int, dim: int) -> dict[str, Any]:
+    """A Milvus index (type, build params, search params) for ``n`` vectors, by ``factory.choose_factory``'s size
+    rules: FLAT, IVF_FLAT, then HNSW. The vectors live in the Milvus server's memory, not this process's, so this
+    process's memory budget does not apply (and never turns them into PQ codes)."""
+    return index_from_factory(fac.choose_factory(n, dim, memory_budget_mb=2**40))
 
 
 def index_from_factory(f: str) -> dict[str, Any]:
@@ -155,8 +156,7 @@ class MilvusStore:
                 if not isinstance(dim, (int, np.integer)) or dim <= 0:
                     raise StoreError(f"view {v!r}: dim must be a positive int, got {dim!r}")
                 f = factory.get(v) if isinstance(factory, dict) else factory
-                ix = index_from_factory(f) if f else choose_index(n_hint, int(dim),
-                                                                  max(1, memory_budget_mb // len(views)))
+                ix = index_from_factory(f) if f else choose_index(n_hint, int(dim))
                 entries[v] = {"dim": int(dim), "metric": "ip", "field": f"vec_{len(entries)}", **ix}
             schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=KEY_MAX_BYTES)

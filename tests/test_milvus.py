@@ -25,7 +25,7 @@ if shutil.which("milvus-lite") is None and not (Path(sys.executable).parent / "m
     pytest.skip("milvus-lite is not installed", allow_module_level=True)
 
 from index.errors import DuplicateKeyError, NotWritableError, StoreError, UnknownKeyError  # noqa: E402
-from index.milvus import MilvusStore, is_milvus, parse_url  # noqa: E402
+from index.milvus import MilvusStore, choose_index, is_milvus, parse_url  # noqa: E402
 from index.store import IndexStore  # noqa: E402
 from serving.measure.launch import free_port  # noqa: E402
 
@@ -117,6 +117,26 @@ def test_url_parsing():
         parse_url("milvus://h:1/db")
     with pytest.raises(StoreError):
         parse_url("milvus://h:1?collection=bad-name")
+    assert [choose_index(n, 128)["type"] for n in (0, 49_999, 50_000, 3_999_999, 4_000_000, 10**9)] == [
+        "FLAT", "FLAT", "IVF_FLAT", "IVF_FLAT", "HNSW", "HNSW"]
+    assert choose_index(1_000_000, 128)["params"]["nlist"] >= 1024
+
+
+def test_concurrent_writers_and_readers(milvus):
+    """Threads of one client add and search at once (as a server's worker threads do): every add is found."""
+    from concurrent.futures import ThreadPoolExecutor
+    s = MilvusStore.create(milvus.url("threads"), views={"a": 16}, fingerprint=FP, model_ref="m")
+    keys, a, _, _ = _data(96, seed=9)
+    try:
+        def one(i):
+            s.add([keys[i]], {"a": a[i:i + 1]}, [{"i": i}])
+            return s.search_items(a[i:i + 1], "a", 1)[0][0]["key"] == keys[i]
+
+        with ThreadPoolExecutor(8) as ex:
+            assert all(ex.map(one, range(96)))
+        assert s.count("a") == 96 and len(set(s.ids_of(keys))) == 96
+    finally:
+        s.close()
 
 
 def test_same_answers_as_the_faiss_store(milvus, tmp_path):
