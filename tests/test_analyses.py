@@ -65,3 +65,14 @@ def test_mi_bound_batches_draw_negatives_from_every_class(monkeypatch):
     assert 0 < b <= np.log(k) + 1e-6  # the bound never passes log k
     monkeypatch.setattr(tmet, "cmc_loss", real)
     assert tmet.mi_bound(za, zb, k, 0.1) == b  # seeded
+
+
+def test_mi_bound_stays_under_the_known_mi_and_approaches_its_ceiling():
+    """Correlated Gaussians, I = -(d/2) log(1 - rho^2): the project's loss and bound, trained for 300 steps, stay
+    under min(I, log k) (a sampling margin of 0.05 nats) and reach at least 80% of it."""
+    from train.mi_check import run
+    torch.set_num_threads(1)
+    for rho, dim, k in ((0.5, 4, 64), (0.8, 4, 64), (0.9, 8, 64)):
+        r = run(rho, dim, k, steps=300)
+        assert r["bound"] <= r["ceiling"] + 0.05, r
+        assert r["bound"] >= 0.8 * r["ceiling"], r

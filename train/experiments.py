@@ -35,6 +35,7 @@ from models.views import BUILTIN, ViewError, parse_views
 from .config import Config, ConfigError
 from .distributed import resolve_device
 from .experiment_plots import PLOTS, TABLES
+from . import mi_check
 from .metrics import evaluate, sample
 from .model import build_model, recalibrate_bn
 from .patches import distances, mi_bound, patch_loss, patch_model
@@ -225,6 +226,9 @@ RUNNERS = {"views": run_views, "predictive": run_predictive, "patches": run_patc
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["mi-check"]:  # the known-MI check: no data, no model (train/mi_check.py)
+        return mi_check.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m train.experiments", description=__doc__.split("\n\n")[0])
     p.add_argument("name", choices=NAMES, help="the analysis to run")
     p.add_argument("--quick", action="store_true", help="a tiny budget: the whole pipeline in a few minutes")
