@@ -1,6 +1,7 @@
 """What callers hand an index store, checked before anything is read or written: vectors of a view, keys."""
 from __future__ import annotations
 
+import json
 from typing import Any, Mapping
 
 import numpy as np
@@ -42,3 +43,21 @@ def check_keys(keys: Any) -> list[str]:
         dup = next(k for i, k in enumerate(keys) if k in keys[:i])
         raise DuplicateKeyError(f"duplicate key {dup!r} in the request")
     return keys
+
+
+def check_add(keys: Any, vectors: Any, metadata: list[dict] | None, views: Mapping[str, Any]
+              ) -> tuple[list[str], dict[str, np.ndarray], list[dict], list[str]]:
+    """An add's arguments, checked for any backend: (keys, {view: (N, D) float32}, metadata, metadata as JSON)."""
+    keys = check_keys(keys)
+    n = len(keys)
+    if not vectors:
+        raise StoreError("vectors must give at least one view")
+    xs = {view: check_vectors(x, view, views, n) for view, x in vectors.items()}
+    metadata = metadata if metadata is not None else [{} for _ in keys]
+    if len(metadata) != n:
+        raise StoreError(f"{len(metadata)} metadata entries for {n} keys")
+    try:
+        meta_json = [json.dumps(m, allow_nan=False) for m in metadata]
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"metadata must be JSON-serializable: {e}") from e
+    return keys, xs, metadata, meta_json

@@ -24,6 +24,7 @@ manifest with their search parameters. Thumbnails are kept by index directories 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,14 +32,14 @@ import re
 import secrets
 import time
 from types import SimpleNamespace
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
 from index import factory as fac
 from index.errors import DuplicateKeyError, NotWritableError, StoreError, UnknownKeyError, WriteFailed
-from index.inputs import check_keys, check_vectors
+from index.inputs import check_add, check_keys, check_vectors
 
 LOG = logging.getLogger(__name__)
 
@@ -107,6 +108,19 @@ def index_from_factory(f: str) -> dict[str, Any]:
     raise StoreError(f"index type {f!r} has no Milvus counterpart here; use Flat, IVF<nlist>,Flat or HNSW<M>")
 
 
+@contextlib.contextmanager
+def _closed_on_error(client: Any, what: str) -> Iterator[None]:
+    """Close ``client`` when the block fails; a failure other than StoreError becomes one, prefixed ``what``."""
+    try:
+        yield
+    except StoreError:
+        client.close()
+        raise
+    except Exception as e:  # noqa: BLE001 - the client's own errors: all are a failure to create or open
+        client.close()
+        raise StoreError(f"{what}: {e}") from None
+
+
 class MilvusStore:
     """See the module docstring. Construct with :meth:`create` or :meth:`open`."""
 
@@ -146,7 +160,7 @@ class MilvusStore:
         if not views:
             raise StoreError("an index needs at least one view")
         client, name = cls._connect(url)
-        try:
+        with _closed_on_error(client, f"cannot create the collection {name!r} at {url}"):
             if client.has_collection(name):
                 raise StoreError(f"an index already exists at {url}")
             entries: dict[str, Any] = {}
@@ -171,12 +185,6 @@ class MilvusStore:
                         "n_hint": int(n_hint), "views": entries}
             client.create_collection(name, schema=schema, index_params=ip, consistency_level="Strong")
             client.alter_collection_properties(name, properties={PROPERTY: json.dumps(manifest)})
-        except StoreError:
-            client.close()
-            raise
-        except Exception as e:  # noqa: BLE001
-            client.close()
-            raise StoreError(f"cannot create the collection {name!r} at {url}: {e}") from None
         LOG.info("created Milvus index %s: %s", url, {v: e["type"] for v, e in entries.items()})
         return cls(url, client, name, manifest, False)
 
@@ -184,7 +192,7 @@ class MilvusStore:
     def open(cls, url: str, *, fingerprint: str | None = None, readonly: bool = False, **_: Any) -> "MilvusStore":
         """Open an existing collection made by :meth:`create` (any number of clients at once)."""
         client, name = cls._connect(url)
-        try:
+        with _closed_on_error(client, f"cannot open the index {url}"):
             if not client.has_collection(name):
                 raise StoreError(f"no index at {url}: the collection {name!r} does not exist (build it with "
                                  f"python -m index.build --out '{url}')")
@@ -196,12 +204,6 @@ class MilvusStore:
                 raise StoreError(f"index at {url} was built with model space {manifest['fingerprint']}, this model "
                                  f"is {fingerprint}; rebuild the index with this model")
             client.load_collection(name)
-        except StoreError:
-            client.close()
-            raise
-        except Exception as e:  # noqa: BLE001
-            client.close()
-            raise StoreError(f"cannot open the index {url}: {e}") from None
         return cls(url, client, name, manifest, readonly)
 
     def close(self, snapshot: bool = True) -> None:
@@ -253,21 +255,11 @@ class MilvusStore:
     def add(self, keys: list[str], vectors: dict[str, np.ndarray], metadata: list[dict] | None = None) -> np.ndarray:
         """Add items (one entity each, every view in it); returns their int64 ids. Acknowledged = visible."""
         self._writable()
-        keys = check_keys(keys)
+        keys, xs, metadata, texts = check_add(keys, vectors, metadata, self._dims)
         n = len(keys)
-        if not vectors:
-            raise StoreError("vectors must give at least one view")
-        xs = {v: check_vectors(x, v, self._dims, n) for v, x in vectors.items()}
         long = next((k for k in keys if len(k.encode("utf-8")) > KEY_MAX_BYTES), None)
         if long is not None:
             raise StoreError(f"key {long[:40]!r}... is longer than {KEY_MAX_BYTES} bytes")
-        metadata = metadata if metadata is not None else [{} for _ in keys]
-        if len(metadata) != n:
-            raise StoreError(f"{len(metadata)} metadata entries for {n} keys")
-        try:
-            texts = [json.dumps(m, allow_nan=False) for m in metadata]
-        except (TypeError, ValueError) as e:
-            raise StoreError(f"metadata must be JSON-serializable: {e}") from e
         if any(len(t.encode("utf-8")) > JSON_MAX_BYTES for t in texts):
             raise StoreError(f"metadata of an item is longer than Milvus's {JSON_MAX_BYTES} bytes per JSON field")
         metadata = [json.loads(t) for t in texts]

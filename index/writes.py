@@ -12,7 +12,7 @@ import numpy as np
 
 from index.durable import _pack
 from index.errors import DuplicateKeyError, NotWritableError, StoreError, UnknownKeyError, WriteFailed
-from index.inputs import check_keys, check_vectors
+from index.inputs import check_add, check_keys
 from index.journal import Gap, Journal
 
 LOG = logging.getLogger(__name__)
@@ -78,18 +78,8 @@ class Writes:
     def add(self, keys: list[str], vectors: dict[str, np.ndarray], metadata: list[dict] | None = None) -> np.ndarray:
         """Add items; ``vectors[view]`` is (len(keys), dim). Returns their int64 ids. Durable on return."""
         self._writable()
-        keys = check_keys(keys)
+        keys, xs, metadata, meta_json = check_add(keys, vectors, metadata, self._views)
         n = len(keys)
-        if not vectors:
-            raise StoreError("vectors must give at least one view")
-        xs = {view: check_vectors(x, view, self._views, n) for view, x in vectors.items()}
-        metadata = metadata if metadata is not None else [{} for _ in keys]
-        if len(metadata) != n:
-            raise StoreError(f"{len(metadata)} metadata entries for {n} keys")
-        try:
-            meta_json = [json.dumps(m, allow_nan=False) for m in metadata]
-        except (TypeError, ValueError) as e:
-            raise StoreError(f"metadata must be JSON-serializable: {e}") from e
         if n == 0:
             return np.zeros(0, dtype=np.int64)
         views_json = json.dumps(sorted(xs))
