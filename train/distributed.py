@@ -11,6 +11,7 @@ export are unchanged.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import torch
@@ -21,15 +22,46 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .config import ConfigError
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """--device: auto (this rank's GPU when CUDA is present, else the CPU), cpu, cuda or cuda:N."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    if name not in ("cpu",) and not name.startswith("cuda"):
+def resolve_device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
+    """--device: auto (this rank's GPU when CUDA is present, else the CPU), cpu, cuda or cuda:N.
+
+    Always an explicit index on CUDA. Under torchrun (``world`` > 1) ``auto`` and ``cuda`` mean this rank's GPU,
+    ``cuda:LOCAL_RANK``; an explicit ``cuda:N`` is refused rather than mapped, because every rank would read the
+    same N (all ranks on one GPU, which NCCL rejects) and silently replacing it would ignore what was asked:
+    choose GPUs with CUDA_VISIBLE_DEVICES instead."""
+    if name != "auto" and name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
         raise ConfigError(f"--device must be auto, cpu or cuda[:N], not {name!r}")
-    return torch.device(name)
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    if ":" in name:
+        if world > 1:
+            raise ConfigError(f"--device {name} under torchrun ({world} processes) would put every rank on GPU "
+                              f"{name.split(':')[1]}: use --device cuda or auto (each rank takes cuda:LOCAL_RANK) "
+                              f"and choose the GPUs with CUDA_VISIBLE_DEVICES")
+        index = int(name.split(":")[1])
+    else:
+        index = local_rank
+    count = torch.cuda.device_count()
+    if index >= count:
+        what = f"LOCAL_RANK {local_rank}" if ":" not in name else f"--device {name}"
+        raise ConfigError(f"{what}: this machine shows {count} CUDA device(s) (cuda:0..cuda:{count - 1}); "
+                          f"run at most {count} processes per node")
+    return torch.device("cuda", index)
+
+
+def use_device(device: torch.device) -> None:
+    """Make ``device`` this process's current CUDA device (before anything touches CUDA: pinning, the model, NCCL),
+    so no rank opens a context on GPU 0 by default."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of a rank's default generators (CPU and CUDA: dropout) after the model is built: distinct per rank.
+    Rank 0 of a single process keeps its generator untouched (see ``train.pretrain.train``)."""
+    return (seed * 1_000_003 + 7_777 * (rank + 1)) % (2**63 - 1)
 
 
 class Dist:

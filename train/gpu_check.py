@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
+from .distributed import resolve_device
 from .pretrain import train
 from .setup import prepare
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         ds, _, specs, size = prepare(cfg)
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        train(cfg, ds, specs, size, torch.device("cuda"))
+        train(cfg, ds, specs, size, resolve_device("cuda"))  # cuda:0, made the current device by train
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
         rows = [json.loads(l) for l in (Path(d) / "metrics.jsonl").read_text().splitlines()[1:]]

@@ -26,7 +26,7 @@ from models.data import DataError, Dataset
 from models.encoders import CMCModel
 from models.views import ViewError, ViewSpec
 from .config import Config, ConfigError, parse_args
-from .distributed import Dist, convert_global_batchnorm, resolve_device, restore_batchnorm
+from .distributed import Dist, convert_global_batchnorm, rank_seed, resolve_device, restore_batchnorm, use_device
 from .export import ExportError, check_exportable
 from .finish import finish
 from .losses import MemoryBank
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         world = Dist()  # torchrun's ranks, or one process
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        device = resolve_device(cfg.device, world.local_rank)
+        device = resolve_device(cfg.device, world.local_rank, world.world)  # under torchrun: cuda:LOCAL_RANK
+        use_device(device)  # this rank's GPU is current before NCCL, the data or the model touch CUDA
         world.init(device)
         ds, test, specs, image_size = prepare(cfg, progress=world.main)  # training and held-out data, views
         if cfg.export:  # an unexportable arch/size fails now on every rank, not after training
@@ -85,6 +86,7 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
     ``loss_fn(model, batch, generator) -> (loss, stats with 'loss')`` on the augmented batch of sources,
     single process, without the memory bank."""
     world = world or Dist()
+    use_device(device)  # callers other than main (train.gpu_check, the analyses) get the same current device
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = out / CHECKPOINT, out / "metrics.jsonl"
@@ -133,6 +135,11 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
         # where SyncBatchNorm refuses to run, GlobalBatchNorm (undone after training)
         ddp_model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if use_cuda else convert_global_batchnorm(model)
         ddp_model = nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device.index] if use_cuda else None)
+        # the model's initial weights are the same on every rank (built from cfg.seed; DDP broadcasts rank 0's
+        # anyway); from here the default generators (CPU and CUDA: dropout) differ per rank, so ranks do not draw
+        # the same dropout masks. Augmentation and bank negatives come from the global step's generator, sliced
+        # per rank, so they already differ per sample and match a single process. One process keeps its stream.
+        torch.manual_seed(rank_seed(cfg.seed, world.rank))
     data = DeviceData(ds, specs, device, pin=use_cuda)
     vec_aug = VectorAugment(vector_pool(data.host, [s.name for s in specs if not s.is_image]),
                             cfg.vector_corrupt, cfg.vector_noise)

@@ -1,0 +1,111 @@
+"""The GPU path without a GPU (issue 23): each rank's device under torchrun, set_device before anything touches
+CUDA, and per-rank dropout streams. torch.cuda's queries are monkeypatched; nothing here runs a CUDA kernel."""
+import pytest
+import torch
+
+from train import distributed, pretrain
+from train.config import ConfigError
+from train.distributed import rank_seed, resolve_device
+
+
+@pytest.fixture
+def eight_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+
+
+@pytest.mark.parametrize("name", ["auto", "cuda"])
+def test_cuda_under_torchrun_is_the_ranks_gpu(eight_gpus, name):
+    assert [resolve_device(name, r, 8) for r in range(8)] == [torch.device("cuda", r) for r in range(8)]
+
+
+def test_one_process_gets_an_explicit_index(eight_gpus):
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    assert resolve_device("cuda:5") == torch.device("cuda", 5)
+    assert resolve_device("cpu", 3, 8) == torch.device("cpu")
+
+
+def test_explicit_cuda_n_under_torchrun_is_refused_naming_the_problem(eight_gpus):
+    with pytest.raises(ConfigError, match="every rank on GPU 2.*CUDA_VISIBLE_DEVICES"):
+        resolve_device("cuda:2", 1, 4)
+
+
+def test_more_ranks_than_gpus_and_bad_names_are_refused(eight_gpus):
+    with pytest.raises(ConfigError, match="LOCAL_RANK 8.*8 CUDA device"):
+        resolve_device("cuda", 8, 16)
+    with pytest.raises(ConfigError, match="cuda:9"):
+        resolve_device("cuda:9")
+    with pytest.raises(ConfigError, match="auto, cpu or cuda"):
+        resolve_device("cudax")
+
+
+def test_no_cuda_is_the_cpu_for_auto_and_an_error_for_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", 3, 4) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="not available"):
+        resolve_device("cuda", 0, 1)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_main_sets_the_ranks_device_before_nccl_and_the_data(eight_gpus, monkeypatch, tmp_path, capsys):
+    """torchrun rank 3 of 4 with --device cuda: set_device(cuda:3), then the process group, then the data."""
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
+    monkeypatch.setattr(distributed.Dist, "init", lambda self, d: calls.append(("init", d)))
+
+    def prepare(cfg, progress=True):
+        calls.append(("prepare",))
+        raise pretrain.DataError("stop here")
+
+    monkeypatch.setattr(pretrain, "prepare", prepare)
+    assert pretrain.main(["--device", "cuda", "--out", str(tmp_path / "run"), "--threads", "1"]) == 2
+    assert calls == [("set_device", torch.device("cuda", 3)), ("init", torch.device("cuda", 3)), ("prepare",)]
+    assert "stop here" in capsys.readouterr().err
+
+
+class FakeWorld:
+    """Rank ``rank`` of two, without a process group: gather is the identity (the step is stubbed anyway)."""
+
+    def __init__(self, rank: int):
+        self.world, self.rank, self.local_rank = 2, rank, 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, z):
+        return z
+
+
+def test_ranks_draw_different_dropout_masks_from_the_same_initial_weights(tmp_path, monkeypatch):
+    from conftest import make_npz
+    from train.config import Config
+    from train.setup import prepare
+
+    cfg = Config(data=f"npz:{make_npz(tmp_path / 'v.npz', n=64)}", views="fa,fb", batch_size=16, max_steps=1,
+                 mlp_dropout=0.5, out=str(tmp_path / "run"), export=False, index=False, evaluate=False,
+                 threads=1, val_fraction=0.0).validate()
+    ds, _, specs, size = prepare(cfg, progress=False)
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda m, **kw: m)
+    seen = {}
+
+    def step(model, opt, bank, batch, idx, cfg_, world, g, amp, loss_fn=None):
+        model.train()
+        drop = next(m for m in model.modules() if isinstance(m, torch.nn.Dropout))
+        seen[world.rank] = ({k: v.clone() for k, v in model.state_dict().items()}, drop(torch.ones(256)))
+        raise Stop
+
+    monkeypatch.setattr(pretrain, "train_step", step)
+    for rank in (0, 1):
+        with pytest.raises(Stop):
+            pretrain.train(cfg, ds, specs, size, torch.device("cpu"), FakeWorld(rank))
+    (w0, m0), (w1, m1) = seen[0], seen[1]
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)  # the same initial model
+    assert not torch.equal(m0, m1)  # but each rank its own dropout mask
+    assert rank_seed(cfg.seed, 0) != rank_seed(cfg.seed, 1)
