@@ -29,6 +29,10 @@ KEEP_AREA = 4
 KEEP_MIN_PIXELS = 256 * 256  # an image this small is kept as decoded: its thumbnail (<= 96 px) is unchanged
 
 
+class DeviceError(RuntimeError):
+    """device='cuda' was asked for and the sessions did not get onnxruntime's CUDA provider."""
+
+
 class InputError(ValueError):
     """Input that does not fit a view: the message names the problem (HTTP 4xx)."""
 
@@ -134,7 +138,7 @@ class Runtime:
                  verify: bool = True, spin: bool | None = None):
         self.path = resolve(ref)
         self.card: Card = load_card(self.path, verify=verify)
-        self.providers = providers(device)
+        self.requested = providers(device)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if intra_op_threads:
@@ -143,10 +147,20 @@ class Runtime:
         if spin is not None:  # intra-op workers busy-wait between ops (onnxruntime's default: on)
             opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.sessions = {v["name"]: ort.InferenceSession(str(self.path / v["file"]), opts, providers=self.providers)
+        self.sessions = {v["name"]: ort.InferenceSession(str(self.path / v["file"]), opts, providers=self.requested)
                          for v in self.card.views}
         self.views = {v["name"]: v for v in self.card.views}
-        LOG.info("loaded %s (%s) with %s", self.path, ", ".join(self.views), self.sessions[next(iter(self.views))].get_providers()[0])
+        # what the sessions got, not what was asked: onnxruntime falls back to the CPU when the CUDA provider
+        # cannot load (missing CUDA/cuDNN libraries), with a warning only
+        got = {n: s.get_providers() for n, s in self.sessions.items()}
+        self.providers = next(iter(got.values()))
+        if device.startswith("cuda") and any("CUDAExecutionProvider" not in p for p in got.values()):
+            raise DeviceError(
+                f"device {device!r}: onnxruntime did not give the sessions its CUDA provider (they got "
+                f"{', '.join(sorted({x for p in got.values() for x in p}))}; available here: "
+                f"{', '.join(ort.get_available_providers())}): install onnxruntime-gpu with the CUDA and cuDNN "
+                f"libraries it was built for, or use device 'auto' (falls back to the CPU) or 'cpu'")
+        LOG.info("loaded %s (%s) with %s", self.path, ", ".join(self.views), self.providers[0])
 
     @property
     def dim(self) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 from index import manifest as index_manifest
 from models.artifact import default_index_dir
 from models.card import CardError
-from models.runtime import Runtime
+from models.runtime import DeviceError, Runtime
 
 from . import reads, writes
 from .errors import ApiError, respond, to_api_error  # noqa: F401 - re-exported (the service imports respond here)
@@ -61,6 +61,8 @@ class Core:
             rt = Runtime(s.model, device=s.device, intra_op_threads=s.threads, spin=s.spin)
         except CardError as e:
             raise RuntimeError(f"cannot load the model ({s.model or 'cmc:latest'}): {e}") from None
+        except DeviceError as e:  # CMC_DEVICE=cuda without a usable CUDA provider: fail at start, not on the CPU
+            raise RuntimeError(f"CMC_DEVICE={s.device}: {e}") from None
         rt.warmup()
         store, note = cls.open_index(s.index, rt.fingerprint)
         core = cls(rt, store, s, note)
@@ -161,7 +163,7 @@ class Core:
             "tau": self.tau,
             "views": {n: {"source": v["source"], "channels": v.get("channels"), "input": v.get("input"),
                           "description": v.get("description")} for n, v in rt.views.items()},
-            "providers": list(rt.providers),
+            "providers": list(rt.providers),  # what the sessions got (session.get_providers()), not what was asked
             "worker_pid": os.getpid(),  # which worker answered (one process of `bentoml serve`)
             "server": {"event_loop": type(asyncio.get_running_loop()).__module__,  # uvloop when installed
                        "http_parser": "httptools" if "uvicorn.protocols.http.httptools_impl" in sys.modules else "h11"},

@@ -424,3 +424,33 @@ def test_item6_10_embed_file_takes_an_uploaded_file_only():
     two = [("image", ("a.png", png, "image/png")), ("image", ("b.png", png, "image/png"))]
     r = _post(app, "/embed_file", files=two, data={"view": "L"})
     assert r.status_code == 400 and r.json()["field"] == "image"
+
+
+def test_issue23_info_reports_the_providers_the_sessions_got(core, monkeypatch):
+    """Asked for CUDA where it cannot load, onnxruntime runs on the CPU: /info says so, not the request."""
+    from models import runtime
+    monkeypatch.setattr(runtime, "providers", lambda device="auto": ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    rt = runtime.Runtime(core.rt.path)  # auto: the quiet fallback
+    assert rt.providers == rt.sessions[next(iter(rt.views))].get_providers()
+    assert rt.requested[0] == "CUDAExecutionProvider"
+    if "CUDAExecutionProvider" not in rt.providers:  # this machine has no usable CUDA provider
+        assert rt.providers == ["CPUExecutionProvider"]
+        from serving.core import Core, Settings
+        c = Core(rt, None, Settings())
+        try:
+            assert run(c.info())["providers"] == ["CPUExecutionProvider"]
+        finally:
+            c.close()
+
+
+def test_issue23_cmc_device_cuda_fails_at_start_without_cuda(core, monkeypatch):
+    from models import runtime
+    from serving.core import Core, Settings
+    if runtime.gpu_usable():
+        pytest.skip("a usable CUDA provider: the fallback cannot happen here")
+    monkeypatch.setenv("CMC_DEVICE", "cuda")
+    monkeypatch.setenv("CMC_MODEL", str(core.rt.path))
+    with pytest.raises(RuntimeError, match="^CMC_DEVICE=cuda: device 'cuda': onnxruntime did not give"):
+        Core.load(Settings())
+    with pytest.raises(runtime.DeviceError, match="'cuda'.*CUDA provider.*CPUExecutionProvider"):
+        runtime.Runtime(core.rt.path, device="cuda")
