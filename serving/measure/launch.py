@@ -23,17 +23,19 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`bentoml serve serving.service:CMCService` from the project root; ``env`` overrides the environment."""
+    """`bentoml serve serving.service:CMCService` from the project root; ``env`` overrides the environment;
+    ``cwd``: the process's own working directory (as on another machine; the service is still imported from the
+    project root through ``--working-dir``)."""
 
-    def __init__(self, env: dict | None, log: str | Path, port: int | None = None):
+    def __init__(self, env: dict | None, log: str | Path, port: int | None = None, cwd: str | Path | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(log)
         e = os.environ.copy() | {"BENTOML_DO_NOT_TRACK": "true", "PYTHONUNBUFFERED": "1"} | (env or {})
         self._f = open(self.log, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "serving.service:CMCService",
-                                      "--port", str(self.port), "--host", "127.0.0.1"],
-                                     cwd=ROOT, env=e, stdout=self._f, stderr=subprocess.STDOUT,
+                                      "--port", str(self.port), "--host", "127.0.0.1", "--working-dir", str(ROOT)],
+                                     cwd=cwd or ROOT, env=e, stdout=self._f, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
     def wait_ready(self, timeout: float = 180) -> "ServerProcess":
