@@ -199,18 +199,34 @@ def replicas_behind_nginx(model: str | Path, base: Path, token: str, n_seed: int
 
 
 @contextlib.contextmanager
-def one_faiss_replica(model: str | Path, base: Path, token: str, n_seed: int = 64, workers: int = 2):
+def one_replica(model: str | Path, base: Path, token: str, n_seed: int = 64, workers: int = 2,
+                backend: str = "faiss", behind_nginx: bool = False):
+    """One replica (``workers`` workers) on a FAISS index directory or a milvus-lite collection, seeded with the
+    same items, optionally behind nginx (one upstream): the pieces of the two-replica layout one at a time."""
     base = Path(base)
     base.mkdir(parents=True, exist_ok=True)
-    seed_index(model, base / "index", n_seed)
-    s = ServerProcess({"CMC_MODEL": str(model), "CMC_INDEX": str(base / "index"), "CMC_API_TOKEN": token,
-                       "CMC_WORKERS": str(workers), "CMC_THREADS": "1", "BENTOML_HOME": str(base / "bentoml"),
-                       "CMC_HOME": str(base / "cmc")}, base / "server.log", cwd=base)
+    milvus = nginx = s = None
     try:
+        if backend == "milvus":
+            milvus = MilvusLite(base / "milvus" / "data").wait_ready()
+            index = milvus.url("one")
+        else:
+            index = str(base / "index")
+        seed_index(model, index, n_seed)
+        s = ServerProcess({"CMC_MODEL": str(model), "CMC_INDEX": index, "CMC_API_TOKEN": token,
+                           "CMC_WORKERS": str(workers), "CMC_THREADS": "1", "BENTOML_HOME": str(base / "bentoml"),
+                           "CMC_HOME": str(base / "cmc")}, base / "server.log", cwd=base)
         s.wait_ready()
-        yield {"url": s.url, "servers": [s]}
+        if behind_nginx:
+            nginx = Nginx(base / "nginx", [f"127.0.0.1:{s.port}"])
+        yield {"url": nginx.url if nginx else s.url, "servers": [s]} | ({"nginx": nginx} if nginx else {})
     finally:
-        s.stop()
+        if nginx is not None:
+            nginx.stop()
+        if s is not None:
+            s.stop()
+        if milvus is not None:
+            milvus.stop()
 
 
 def locust(url: str, out: Path, token: str, users: int, spawn_rate: float, run_time: str) -> tuple[int, str]:
@@ -232,7 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed-items", type=int, default=64, help="items in each index before the load")
     p.add_argument("--workers", type=int, default=1,
                    help="workers per Milvus replica; the FAISS replica gets twice as many (the same total)")
-    p.add_argument("--faiss-first", action="store_true", help="run the FAISS layout first (to see order effects)")
+    p.add_argument("--layouts", default="milvus-nginx,faiss-one",
+                   help="comma-separated, run in this order: milvus-nginx (two Milvus replicas behind nginx), "
+                        "faiss-one (one FAISS replica), faiss-nginx (one FAISS replica behind nginx), milvus-one "
+                        "(one Milvus replica): the last two split the difference into nginx's and Milvus's shares")
+    p.add_argument("--faiss-first", action="store_true", help="run the FAISS layouts first (to see order effects)")
     p.add_argument("--out", default="loadtest_out/replicas")
     a = p.parse_args(argv)
     if not a.model:
@@ -247,18 +267,31 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     token = os.environ.get("CMC_API_TOKEN") or TOKEN_DEFAULT
     results = {}
+    layouts = {  # name: (title, workers per replica, start)
+        "milvus-nginx": ("two Milvus replicas behind nginx", a.workers,
+                         lambda d: replicas_behind_nginx(model, d, token, a.seed_items, a.workers)),
+        "faiss-one": ("one replica, FAISS backend", 2 * a.workers,
+                      lambda d: one_replica(model, d, token, a.seed_items, 2 * a.workers)),
+        "faiss-nginx": ("one replica, FAISS backend, behind nginx", 2 * a.workers,
+                        lambda d: one_replica(model, d, token, a.seed_items, 2 * a.workers, behind_nginx=True)),
+        "milvus-one": ("one replica, Milvus backend", 2 * a.workers,
+                       lambda d: one_replica(model, d, token, a.seed_items, 2 * a.workers, backend="milvus")),
+    }
+    names = [n.strip() for n in a.layouts.split(",") if n.strip()]
+    if a.faiss_first:
+        names = sorted(names, key=lambda n: not n.startswith("faiss"))
+    unknown = [n for n in names if n not in layouts]
+    if unknown:
+        p.error(f"unknown layout(s) {unknown}; choose from {list(layouts)}")
     with tempfile.TemporaryDirectory(prefix="cmc-replicas-") as tmp:
-        layouts = [("two Milvus replicas behind nginx", "milvus-nginx",
-                    lambda: replicas_behind_nginx(model, Path(tmp) / "a", token, a.seed_items, a.workers)),
-                   ("one replica, FAISS backend", "faiss-one",
-                    lambda: one_faiss_replica(model, Path(tmp) / "b", token, a.seed_items, 2 * a.workers))]
-        for title, name, start in (layouts[::-1] if a.faiss_first else layouts):
-            with start() as lay:
+        for name in names:
+            title, workers, start = layouts[name]
+            with start(Path(tmp) / name) as lay:
                 rc, text = locust(lay["url"], out / name, token, a.users, a.spawn_rate, a.run_time)
                 spread = lay["nginx"].upstream_counts() if "nginx" in lay else None
             results[name] = rc
-            print(f"== {title} ({a.users} users, {a.run_time}, {len(lay['servers'])} x {a.workers if spread else 2 * a.workers} "
-                  f"worker(s)) ==")
+            print(f"== {title} [{name}] ({a.users} users, {a.run_time}, {len(lay['servers'])} replica(s) x "
+                  f"{workers} worker(s)) ==")
             print(text.rstrip())
             if spread:
                 print("requests per replica (nginx access log): " + ", ".join(f"{k} {v}" for k, v in spread.items()))
