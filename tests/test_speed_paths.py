@@ -174,3 +174,41 @@ def test_bench_times_old_and_new_in_one_run(tmp_path):
     assert not rows[0]["amp"] and not rows[0]["channels_last"] and rows[1]["channels_last"]
     assert all(x["pipeline_samples_per_s"] > 0 for x in rows)
     assert "new/old end to end" in r.stdout and "bf16 flags" in r.stdout
+
+
+def _count_host_reads(monkeypatch) -> list:
+    """Every read of a tensor's value on the host (what synchronises with a GPU): item, float, bool, tolist."""
+    reads = []
+    for name in ("item", "__float__", "__bool__", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def wrap(self, *a, _real=real, _name=name, **k):
+            reads.append(_name)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, wrap)
+    return reads
+
+
+@pytest.mark.parametrize("graph", ["core", "full"])
+def test_issue23_cmc_loss_and_the_step_read_nothing_on_the_host(monkeypatch, graph):
+    """Issue 23, item 7: the loss's statistics stay tensors and the step does not check finiteness on the host;
+    train.pretrain reads them all with one synchronisation per step (read_stats), to the same numbers."""
+    cfg = Config(views="L,ab,depth", arch="resnet10", width=0.25, feat_dim=16, negatives="memory", nce_k=8,
+                 batch_size=4, optimizer="sgd", graph=graph)
+    specs = parse_views(cfg.views)
+    model = build_model(cfg, specs, 32)
+    bank = MemoryBank(["L", "ab", "depth"], 16, 16)
+    opt = step.make_optimizer(cfg, model)
+    src = _sources()
+    reads = _count_host_reads(monkeypatch)
+    loss, stats = step.train_step(model, opt, bank, src, torch.arange(4), cfg, Dist(),
+                                  torch.Generator().manual_seed(0), amp=False)
+    assert reads == [], reads
+    got = losses.read_stats(stats)
+    assert len(reads) == 1  # one tolist for every statistic
+    monkeypatch.undo()
+    assert got == {k: float(v) for k, v in stats.items()}
+    for k, v in got.items():
+        if k.startswith("mi/"):
+            pair = k[3:]
+            assert v == math.log(cfg.nce_k + 1) - float(stats[f"loss/{pair}"]) / 2  # the float arithmetic, exactly

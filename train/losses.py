@@ -63,18 +63,20 @@ def nce_direction(anchor: Tensor, positive: Tensor, negatives: Tensor | None, ta
 def cmc_loss(z: Mapping[str, Tensor], tau: float, graph: str = "full",
              targets: Mapping[str, Tensor] | None = None,
              negatives: Mapping[str, Tensor] | None = None,
-             neg_mask: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+             neg_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Sum of symmetric two-view losses over view pairs (CMC eq. 7-10); z[v] is (N, D), unit norm.
 
     Batch form (default): the positive of z[i][n] is z[j][n], negatives are the other rows of z[j].
     Memory form: pass ``targets[v]`` (N, D), the bank's entries of the batch's own samples (positives), and
     ``negatives[v]`` (N, K, D), K bank entries per anchor that exclude the anchor's own sample, or (K, D)
     entries shared by the batch with ``neg_mask`` (N, K) marking each anchor's own sample among them.
-    Returns the loss and, per pair 'i~j', the loss and the mutual-information bound log(k) - L/2.
+    Returns the loss and, per pair 'i~j', the loss and the mutual-information bound log(k) - L/2, as detached
+    0-d tensors on the loss's device (no host synchronisation here; ``read_stats`` turns them into floats with
+    one). The bound is float64, so it equals the float arithmetic on the float32 loss exactly.
     """
     views = list(z)
     total = z[views[0]].new_zeros(())
-    stats: dict[str, float] = {}
+    stats: dict[str, Tensor] = {}
     for a, b in pairs(views, graph):
         if negatives is None:
             l_ab = nce_direction(z[a], z[b], None, tau)
@@ -87,10 +89,21 @@ def cmc_loss(z: Mapping[str, Tensor], tau: float, graph: str = "full",
             k = negatives[b].shape[-2] + 1
         pair = l_ab + l_ba
         total = total + pair
-        stats[f"loss/{a}~{b}"] = float(pair.detach())
-        stats[f"mi/{a}~{b}"] = math.log(k) - float(pair.detach()) / 2
-    stats["loss"] = float(total.detach())
+        stats[f"loss/{a}~{b}"] = pair.detach()
+        stats[f"mi/{a}~{b}"] = math.log(k) - pair.detach().double() / 2
+    stats["loss"] = total.detach()
     return total, stats
+
+
+def read_stats(stats: Mapping[str, Tensor | float]) -> dict[str, float]:
+    """Statistics as floats, with one host synchronisation for all the tensors among them (float32 and float64
+    values convert exactly, so the numbers equal float() of each)."""
+    keys = [k for k, v in stats.items() if isinstance(v, Tensor)]
+    out = {k: float(v) for k, v in stats.items() if not isinstance(v, Tensor)}
+    if keys:
+        vals = torch.stack([stats[k].detach().reshape(()).to(torch.float64) for k in keys]).tolist()
+        out |= dict(zip(keys, vals))
+    return {k: out[k] for k in stats}
 
 
 class MemoryBank:

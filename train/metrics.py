@@ -182,7 +182,7 @@ def mi_bound(za: Tensor, zb: Tensor, k: int, tau: float, seed: int = 0) -> float
     bounds = []
     for lo in range(0, n - k + 1, k):
         _, stats = cmc_loss({"a": za[lo:lo + k].float(), "b": zb[lo:lo + k].float()}, tau, "full")
-        bounds.append(stats["mi/a~b"])
+        bounds.append(float(stats["mi/a~b"]))
     return float(np.mean(bounds))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -29,7 +30,7 @@ from .config import Config, ConfigError, parse_args
 from .distributed import Dist, convert_global_batchnorm, rank_seed, resolve_device, restore_batchnorm, use_device
 from .export import ExportError, check_exportable
 from .finish import finish
-from .losses import MemoryBank
+from .losses import MemoryBank, read_stats
 from .model import CHECKPOINT, build_model, save_checkpoint
 from .pipeline import DeviceData, augment, crop_params, epoch_order, step_generator
 from .selection import Selector, resolve_val_fraction, split_validation, validate
@@ -184,7 +185,9 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
                 for group in opt.param_groups:
                     group["lr"] = lr_at(cfg, step, total)
                 loss, stats = train_step(ddp_model, opt, bank, batch, idx.to(device), cfg, world, g, amp, loss_fn)
-                if not torch.isfinite(loss):
+                # the step's one host synchronisation, after its update is queued: the loss and the statistics
+                stats = read_stats(stats | {"__loss__": loss.detach()})
+                if not math.isfinite(stats.pop("__loss__")):
                     raise TrainingError(f"loss is {loss.item()} at step {step} (epoch {epoch + 1}): stopping; "
                                         f"lower --lr or check the data for extreme values")
                 step += 1

@@ -13,7 +13,8 @@ from .distributed import Dist
 from .losses import MemoryBank, cmc_loss
 
 # loss_fn(model, batch of sources, step generator) -> (loss, stats): an objective other than CMC's
-LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Generator],
+                  tuple[torch.Tensor, dict[str, torch.Tensor | float]]]
 
 
 def lr_at(cfg: Config, step: int, total: int) -> float:
@@ -36,8 +37,9 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, bank: MemoryBank | 
     """One optimisation step on a (local) batch of sources; ``idx`` are the *global* batch's sample indices.
     CMC's objective by default: embeddings under autocast, gathered across ranks, the loss in fp32 (with the
     memory bank's negatives when there is a bank). ``loss_fn`` swaps in another objective (train.experiments),
-    computed under autocast on the local batch, without gather or memory bank. A non-finite loss is returned
-    before any parameter changes."""
+    computed under autocast on the local batch, without gather or memory bank. No host synchronisation: the
+    statistics are tensors and finiteness is the caller's to check (``train.pretrain`` reads the loss and the
+    statistics once per step, after the update is queued, and stops on a non-finite loss before any checkpoint)."""
     with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=amp):
         out = model(batch) if loss_fn is None else loss_fn(model, batch, g)
     if loss_fn is None:
@@ -46,8 +48,6 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, bank: MemoryBank | 
     else:
         z, bank = None, None
         loss, stats = out
-    if not torch.isfinite(loss):
-        return loss, stats
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -57,7 +57,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, bank: MemoryBank | 
 
 
 def _cmc_objective(z: dict[str, torch.Tensor], bank: MemoryBank | None, idx: torch.Tensor, cfg: Config,
-                   g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+                   g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CMC's loss of the global batch's embeddings: in-batch negatives, or the memory bank's (shared or
     per-sample draws)."""
     if bank is not None and cfg.negatives_sharing == "shared":
