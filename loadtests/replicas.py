@@ -20,18 +20,16 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.measure.launch import ServerProcess, free_port  # noqa: E402
+from serving.measure.launch import MilvusLite, ServerProcess, free_port, milvus_lite_exe, wait_port  # noqa: E402,F401
 
 TEMPLATE = ROOT / "deploy" / "nginx.conf"
 TOKEN_DEFAULT = "replicas-load-test-token"
@@ -40,65 +38,6 @@ TOKEN_DEFAULT = "replicas-load-test-token"
 def nginx_exe() -> str | None:
     return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
                                           if os.access(p, os.X_OK)), None)
-
-
-def milvus_lite_exe() -> str | None:
-    return shutil.which("milvus-lite") or next(
-        (str(p) for p in [Path(sys.executable).parent / "milvus-lite"] if p.exists()), None)
-
-
-def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{what} not listening on {port} after {timeout:.0f} s")
-
-
-class MilvusLite:
-    """``milvus-lite server`` on a free loopback port with its own data directory."""
-
-    def __init__(self, data_dir: Path, port: int | None = None):
-        self.port = port or free_port()
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = data_dir.parent / f"milvus-{self.port}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([milvus_lite_exe(), "server", "--data-dir", str(data_dir), "--host",
-                                      "127.0.0.1", "--port", str(self.port)], stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def url(self, collection: str) -> str:
-        return f"milvus://127.0.0.1:{self.port}?collection={collection}"
-
-    def wait_ready(self, timeout: float = 60) -> "MilvusLite":
-        from pymilvus import MilvusClient
-        _wait_port(self.port, self.proc, "milvus-lite", timeout)
-        t0 = time.time()
-        while True:
-            try:
-                c = MilvusClient(uri=f"http://127.0.0.1:{self.port}", timeout=5)
-                c.list_collections()
-                c.close()
-                return self
-            except Exception:  # noqa: BLE001 - not serving yet
-                if time.time() - t0 > timeout:
-                    raise
-                time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
 
 
 def render_nginx_conf(prefix: Path, listen: str, upstreams: list[str], template: Path = TEMPLATE) -> str:
@@ -129,7 +68,7 @@ class Nginx:
         self.proc = subprocess.Popen([exe, "-p", str(self.prefix), "-c", str(conf), "-g", glob],
                                      stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            _wait_port(self.port, self.proc, "nginx", 30)
+            wait_port(self.port, self.proc, "nginx", 30)
         except RuntimeError as e:
             raise RuntimeError(f"{e}: {self.errors()}") from None
 

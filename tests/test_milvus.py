@@ -10,8 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -27,56 +25,9 @@ if shutil.which("milvus-lite") is None and not (Path(sys.executable).parent / "m
 from index.errors import DuplicateKeyError, NotWritableError, StoreError, UnknownKeyError  # noqa: E402
 from index.milvus import MilvusStore, choose_index, is_milvus, parse_url  # noqa: E402
 from index.store import IndexStore  # noqa: E402
-from serving.measure.launch import free_port  # noqa: E402
+from serving.measure.launch import MilvusLite as MilvusServer  # noqa: E402
 
 FP = "fp-test"
-
-
-class MilvusServer:
-    """``milvus-lite server`` on a free local port, with its own data directory."""
-
-    def __init__(self, data_dir: Path, port: int | None = None):
-        self.port = port or free_port()
-        self.data_dir = data_dir
-        exe = shutil.which("milvus-lite") or str(Path(sys.executable).parent / "milvus-lite")
-        self.log = open(data_dir.parent / f"milvus-{self.port}.log", "wb")
-        self.proc = subprocess.Popen([exe, "server", "--data-dir", str(data_dir), "--host", "127.0.0.1",
-                                      "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def url(self, collection: str) -> str:
-        return f"milvus://127.0.0.1:{self.port}?collection={collection}"
-
-    def wait_ready(self, timeout: float = 60) -> "MilvusServer":
-        from pymilvus import MilvusClient
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"milvus-lite exited with {self.proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    pass
-                c = MilvusClient(uri=f"http://127.0.0.1:{self.port}", timeout=5)
-                c.list_collections()
-                c.close()
-                return self
-            except Exception:  # noqa: BLE001 - not listening yet
-                time.sleep(0.3)
-        raise RuntimeError(f"milvus-lite not ready after {timeout:.0f} s")
-
-    def kill9(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=20)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
