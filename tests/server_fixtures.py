@@ -76,3 +76,17 @@ def model_and_index(base: Path, n: int, ds=None) -> dict:
 
 
 Server = ServerProcess  # a real `bentoml serve` on a free port (serving/measure/launch.py)
+
+
+def echo_app():
+    """An ASGI app that answers 200 with the length of the body it read: what a middleware under test wraps."""
+    async def app(scope, receive, send):
+        body = b""
+        while True:
+            m = await receive()
+            body += m.get("body", b"")
+            if not m.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": str(len(body)).encode()})
+    return app

@@ -16,26 +16,13 @@ import httpx
 import psutil
 import pytest
 
-from server_fixtures import Server, model_and_index, png_b64, scenes
+from server_fixtures import Server, echo_app, model_and_index, png_b64, scenes
 
 MiB = 1 << 20
 
 
 def run(coro):
     return asyncio.new_event_loop().run_until_complete(coro)
-
-
-def _echo_app():
-    async def app(scope, receive, send):
-        body = b""
-        while True:
-            m = await receive()
-            body += m.get("body", b"")
-            if not m.get("more_body"):
-                break
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-        await send({"type": "http.response.body", "body": str(len(body)).encode()})
-    return app
 
 
 def _asgi_post(app, path, client=("127.0.0.1", 4000), base="http://127.0.0.1:3000", **kw):
@@ -58,7 +45,7 @@ def test_item1_json_value_budget_refuses_dense_bodies_before_parsing():
     """An 8 MiB array of zeros as /similarity candidates (about 50x its size once parsed) is a 413 from the
     value count, before any parser; the largest valid bodies of each route pass."""
     from serving.guard import ContentGuard, json_values
-    app = ContentGuard(_echo_app(), budgets=_budgets())
+    app = ContentGuard(echo_app(), budgets=_budgets())
     dense = b'{"query": {"view": "L", "image": "aGk="}, "candidates": [' + b"0," * (4 * MiB) + b"0]}"
     r = _asgi_post(app, "/similarity", content=dense, headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["field"] == "body" and "JSON values" in r.json()["detail"]
@@ -87,7 +74,7 @@ def test_item1_route_budgets_are_the_largest_valid_request():
     assert b["/index/remove"].max_bytes < 128 << 10
     assert b["/info"].max_bytes <= 8 << 10
     from serving.guard import ContentGuard
-    app = ContentGuard(_echo_app(), budgets=b)
+    app = ContentGuard(echo_app(), budgets=b)
     r = _asgi_post(app, "/search", content=b'{"query": {"view": "L", "image": "' + b"A" * (12 * MiB) + b'"}}',
                    headers={"content-type": "application/json"})
     assert r.status_code == 413 and "largest valid /search" in r.json()["detail"]
@@ -154,7 +141,7 @@ def test_item1_admission_answers_503_with_retry_after_when_full():
 ])
 def test_item2_protected_mode_refuses_writes_a_page_or_proxy_could_send(headers, why):
     from serving.auth import AccessControl
-    app = AccessControl(_echo_app(), token=None)
+    app = AccessControl(echo_app(), token=None)
     for path in ("/index/add", "/index/remove", "/an-unknown-route"):  # unknown routes fail closed (item 10)
         r = _asgi_post(app, path, content=b"{}", headers={"content-type": "application/json"} | headers)
         assert r.status_code == 403 and r.json()["error"] == "forbidden" and why in r.json()["detail"], r.text
@@ -164,14 +151,14 @@ def test_item2_protected_mode_refuses_writes_a_page_or_proxy_could_send(headers,
                {"origin": "http://127.0.0.1:3000"}, {"host": "[::1]:3000"}, {"host": "localhost"}, {}):
         assert _asgi_post(app, "/index/add", content=b"{}", headers=ok).status_code == 200, ok
     # with a token, its holder may write from anywhere (a page cannot send Authorization without preflight)
-    tok = AccessControl(_echo_app(), token="s3")
+    tok = AccessControl(echo_app(), token="s3")
     assert _asgi_post(tok, "/index/add", content=b"{}", client=("203.0.113.9", 1),
                       headers=headers | {"authorization": "Bearer s3"}).status_code == 200
 
 
 def test_item2_writes_need_an_explicit_json_content_type():
     from serving.guard import ContentGuard
-    app = ContentGuard(_echo_app(), budgets=_budgets())
+    app = ContentGuard(echo_app(), budgets=_budgets())
     for path in ("/index/add", "/index/remove"):
         r = _asgi_post(app, path, content=b'{"keys": ["a"]}')  # what fetch(no-cors, Blob) sends
         assert r.status_code == 415 and r.json()["field"] == "Content-Type"

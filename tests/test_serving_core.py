@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from server_fixtures import ROOT, build_index, build_model, png_b64, scenes
+from server_fixtures import ROOT, build_index, build_model, echo_app, png_b64, scenes
 
 
 @pytest.fixture(scope="module")
@@ -141,16 +141,7 @@ def test_normalize_error_shapes():
 
 
 def _asgi(middleware_cls, **kw):
-    async def app(scope, receive, send):
-        body = b""
-        while True:
-            m = await receive()
-            body += m.get("body", b"")
-            if not m.get("more_body"):
-                break
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-        await send({"type": "http.response.body", "body": str(len(body)).encode()})
-    return middleware_cls(app, **kw)
+    return middleware_cls(echo_app(), **kw)
 
 
 def _post(app, path="/x", **kw):
