@@ -26,7 +26,7 @@ from . import reads, writes
 from .errors import ApiError, respond, to_api_error  # noqa: F401 - re-exported (the service imports respond here)
 from .inputs import Inputs
 from .routes import budgets
-from .settings import Settings, cpu_count, env_flag, env_int  # noqa: F401 - re-exported
+from .settings import Settings, cpu_count  # noqa: F401 - re-exported (tests, serving.measure.bench)
 
 LOG = logging.getLogger(__name__)
 
@@ -106,9 +106,6 @@ class Core:
     def view_spec(self, name: Any, field: str = "view") -> dict:
         return self.inputs.view_spec(name, field)
 
-    def prepare(self, *a: Any, **kw: Any) -> np.ndarray:
-        return self.inputs.prepare(*a, **kw)
-
     async def embed_batch(self, view: str, images: list | None = None, arrays: list | None = None,
                           field: str = "") -> np.ndarray:
         return await self.inputs.embed_batch(view, images, arrays, field)
@@ -118,9 +115,6 @@ class Core:
 
     async def embed_file(self, view: str, path: str | os.PathLike) -> dict:
         return await reads.embed_file(self.inputs, view, path)
-
-    def critic(self, cos: Any) -> np.ndarray:
-        return reads.critic(cos, self.tau)
 
     async def similarity(self, a: Any = None, b: Any = None, query: Any = None,
                          candidates: list | None = None) -> dict:
