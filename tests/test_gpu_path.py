@@ -109,3 +109,43 @@ def test_ranks_draw_different_dropout_masks_from_the_same_initial_weights(tmp_pa
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)  # the same initial model
     assert not torch.equal(m0, m1)  # but each rank its own dropout mask
     assert rank_seed(cfg.seed, 0) != rank_seed(cfg.seed, 1)
+
+
+# onnxruntime-gpu's CUDA and cuDNN majors by version on PyPI, from the requirements table of
+# https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html#requirements ("starting with 1.19,
+# CUDA 12.x becomes the default version when distributing ONNX Runtime GPU packages in PyPI": 1.19.x -> CUDA 12.x,
+# cuDNN 9.x; 1.18.1 -> 12.x / 9.x but PyPI's default was the CUDA 11.8 / cuDNN 8 build; 1.18.0 -> 11.8 / 8.x)
+ORT_GPU_PYPI = [((1, 19), (12, 9)), ((1, 18), (11, 8)), ((1, 15), (11, 8))]
+
+
+def ort_requirement(version: tuple[int, int]) -> tuple[int, int]:
+    return next(req for since, req in ORT_GPU_PYPI if version >= since)
+
+
+def test_bento_image_has_the_cuda_and_cudnn_onnxruntime_gpu_needs():
+    """bentofile.yaml's docker.cuda_version, as BentoML 1.4 turns it into a base image, carries the CUDA major and
+    the cuDNN major that the pinned onnxruntime-gpu's lowest allowed version was built for (and the highest)."""
+    import re
+
+    import yaml
+    from bentoml._internal.bento.build_config import ALLOWED_CUDA_VERSION_ARGS, BentoBuildConfig
+    from bentoml._internal.container.frontend.dockerfile import get_cuda_base_image
+
+    from conftest import ROOT
+
+    text = (ROOT / "bentofile.yaml").read_text()
+    spec = next(p for p in yaml.safe_load(text)["python"]["packages"] if p.startswith("onnxruntime-gpu"))
+    low = tuple(int(x) for x in re.search(r">=\s*(\d+)\.(\d+)", spec).groups())
+    high = re.search(r"<\s*(\d+)\.(\d+)", spec)
+    assert high, f"{spec}: an upper bound keeps a later default CUDA major out of the locked Bento"
+    cuda_major, cudnn_major = ort_requirement(low)
+    assert ort_requirement((int(high[1]), int(high[2]) - 1)) == (cuda_major, cudnn_major)
+    with open(ROOT / "bentofile.yaml") as f:
+        docker = BentoBuildConfig.from_yaml(f).docker  # BentoML's own parsing and validation
+    assert docker.distro == "debian" and docker.cuda_version in ALLOWED_CUDA_VERSION_ARGS.values()
+    assert int(docker.cuda_version.split(".")[0]) == cuda_major
+    image = get_cuda_base_image(docker.distro, docker.cuda_version)
+    # nvidia/cuda's "-cudnn-" images of CUDA 12.6+ carry cuDNN 9; "-cudnn8-" images carry cuDNN 8
+    m = re.fullmatch(r"nvidia/cuda:(\d+)\.\d+\.\d+-cudnn(\d*)-runtime-ubuntu(\d+)\.04", image)
+    assert m, image
+    assert (int(m[1]), int(m[2] or 9)) == (cuda_major, cudnn_major), image
