@@ -343,3 +343,117 @@ def remove_items(index_dir: str | Path, keys: list[str]) -> None:
             ts.remove(keys)
     except (OSError, sqlite3.Error) as e:
         LOG.warning("thumbnails of %d removed items not deleted: %s", len(keys), e)
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def stats(index_dir: str | Path) -> dict:
+    """What ``<index>/thumbs.sqlite`` costs: stored items, rows and mean bytes by kind, payload bytes per item,
+    and the file's bytes per item (the main file, and the write-ahead log beside it, as they are on disk)."""
+    path = Path(index_dir) / FILE
+    with ThumbStore(index_dir, readonly=True) as ts:
+        items = len(ts)
+        with ts._lock:
+            rows = ts._db.execute(f"SELECT b.kind, count(*), sum(length(b.data)) FROM {ts._base} AS b "
+                                  f"JOIN meta.items AS i ON {ts._join} GROUP BY b.kind ORDER BY b.kind").fetchall()
+    wal = Path(str(path) + "-wal")
+    size, wal_size = path.stat().st_size, (wal.stat().st_size if wal.exists() else 0)
+    per = max(items, 1)
+    return {"items": items,
+            "kinds": {k: {"rows": int(c), "mean_bytes": round(b / c, 1)} for k, c, b in rows},
+            "data_bytes_per_item": round(sum(b for _, _, b in rows) / per, 1),
+            "file_bytes": size, "wal_bytes": wal_size, "file_bytes_per_item": round(size / per, 1)}
+
+
+def _measure_data(rt: Any, data: str, split: str, n: int) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(keys, sources) of ``n`` items: a data spec, or 'loadtest' (the load test's generated images,
+    loadtests/plan.py: smooth colour patterns with noise and tilted depth planes, image_size x 1.25 image_size)."""
+    if data == "loadtest":
+        from loadtests.plan import synth_depth, synth_rgb  # the images the load test adds
+        rng = np.random.default_rng(0)
+        h, w = rt.image_size, rt.image_size + rt.image_size // 4
+        rgb, depth = zip(*[(synth_rgb(rng, h, w), synth_depth(rng, h, w)) for _ in range(n)])
+        return [f"loadtest-{i}" for i in range(n)], {"rgb": np.stack(rgb), "depth": np.stack(depth)}
+    from models import data as datasets
+    ds = datasets.load(data, split, image_size=rt.image_size)  # as index.build reads it
+    ds = ds.subset(np.arange(min(n, len(ds))))
+    keys = list(ds.keys) or [f"item-{i}" for i in range(len(ds))]
+    return keys, ds.sources
+
+
+def measure(model: str | None, data: str, split: str, n: int, via: str, out: str | Path) -> dict:
+    """Write the thumbnails of ``n`` items into a fresh index at ``out`` the way ``via`` does: 'build' (index.build:
+    chunks of 256 through ``add_sources``) or 'server' (/index/add: each item's encoded upload decoded by the
+    runtime as the server does, embedded, added, then ``add_items``, one transaction per item); -> ``stats``."""
+    from models.imageio import encode_png as _png
+    from models.runtime import Runtime
+    from models.views import source_key
+    from .store import IndexStore
+    rt = Runtime(model)
+    keys, sources = _measure_data(rt, data, split, n)
+    views = {v: s["source"] for v, s in rt.views.items() if source_key(v, s) in sources}
+    if not views:
+        raise ValueError(f"{data} gives {sorted(sources)}, which no view of the model takes")
+    store = IndexStore.create(out, views={v: rt.dim for v in views}, fingerprint=rt.fingerprint,
+                              model_ref=str(rt.path), follow=False)
+    try:
+        ThumbStore(out).close()
+        if via == "build":
+            ts = ThumbStore(out)
+            for lo in range(0, len(keys), 256):
+                part = {s: a[lo:lo + 256] for s, a in sources.items()}
+                vec = {v: rt.embed_sources(v, part) for v in views}
+                ids = store.add(keys[lo:lo + 256], vec)
+                ts.add_sources(keys[lo:lo + 256], part, views, rt.image_size, ids)
+            ts.close()
+        elif via == "server":
+            for i, key in enumerate(keys):
+                decoded: dict[str, list] = {}
+                vec = {}
+                for v, spec in rt.views.items():
+                    if v not in views:
+                        continue
+                    src = source_key(v, spec)
+                    item = sources[src][i] if spec["source"] == "vector" else _png(sources[src][i])
+                    dec: list = []
+                    vec[v] = rt.embed(v, rt.preprocess(v, [item], decoded=dec))
+                    decoded.setdefault(src, dec)
+                ids = store.add([key], vec)
+                add_items(out, [key], decoded, rt, ids)
+        else:
+            raise ValueError(f"via must be 'build' or 'server', not {via!r}")
+        before = stats(out)
+    finally:
+        store.close()
+        w = _writers.pop(str(Path(out).resolve()), None)
+        if w is not None:
+            w.close()
+    return before | {"via": via, "data": data, "image_size": rt.image_size, "views": sorted(views)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import tempfile
+    p = argparse.ArgumentParser(prog="python -m index.thumbs", description="What an index's thumbnails cost.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("stats", help="bytes per item of an index's thumbs.sqlite, by kind")
+    s.add_argument("index", help="index directory")
+    m = sub.add_parser("measure", help="write the thumbnails of N items into a fresh index and report stats")
+    m.add_argument("--model", default=None, help="model reference (default cmc:latest)")
+    m.add_argument("--data", required=True, help="data spec (scenes, cifar10:PATH, ...) or 'loadtest'")
+    m.add_argument("--split", default="test", choices=["train", "test"])
+    m.add_argument("--n", type=int, default=1000, help="items")
+    m.add_argument("--via", default="build", choices=["build", "server"],
+                   help="index.build's batched path or the server's /index/add path (one item per transaction)")
+    a = p.parse_args(argv)
+    if a.cmd == "stats":
+        out = stats(a.index)
+    else:
+        with tempfile.TemporaryDirectory(prefix="cmc-thumbs-") as d:
+            out = measure(a.model, a.data, a.split, a.n, a.via, Path(d) / "index")
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
