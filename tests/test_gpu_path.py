@@ -73,7 +73,7 @@ class FakeWorld:
     """Rank ``rank`` of two, without a process group: gather is the identity (the step is stubbed anyway)."""
 
     def __init__(self, rank: int):
-        self.world, self.rank, self.local_rank = 2, rank, 0
+        self.world, self.rank, self.local_rank, self.ddp = 2, rank, 0, True
 
     @property
     def main(self) -> bool:
@@ -149,3 +149,63 @@ def test_bento_image_has_the_cuda_and_cudnn_onnxruntime_gpu_needs():
     m = re.fullmatch(r"nvidia/cuda:(\d+)\.\d+\.\d+-cudnn(\d*)-runtime-ubuntu(\d+)\.04", image)
     assert m, image
     assert (int(m[1]), int(m[2] or 9)) == (cuda_major, cudnn_major), image
+
+
+def _global_bn_rank(rank: int, world: int, init: str, x: torch.Tensor, out: dict) -> None:
+    """One rank of test_global_batch_norm_equals_one_process: its slice of x through GlobalBatchNorm2d, 3 steps."""
+    import torch.distributed as dist
+
+    from train.distributed import convert_global_batchnorm
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    bn = convert_global_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=0.3))).train()
+    with torch.no_grad():
+        bn[0].weight.copy_(torch.tensor([1.5, 0.5, -1.0]))
+        bn[0].bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    n = x.shape[1] // world
+    for t in range(x.shape[0]):
+        xs = x[t, rank * n:(rank + 1) * n].clone().requires_grad_(True)
+        y = bn(xs)
+        (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()  # a loss that mixes the samples
+        out[f"y{t}_{rank}"], out[f"g{t}_{rank}"] = y.detach(), xs.grad
+    out[f"mean_{rank}"], out[f"var_{rank}"] = bn[0].running_mean.clone(), bn[0].running_var.clone()
+    out[f"wgrad_{rank}"] = bn[0].weight.grad.clone()
+    dist.destroy_process_group()
+
+
+def _spawned(rank, world, init, x, path):
+    out = {}
+    _global_bn_rank(rank, world, init, x, out)
+    torch.save(out, f"{path}.{rank}")
+
+
+def test_global_batch_norm_equals_one_process_over_the_whole_batch(tmp_path):
+    """Two processes (gloo), each with half of a batch: GlobalBatchNorm's outputs, input gradients and running
+    statistics equal plain BatchNorm2d's over the concatenated batch in one process, within 1e-5, over 3 steps
+    (the batch-norm layer DDP uses on CUDA too). Weight gradients summed over ranks equal the single process's."""
+    import torch.multiprocessing as mp
+
+    x = torch.randn(3, 8, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 2 + 1  # (steps, N, C, H, W)
+    ctx = mp.get_context("spawn")
+    init = f"file://{tmp_path / 'pg'}"
+    procs = [ctx.Process(target=_spawned, args=(r, 2, init, x, str(tmp_path / "out"))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    got = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
+    ref = torch.nn.BatchNorm2d(3, momentum=0.3).train()
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor([1.5, 0.5, -1.0]))
+        ref.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    for t in range(3):
+        xs = x[t].clone().requires_grad_(True)
+        y = ref(xs)
+        (y * torch.cat([torch.arange(y[:4].numel()).reshape(y[:4].shape).sin()] * 2)).sum().backward()
+        torch.testing.assert_close(torch.cat([got[0][f"y{t}_0"], got[1][f"y{t}_1"]]), y.detach(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.cat([got[0][f"g{t}_0"], got[1][f"g{t}_1"]]), xs.grad, atol=1e-5, rtol=0)
+    for r in range(2):
+        torch.testing.assert_close(got[r][f"mean_{r}"], ref.running_mean, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got[r][f"var_{r}"], ref.running_var, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[0]["wgrad_0"] + got[1]["wgrad_1"], ref.weight.grad, atol=1e-4, rtol=1e-5)

@@ -1,8 +1,10 @@
 """Where a run executes: torchrun's environment (``Dist``: world, rank, the differentiable gather of embeddings),
 the device of a rank, and batch norm across processes on any device.
 
-torch's SyncBatchNorm needs CUDA ("SyncBatchNorm layers only work with GPU modules" under gloo on CPU, torch
-2.13), so CPU runs under torchrun use ``GlobalBatchNorm`` instead. In training mode every batch-norm layer
+Runs under torchrun use ``GlobalBatchNorm`` on every device. torch's SyncBatchNorm needs CUDA ("SyncBatchNorm
+layers only work with GPU modules" under gloo on CPU, torch 2.13), and on CUDA it synchronises with the host in
+every layer (its forward indexes with a boolean mask) and all-gathers per layer; GlobalBatchNorm needs one
+all-reduce of (sum, sum of squares) per layer and no synchronisation. In training mode every batch-norm layer
 normalises with the statistics of the *global* batch (sums over all ranks, one differentiable all-reduce per
 layer), exactly as one process would over the whole batch; its running statistics get the same update on
 every rank. In eval mode, or in a single process, it is plain batch norm, so checkpoints, evaluation and ONNX
@@ -67,17 +69,20 @@ def rank_seed(seed: int, rank: int) -> int:
 class Dist:
     """torchrun's environment, or a single process."""
 
-    def __init__(self):
+    def __init__(self, force_ddp: bool = False):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # DistributedDataParallel (a process group, GlobalBatchNorm, DDP's gradient all-reduce) with several
+        # processes, or with one when forced (train.gpu_check exercises that path on a one-GPU machine)
+        self.ddp = self.world > 1 or force_ddp
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def init(self, device: torch.device) -> None:
-        if self.world > 1 and not dist.is_initialized():
+        if self.ddp and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     def gather(self, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

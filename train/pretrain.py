@@ -131,10 +131,11 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
 
     # 4. across processes: DDP around the model; every rank takes its slice of the global batch
     ddp_model: nn.Module = model
-    if world.world > 1:
-        # batch norm over the global batch, as one process computes it: SyncBatchNorm on CUDA; on CPU (gloo),
-        # where SyncBatchNorm refuses to run, GlobalBatchNorm (undone after training)
-        ddp_model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if use_cuda else convert_global_batchnorm(model)
+    if world.ddp:
+        # batch norm over the global batch, as one process computes it, on every device: GlobalBatchNorm (one
+        # all-reduce of sums per layer, no host synchronisation; undone after training), not SyncBatchNorm, which
+        # syncs with the host in every layer (boolean-mask indexing) and all-gathers per layer, and needs CUDA
+        ddp_model = convert_global_batchnorm(model)
         ddp_model = nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device.index] if use_cuda else None)
         # the model's initial weights are the same on every rank (built from cfg.seed; DDP broadcasts rank 0's
         # anyway); from here the default generators (CPU and CUDA: dropout) differ per rank, so ranks do not draw
