@@ -73,7 +73,7 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
                 engine: str = "local", ray_options: dict | None = None) -> Path:
     """Build an index directory at ``out`` (which must not hold an index yet). ANN views get their
     nprobe / efSearch tuned to recall@10 >= 0.95 against exact search on a sample of the stored vectors.
-    ``thumbs``: also keep each item's thumbnails and query inputs for the web page (index/thumbs.py).
+    ``thumbs``: also keep each item's thumbnails and indexed vectors for the web page (index/thumbs.py).
     ``engine="ray"``: embed on a Ray cluster (index/ray_engine.py; ``ray_options`` are its keyword arguments:
     address, num_cpus, actors, batch_size, ...); the store is written here either way."""
     rt = model if isinstance(model, Runtime) else Runtime(model)
@@ -106,7 +106,7 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
                 ids = store.add(keys, vec, item_metadata(chunk, split))
                 done += len(keys)
                 if th is not None:
-                    th.add_sources(keys, chunk.sources, sources, rt.image_size, ids)
+                    th.add_sources(keys, chunk.sources, sources, ids=ids, vectors=vec)
                 if kept < tune_sample:  # the first items: a sample for tuning search parameters
                     sample_ids.append(ids)
                     for v in views:

@@ -1,20 +1,30 @@
-"""Thumbnails and query inputs of an index's items, for the web page: ``<index>/thumbs.sqlite``.
+"""Thumbnails and search-by-key vectors of an index's items, for the web page: ``<index>/thumbs.sqlite``.
 
 Two kinds of rows per item, in one table ``item_thumbs(item_id, key, kind, mime, data)``, keyed by
 ``(item_id, kind)``:
 
-* display thumbnails, at most ``THUMB_PX`` (96) pixels on the longer side: ``rgb`` (WebP), ``depth``
-  (colour-mapped with viridis, near = dark, far = yellow; PNG) and ``normals`` (camera-space normals as colours,
-  (n + 1) / 2; PNG, derived from depth when the data has no normals);
-* query inputs, so that the page can search *with a stored item* in any view (``/search_by_key``):
-  ``input:rgb`` and ``input:depth`` hold the source already fitted to the model's input size (``fit_image``:
-  an S x S image goes through the runtime unchanged, so the embedding equals the one that was indexed) as
-  lossless PNG (16-bit for depth); ``input:<vector view>`` holds the raw float32 vector.
+* display thumbnails, all WebP at quality ``THUMB_QUALITY`` (80, lossy), at most ``THUMB_PX`` (96) pixels on
+  the longer side and at most ``THUMB_MAX_BYTES`` (3,500) bytes (a busier picture is stored at a lower quality,
+  then smaller, until it fits; so a row never needs an SQLite overflow page): ``rgb``, ``depth`` (colour-mapped
+  with viridis, near = dark, far = yellow) and ``normals`` (camera-space normals as colours, (n + 1) / 2, derived
+  from depth when the data has no normals);
+* the item's embeddings, ``emb:<view>`` for every indexed view, float16 little-endian (``application/x-float16``,
+  2 x dim bytes): the vector the index holds for the item, so ``/search_by_key`` searches with it directly
+  instead of re-embedding a stored input. float16 keeps 11 significant bits: each component is within 2^-11
+  of itself relatively (2^-25 absolutely below 2^-14), so a score moves by at most 2^-11 ||q|| ||x|| +
+  2^-25 ||x||_1, under ``FLOAT16_SCORE_BOUND`` (5e-4) for the unit-norm embeddings, and ranks change only
+  between hits whose scores are within twice that.
+
+Bytes per item (``python -m index.thumbs measure``, BENCHMARKS.md "Thumbnail storage"): about 1 to 3.5 KB for
+three views, against 6 to 25 KB when the query inputs were kept as lossless PNG. Files written before (rows
+``input:rgb`` / ``input:depth``, lossless PNG at the model's input size, and ``input:<vector view>``, raw
+float32) still work: ``get_input`` reads them and the server re-embeds them when an item has no ``emb:`` row;
+``python -m index.thumbs compact DIR`` rewrites such a file in the current format.
 
 Written by ``index.build`` (and so by the default gallery of ``python -m train.pretrain``) and by the server's
 ``/index/add``. The file is separate from ``meta.sqlite`` so that the index store stays the only owner of its
-own transactions; losing it loses only pictures. WAL mode and a busy timeout let several server workers read
-and write it at once.
+own transactions; losing it loses only pictures and search-by-key. WAL mode and a busy timeout let several
+server workers read and write it at once.
 
 Rows belong to item ids, not keys: a key can be removed and added again, and ids are never reused. Writers
 store rows under the ids that ``IndexStore.add`` returned; readers find them by key through the key's current
@@ -36,13 +46,20 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from PIL import Image
 
-from models.imageio import encode_png, fit_image
 
 LOG = logging.getLogger(__name__)
 
 FILE = "thumbs.sqlite"
 META = "meta.sqlite"  # the index's items: thumbnails are found through them
 THUMB_PX = 96
+THUMB_QUALITY = 80  # WebP quality of every display thumbnail (lossy: for display only)
+THUMB_MAX_BYTES = 3500  # one thumbnail's bound: a row (with its key) fits an SQLite page, no overflow page
+_QUALITIES = (THUMB_QUALITY, 60, 40, 20)  # tried in turn until a thumbnail fits THUMB_MAX_BYTES
+EMB_MIME = "application/x-float16"  # emb:<view> rows: the item's indexed vector, float16 little-endian
+# float16 rounds a component within 2^-11 of itself (relative), or 2^-25 (absolute) below 2^-14 (subnormals), so
+# |score(q16, x) - score(q, x)| <= 2^-11 ||q|| ||x|| + 2^-25 ||x||_1: at most 4.9e-4 for unit vectors of up to
+# 4096 dimensions (inner product; the same for L2 distances between them).
+FLOAT16_SCORE_BOUND = 5e-4
 DISPLAY_KINDS = ("rgb", "depth", "normals")  # default preference when no view is named
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS item_thumbs(item_id INTEGER NOT NULL, key TEXT NOT NULL, kind TEXT NOT NULL,
@@ -64,10 +81,24 @@ def _bounded(im: Image.Image, px: int = THUMB_PX) -> Image.Image:
     return im
 
 
-def _save(im: Image.Image, fmt: str) -> bytes:
+def _webp(im: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
-    im.save(buf, format=fmt, **({"quality": 85} if fmt == "WEBP" else {}))
+    im.save(buf, format="WEBP", quality=quality, method=4)
     return buf.getvalue()
+
+
+def encode_thumb(im: Image.Image, max_bytes: int = THUMB_MAX_BYTES) -> bytes:
+    """A picture -> WebP of at most THUMB_PX on the longer side and at most ``max_bytes``: quality THUMB_QUALITY,
+    lower qualities for a busier picture, then halved sides until it fits (noise at 96 px fits at quality 20)."""
+    im = _bounded(im.convert("RGB"))
+    while True:
+        for q in _QUALITIES:
+            data = _webp(im, q)
+            if len(data) <= max_bytes:
+                return data
+        if max(im.size) <= 8:
+            raise ValueError(f"a {im.size} thumbnail does not fit in {max_bytes} bytes")
+        im = im.resize((max(1, im.size[0] // 2), max(1, im.size[1] // 2)), Image.BILINEAR)
 
 
 def colormap_depth(d: np.ndarray) -> np.ndarray:
@@ -92,16 +123,34 @@ def normals_from_depth(d: np.ndarray) -> np.ndarray:
 
 
 def render(kind: str, a: np.ndarray) -> tuple[str, bytes]:
-    """A display thumbnail of one source array -> (mime, bytes), at most THUMB_PX on the longer side.
-    kind 'rgb': uint8 (H, W, 3); 'depth': uint16 (H, W); 'normals': uint16 depth (H, W) or uint8 (H, W, 3)."""
-    if kind == "rgb":
-        return "image/webp", _save(_bounded(Image.fromarray(np.ascontiguousarray(a, np.uint8))), "WEBP")
-    if kind == "depth":
-        return "image/png", _save(_bounded(Image.fromarray(colormap_depth(a))), "PNG")
-    if kind == "normals":
-        rgb = a if a.ndim == 3 else normals_from_depth(a)
-        return "image/png", _save(_bounded(Image.fromarray(np.ascontiguousarray(rgb, np.uint8))), "PNG")
-    raise ValueError(f"unknown thumbnail kind {kind!r}")
+    """A display thumbnail of one source array -> (mime, WebP bytes), at most THUMB_PX on the longer side and
+    THUMB_MAX_BYTES long. kind 'rgb': uint8 (H, W, 3); 'depth': uint16 (H, W); 'normals': uint16 depth (H, W)
+    or uint8 (H, W, 3)."""
+    a = np.asarray(a)
+    if kind not in ("rgb", "depth", "normals"):
+        raise ValueError(f"unknown thumbnail kind {kind!r}")
+    colour = a.ndim == 3 and a.shape[2] == 3
+    if not (colour or (kind != "rgb" and a.ndim == 2)) or 0 in a.shape:
+        raise ValueError(f"a {kind} thumbnail needs an (H, W{', 3' if kind == 'rgb' else ''}) image, "
+                         f"got shape {a.shape}")
+    rgb = a if colour else colormap_depth(a) if kind == "depth" else normals_from_depth(a)
+    return "image/webp", encode_thumb(Image.fromarray(np.ascontiguousarray(rgb, np.uint8)))
+
+
+def encode_embedding(z: np.ndarray) -> bytes:
+    """One indexed vector (D,) -> the bytes of its ``emb:<view>`` row (float16 little-endian)."""
+    z = np.asarray(z, np.float32).reshape(-1)
+    if not np.isfinite(z).all() or np.abs(z).max(initial=0) > 65504:
+        raise ValueError("an embedding to store must be finite and within float16's range (|x| <= 65504)")
+    return z.astype("<f2").tobytes()
+
+
+def decode_embedding(mime: str, data: bytes) -> np.ndarray:
+    """The bytes of an ``emb:<view>`` row -> float32 (D,) (float16 rows; float32 ones are read too)."""
+    dtype = {EMB_MIME: "<f2", "application/x-float32": "<f4"}.get(mime)
+    if dtype is None:
+        raise ValueError(f"an embedding row of type {mime!r}: expected {EMB_MIME}")
+    return np.frombuffer(data, dtype).astype(np.float32)
 
 
 def kind_of_view(name: str, source: str) -> str | None:
@@ -114,15 +163,15 @@ def kind_of_view(name: str, source: str) -> str | None:
     return None
 
 
-def item_rows(key: str, sources: Mapping[str, Any], views: Mapping[str, str], image_size: int) -> list[tuple]:
+def item_rows(key: str, sources: Mapping[str, Any], views: Mapping[str, str],
+              vectors: Mapping[str, np.ndarray] | None = None) -> list[tuple]:
     """Rows (key, kind, mime, data) of one item. ``sources``: 'rgb' uint8 (H, W, 3), 'depth' uint16 (H, W),
-    optional 'normals' uint8 (H, W, 3), vectors by view name; ``views``: view name -> source of the model."""
+    optional 'normals' uint8 (H, W, 3); ``views``: view name -> source of the model; ``vectors``: view name ->
+    the item's indexed vector (D,), as ``IndexStore.add`` received it (one ``emb:<view>`` row each)."""
     rows: list[tuple] = []
     srcs = set(views.values())
     if "rgb" in srcs and "rgb" in sources:
-        a = np.asarray(sources["rgb"])
-        rows.append((key, "rgb", *render("rgb", a)))
-        rows.append((key, "input:rgb", "image/png", encode_png(fit_image(a, image_size))))
+        rows.append((key, "rgb", *render("rgb", np.asarray(sources["rgb"]))))
     if "depth" in srcs and "depth" in sources:
         d = np.asarray(sources["depth"])
         if any(s == "depth" and v != "normals" for v, s in views.items()):
@@ -130,10 +179,8 @@ def item_rows(key: str, sources: Mapping[str, Any], views: Mapping[str, str], im
         if "normals" in views:
             n = sources.get("normals")
             rows.append((key, "normals", *render("normals", np.asarray(n) if n is not None else d)))
-        rows.append((key, "input:depth", "image/png", encode_png(fit_image(d, image_size))))
-    for v, s in views.items():
-        if s == "vector" and v in sources:
-            rows.append((key, f"input:{v}", "application/x-float32", np.asarray(sources[v], "<f4").tobytes()))
+    for v, z in (vectors or {}).items():
+        rows.append((key, f"emb:{v}", EMB_MIME, encode_embedding(z)))
     return rows
 
 
@@ -237,12 +284,14 @@ class ThumbStore:
         """Forget the rows of removed items (those of a key's current item stay)."""
         self.drop_dead(keys=keys)
 
-    def add_sources(self, keys: list[str], sources: Mapping[str, np.ndarray], views: Mapping[str, str],
-                    image_size: int, ids: Iterable[int]) -> int:
-        """A batch of a Dataset's sources (arrays aligned on the first axis) -> rows for every key, stored under
-        ``ids`` (the items' ids, aligned with ``keys``)."""
+    def add_sources(self, keys: list[str], sources: Mapping[str, np.ndarray], views: Mapping[str, str], *,
+                    ids: Iterable[int], vectors: Mapping[str, np.ndarray]) -> int:
+        """A batch of a Dataset's sources (arrays aligned on the first axis) and the vectors the index received
+        for them (view -> (N, D)) -> rows for every key, stored under ``ids`` (the items' ids, aligned with
+        ``keys``)."""
         rows = [r for i, k in enumerate(keys)
-                for r in item_rows(k, {s: a[i] for s, a in sources.items()}, views, image_size)]
+                for r in item_rows(k, {s: a[i] for s, a in sources.items()}, views,
+                                   {v: z[i] for v, z in vectors.items()})]
         return self.put(rows, dict(zip(keys, (int(i) for i in ids))))
 
     def current_ids(self, keys: list[str]) -> list[int | None]:
@@ -266,7 +315,14 @@ class ThumbStore:
                 return by[k][0], by[k][1], bytes(by[k][2])
         return None
 
+    def get_embedding(self, key: str, view: str) -> np.ndarray | None:
+        """The indexed vector of view ``view`` (float32 (D,), from its float16 row) of the item that holds ``key``
+        now; None when it has none (an index written before these rows: see ``get_input``)."""
+        r = self.get(key, f"emb:{view}")
+        return decode_embedding(r[1], r[2]) if r else None
+
     def get_input(self, key: str, source: str) -> bytes | None:
+        """The lossless query input (``input:<source>``) of files written before ``emb:`` rows, or None."""
         r = self.get(key, f"input:{source}")
         return r[2] if r else None
 
@@ -307,10 +363,11 @@ def _writer(index_dir: str | Path) -> ThumbStore | None:
 
 
 def add_items(index_dir: str | Path, keys: list[str], decoded: Mapping[str, list], rt: Any,
-              ids: Iterable[int] | None = None) -> int:
+              ids: Iterable[int] | None = None, vectors: Mapping[str, np.ndarray] | None = None) -> int:
     """Thumbnails of items just added through ``/index/add``, from their inputs as the server decoded them
-    (``decoded``: source key -> one array per item, ``models.runtime.to_source``), so the stored query input
-    is exactly what was embedded. ``ids``: the items' ids as ``IndexStore.add`` returned them; the rows go
+    (``decoded``: source key -> one array per item, ``models.runtime.to_source``), and their embeddings as the
+    index received them (``vectors``: view -> (N, D), for ``/search_by_key``; an item with none cannot be
+    searched by key). ``ids``: the items' ids as ``IndexStore.add`` returned them; the rows go
     under those ids, so a remove (and a re-add of the key) between the add and this call cannot leave them to
     a later item: rows of an item removed meanwhile are deleted again here, and are never served anyway.
     Without ``ids`` the keys' current ids are used (racy: for callers that do not know them). Never raises:
@@ -325,7 +382,8 @@ def add_items(index_dir: str | Path, keys: list[str], decoded: Mapping[str, list
         rows = []
         for i, key in enumerate(keys):
             if got[i] is not None:
-                rows += item_rows(key, {src: arrs[i] for src, arrs in decoded.items()}, views, rt.image_size)
+                rows += item_rows(key, {src: arrs[i] for src, arrs in decoded.items()}, views,
+                                  {v: z[i] for v, z in (vectors or {}).items()})
         ts.put(rows, {k: i for k, i in zip(keys, got) if i is not None})
         ts.drop_dead(ids=[i for i in got if i is not None])  # removed between the add and now
         return sum(i is not None for i in got)
@@ -403,7 +461,7 @@ def measure(model: str | None, data: str, split: str, n: int, via: str, out: str
                 part = {s: a[lo:lo + 256] for s, a in sources.items()}
                 vec = {v: rt.embed_sources(v, part) for v in views}
                 ids = store.add(keys[lo:lo + 256], vec)
-                ts.add_sources(keys[lo:lo + 256], part, views, rt.image_size, ids)
+                ts.add_sources(keys[lo:lo + 256], part, views, ids=ids, vectors=vec)
             ts.close()
         elif via == "server":
             for i, key in enumerate(keys):
@@ -418,7 +476,7 @@ def measure(model: str | None, data: str, split: str, n: int, via: str, out: str
                     vec[v] = rt.embed(v, rt.preprocess(v, [item], decoded=dec))
                     decoded.setdefault(src, dec)
                 ids = store.add([key], vec)
-                add_items(out, [key], decoded, rt, ids)
+                add_items(out, [key], decoded, rt, ids, vec)
         else:
             raise ValueError(f"via must be 'build' or 'server', not {via!r}")
         before = stats(out)
@@ -428,6 +486,71 @@ def measure(model: str | None, data: str, split: str, n: int, via: str, out: str
         if w is not None:
             w.close()
     return before | {"via": via, "data": data, "image_size": rt.image_size, "views": sorted(views)}
+
+
+def compact(index_dir: str | Path, model: str | Path | None = None, batch: int = 256) -> dict:
+    """Rewrite a thumbnail file of the earlier format in the current one: each item's lossless query inputs
+    (``input:<source>``) are embedded in every indexed view of that source by the index's model (or ``model``) and
+    stored as ``emb:<view>`` rows, then deleted; PNG display thumbnails are re-encoded as bounded WebP; the file
+    is vacuumed. The server may keep running (it reads an item's input until its ``emb:`` row exists). ->
+    ``stats`` before and after."""
+    from models.imageio import decode_depth, decode_image, fit_image
+    from models.runtime import Runtime
+    from models.views import source_key
+    from .manifest import read_manifest
+    index_dir = Path(index_dir)
+    before = stats(index_dir)
+    manifest = read_manifest(index_dir)
+    rt = Runtime(model or manifest["model_ref"])
+    if rt.fingerprint != manifest.get("fingerprint"):
+        raise ValueError(f"model {rt.path} (fingerprint {rt.fingerprint}) did not build the index at {index_dir} "
+                         f"(fingerprint {manifest.get('fingerprint')}): its vectors would not match")
+    by_src: dict[str, list[str]] = {}
+    for v in manifest["views"]:
+        by_src.setdefault(f"input:{source_key(v, rt.view(v))}", []).append(v)
+    with ThumbStore(index_dir) as ts:
+        for kind, views in by_src.items():
+            vector = rt.view(views[0])["source"] == "vector"
+            while True:
+                with ts._lock:
+                    rows = ts._db.execute("SELECT item_id, key, data FROM item_thumbs WHERE kind = ? LIMIT ?",
+                                          (kind, batch)).fetchall()
+                if not rows:
+                    break
+                if vector:
+                    x = [np.frombuffer(r[2], "<f4") for r in rows]
+                elif kind == "input:depth":
+                    x = [fit_image(decode_depth(bytes(r[2])), rt.image_size) for r in rows]
+                else:
+                    x = [fit_image(decode_image(bytes(r[2])), rt.image_size) for r in rows]
+                z = {v: rt.embed(v, rt.preprocess(v, x)) for v in views}
+                new = [(r[0], r[1], f"emb:{v}", EMB_MIME, encode_embedding(z[v][i]))
+                       for i, r in enumerate(rows) for v in views]
+                with ts._lock, ts._db:
+                    ts._db.executemany("INSERT OR REPLACE INTO item_thumbs(item_id, key, kind, mime, data) "
+                                       "VALUES (?, ?, ?, ?, ?)", new)
+                    ts._db.executemany("DELETE FROM item_thumbs WHERE item_id = ? AND kind = ?",
+                                       [(r[0], kind) for r in rows])
+        last = -1
+        while True:  # display thumbnails of the earlier format: PNG -> bounded WebP
+            with ts._lock:
+                rows = ts._db.execute("SELECT rowid, data FROM item_thumbs WHERE mime = 'image/png' AND rowid > ? "
+                                      "ORDER BY rowid LIMIT ?", (last, batch)).fetchall()
+            if not rows:
+                break
+            last = rows[-1][0]
+            new = []
+            for rowid, data in rows:
+                with Image.open(io.BytesIO(data)) as im:
+                    new.append(("image/webp", encode_thumb(im), rowid))
+            with ts._lock, ts._db:
+                ts._db.executemany("UPDATE item_thumbs SET mime = ?, data = ? WHERE rowid = ?", new)
+        ts.drop_dead()
+        with ts._lock:
+            ts._db.execute("PRAGMA main.wal_checkpoint(TRUNCATE)")
+            ts._db.execute("VACUUM")
+            ts._db.execute("PRAGMA main.wal_checkpoint(TRUNCATE)")
+    return {"before": before, "after": stats(index_dir)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,9 +568,15 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--n", type=int, default=1000, help="items")
     m.add_argument("--via", default="build", choices=["build", "server"],
                    help="index.build's batched path or the server's /index/add path (one item per transaction)")
+    c = sub.add_parser("compact", help="rewrite an earlier-format thumbs.sqlite (lossless inputs, PNG) in the "
+                                       "current one (indexed vectors, WebP) and vacuum it")
+    c.add_argument("index", help="index directory")
+    c.add_argument("--model", default=None, help="the index's model (default: the one its manifest names)")
     a = p.parse_args(argv)
     if a.cmd == "stats":
         out = stats(a.index)
+    elif a.cmd == "compact":
+        out = compact(a.index, a.model)
     else:
         with tempfile.TemporaryDirectory(prefix="cmc-thumbs-") as d:
             out = measure(a.model, a.data, a.split, a.n, a.via, Path(d) / "index")

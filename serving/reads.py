@@ -57,17 +57,30 @@ async def similarity(inputs: Inputs, tau: float, a: Any = None, b: Any = None, q
                         for i in order]}
 
 
-async def search(inputs: Inputs, store: Any, query: Any, target_view: str | None = None, k: int = 10,
-                 include_metadata: bool = True) -> dict:
+def _check_k(inputs: Inputs, k: Any) -> None:
     if not isinstance(k, int) or isinstance(k, bool) or k <= 0 or k > inputs.settings.max_k:
         raise ApiError("invalid_input", f"k must be an integer in 1..{inputs.settings.max_k} (CMC_MAX_K), got {k!r}",
                        "k")
+
+
+async def search(inputs: Inputs, store: Any, query: Any, target_view: str | None = None, k: int = 10,
+                 include_metadata: bool = True) -> dict:
+    _check_k(inputs, k)
     zq, qv = await inputs.embed_inputs([query], "query")
-    target = target_view or qv[0]
+    return await search_embedding(inputs, store, zq, qv[0], target_view, k, include_metadata)
+
+
+async def search_embedding(inputs: Inputs, store: Any, zq: np.ndarray, view: str, target_view: str | None = None,
+                           k: int = 10, include_metadata: bool = True) -> dict:
+    """/search with a query already embedded in ``view`` (``zq``: (1, D) float32), e.g. a stored item's
+    indexed vector (/search_by_key)."""
+    _check_k(inputs, k)
+    target = target_view or view
     if target not in store.views:
         raise ApiError("invalid_input", f"target_view {target!r} is not indexed; the index has views "
                                         f"{sorted(store.views)}", "target_view")
+    zq = np.ascontiguousarray(np.asarray(zq, np.float32).reshape(1, -1))
     hits = await anyio.to_thread.run_sync(lambda: store.search_items(zq, target, k))
-    return {"query_view": qv[0], "target_view": target, "k": k,
+    return {"query_view": view, "target_view": target, "k": k,
             "results": trim_hits(hits[0], bool(include_metadata))}
 

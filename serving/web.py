@@ -10,9 +10,10 @@ Routes (declared with their access class in serving/routes.py; all but the page'
 * ``POST /thumbs {"keys": [...], "view": V}``: ``{"thumbs": {key: data URI or null}}``, one request per result grid.
 * ``GET /gallery/random``: ``{"key", "metadata", "thumb"}`` of a random stored item.
 * ``POST /search_by_key {"key", "view", "target_view", "k"}``: search with a stored item as the query in ``view``.
-  The query is the item's stored input for that view's source (index/thumbs.py keeps it already fitted to the
-  model's input size, lossless), sent through the same path as an uploaded image - so it works for every index
-  type (FAISS ``reconstruct`` does not, for IVF/PQ/HNSW-with-tombstones) and gives the exact indexed embedding.
+  The query is the item's indexed vector in that view, which index/thumbs.py keeps (float16: scores within
+  2^-11 of a search with the float32 vector, ``thumbs.FLOAT16_SCORE_BOUND``) - so it works for every index type
+  (FAISS ``reconstruct`` does not, for IVF/PQ/HNSW-with-tombstones) and nothing is re-embedded. Files written
+  before kept a lossless copy of the item's input instead: it is re-embedded, as it was then.
 
 Errors use the service's ``{"error", "detail", "field"}`` shape.
 """
@@ -33,6 +34,7 @@ from starlette.routing import Route
 from index.thumbs import ThumbStore, kind_of_view
 from models.views import source_key
 
+from . import reads
 from .core import ApiError, current_core
 from .errors import error_response as _err
 from .limits import check_key as _key
@@ -170,22 +172,28 @@ async def search_by_key(request: Request, core: Any, store: Any) -> Response:
     spec = core.view_spec(view)
     src = source_key(view, spec)
 
-    def load() -> bytes | None:
+    def load() -> tuple[Any, bytes | None]:
         if store.ids_of([key])[0] is None:
             raise ApiError("not_found", f"no stored item has key {key!r}", "key")
         ts = thumbs_of(store)
-        return ts.get_input(key, src) if ts is not None else None
+        if ts is None:
+            return None, None
+        z = ts.get_embedding(key, view)
+        return (z, None) if z is not None else (None, ts.get_input(key, src))  # older files: the stored input
 
-    data = await anyio.to_thread.run_sync(load)
+    z, data = await anyio.to_thread.run_sync(load)
+    k = body.get("k", 10)
+    if z is not None:  # the item's indexed vector in this view: no re-embedding
+        out = await reads.search_embedding(core.inputs, store, z[None], view, body.get("target_view"), k)
+        return JSONResponse(out | {"query_key": key})
     if data is None:
-        raise ApiError("not_found", f"item {key!r} has no stored {src} input to query with in view {view!r}",
-                       "view")
+        raise ApiError("not_found", f"item {key!r} has no stored vector in view {view!r} to search with (the "
+                                    f"index has views {sorted(store.views)})", "view")
     if spec["source"] == "vector":
         import numpy as np
         query = {"view": view, "array": np.frombuffer(data, "<f4").tolist()}
     else:
         query = {"view": view, "image": data}  # Core.prepare takes raw bytes as they are
-    k = body.get("k", 10)
     out = await core.search(query, body.get("target_view"), k)
     return JSONResponse(out | {"query_key": key})
 

@@ -67,8 +67,9 @@ async def index_add(inputs: Inputs, store: Any, items: list) -> dict:
     parts = await asyncio.gather(*(one(src, vs) for src, vs in by_source.items()))
     vectors = dict(p for part in parts for p in part)
     ids = await anyio.to_thread.run_sync(lambda: store.add(keys, vectors, metas))
-    # the web page's thumbnails, from the same decoded inputs, under the ids just added
-    await inputs.decode(lambda: thumbs.add_items(store.path, keys, decoded, inputs.rt, ids))
+    # the web page's thumbnails, from the same decoded inputs, and the vectors just indexed (for /search_by_key),
+    # under the ids just added
+    await inputs.decode(lambda: thumbs.add_items(store.path, keys, decoded, inputs.rt, ids, vectors))
     return {"added": len(keys), "ids": [int(i) for i in ids], "views": sorted(vectors)}
 
 

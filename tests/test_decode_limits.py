@@ -2,7 +2,8 @@
 
 The server used to keep every full-size decode of a request (up to 64 x max_pixels x 3 bytes) until the
 thumbnails were written. Now each decode is reduced at once to at most ``keep_pixels(S)`` pixels, and
-``index.thumbs.item_rows`` makes byte-identical query inputs from it (what was embedded is what is stored).
+the model's input made from it is identical (fit_image of the kept array is what was embedded), and so are
+the thumbnails ``index.thumbs.item_rows`` makes when the image is small enough to be kept as decoded.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def _decode_full(src: str, data: bytes) -> np.ndarray:
 
 def _rows(src: str, a: np.ndarray) -> dict[str, tuple]:
     views = RGB_VIEWS if src == "rgb" else DEPTH_VIEWS
-    return {r[1]: r for r in item_rows("k", {src: a}, views, S)}
+    return {r[1]: r for r in item_rows("k", {src: a}, views)}
 
 
 def test_a_1024px_image_for_a_32px_model_keeps_32px():
@@ -68,7 +69,7 @@ def test_a_1024px_image_for_a_32px_model_keeps_32px():
         want = fit_image(full, S)
         want = want.transpose(2, 0, 1) / np.float32(255.0) if src == "rgb" else want[None] / np.float32(65535.0)
         np.testing.assert_array_equal(x[0], want)
-        assert _rows(src, decoded[0])[f"input:{src}"] == _rows(src, full)[f"input:{src}"]
+        np.testing.assert_array_equal(fit_image(decoded[0], S), fit_image(full, S))  # the model's input
 
 
 # (h, w): larger than the model (square, landscape, portrait, a strip too long to keep whole), the model's size,
@@ -80,8 +81,8 @@ SHAPES = [(1024, 1024), (768, 1024), (1024, 600), (40, 5000), (S, S), (20, 30), 
 @pytest.mark.parametrize("h,w", SHAPES)
 @pytest.mark.parametrize("as_bytes", [True, False])
 def test_kept_array_is_bounded_and_gives_the_same_rows(src, h, w, as_bytes):
-    """item_rows on the kept array gives byte-identical query-input rows to item_rows on the full decode, for
-    rgb and 16-bit depth, larger and smaller than the model; every row is identical when the image is small
+    """The kept array gives the model the same input as the full decode (fit_image), for rgb and 16-bit depth,
+    larger and smaller than the model, and item_rows the same kinds; every row is identical when the image is small
     enough to be kept as decoded. A larger image keeps the whole picture with its shorter side S (its thumbnail
     shows all of it, at the aspect of the original), or, for a long strip, the model's input itself."""
     from models.runtime import keep_pixels
@@ -99,12 +100,11 @@ def test_kept_array_is_bounded_and_gives_the_same_rows(src, h, w, as_bytes):
         assert k.shape[:2] == (S, S)
     got, want = _rows(src, k), _rows(src, full)
     assert sorted(got) == sorted(want)
-    assert got[f"input:{src}"] == want[f"input:{src}"]  # the stored query input is what was embedded
+    np.testing.assert_array_equal(fit_image(k, S), fit_image(full, S))  # what was embedded
     if h * w <= keep_pixels(S):
         assert got == want
     for kind, row in got.items():
-        if not kind.startswith("input:"):
-            assert max(Image.open(io.BytesIO(row[3])).size) <= THUMB_PX
+        assert max(Image.open(io.BytesIO(row[3])).size) <= THUMB_PX
 
 
 def test_keep_bound():

@@ -123,7 +123,7 @@ def test_page_is_public_and_everything_else_needs_the_token(world):
     key = world["ds"].keys[3]
     assert httpx.get(f"{url}/thumb/{key}").status_code == 401
     r = httpx.get(f"{url}/thumb/{key}", params={"view": "depth"}, headers={"Authorization": f"Bearer {TOKEN}"})
-    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.status_code == 200 and r.headers["content-type"] == "image/webp"  # colour-mapped, WebP
     r = httpx.get(f"{url}/thumb/nope", headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 404 and "nope" in r.json()["detail"]
 
@@ -216,7 +216,7 @@ def test_web_routes_answer_bad_input_with_4xx(world):
     r = httpx.post(url + "/search_by_key", json={"key": key, "view": "L", "target_view": "ab", "k": 3}, headers=auth)
     assert r.status_code == 200 and r.json()["results"][0]["key"] == key and r.json()["query_key"] == key
     got = httpx.post(url + "/thumbs", json={"keys": [key, "nope"], "view": "depth"}, headers=auth).json()["thumbs"]
-    assert got[key].startswith("data:image/png;base64,") and got["nope"] is None
+    assert got[key].startswith("data:image/webp;base64,") and got["nope"] is None
     r = httpx.get(url + "/gallery/random", headers=auth)
     assert r.status_code == 200 and r.json()["key"] in world["ds"].keys
 
@@ -233,11 +233,11 @@ def test_an_added_item_gets_a_thumbnail(world):
     assert r.status_code == 200, r.text
     from PIL import Image
     import io
-    for view, mime in (("ab", "image/webp"), ("depth", "image/png")):
+    for view, mime in (("ab", "image/webp"), ("depth", "image/webp")):
         r = httpx.get(url + "/thumb/added-1", params={"view": view}, headers=auth)
         assert r.status_code == 200 and r.headers["content-type"] == mime
         assert Image.open(io.BytesIO(r.content)).size == (58, 96)  # bounded to 96 px, aspect kept
     r = httpx.post(url + "/search_by_key", json={"key": "added-1", "view": "depth", "target_view": "depth", "k": 1},
                    headers=auth)
     assert r.status_code == 200 and r.json()["results"][0]["key"] == "added-1"
-    assert r.json()["results"][0]["score"] > 0.999  # the stored input gives the indexed embedding back
+    assert r.json()["results"][0]["score"] > 0.999  # the stored (float16) indexed vector: itself first
