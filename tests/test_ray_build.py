@@ -1,5 +1,9 @@
 """Index builds on Ray (index/ray_engine.py): the vectors equal the single-process build's, and on a two-node
-local cluster (ray.cluster_utils.Cluster) the embedding runs on both nodes. Skipped without the ray extra."""
+local cluster (ray.cluster_utils.Cluster) the embedding runs on both nodes. Skipped without the ray extra.
+
+Which node ran what is read two ways: the node id each embedding actor records with its output (always), and Ray's
+state API (``ray.util.state.list_tasks``), which queries the dashboard's API server and so needs ``ray[default]``
+(aiohttp_cors, opencensus, py-spy, ...): without it that test is skipped, saying so."""
 from __future__ import annotations
 
 from collections import Counter
@@ -63,28 +67,76 @@ def test_embed_chunks_equal_local(model_dir):
     assert sum(nodes.values()) == 60 and len(nodes) == 1
 
 
-@pytest.fixture
-def two_nodes():
+def _state_api_error() -> str | None:
+    """Why Ray's state API cannot answer here (None when it can): it needs the dashboard, i.e. ray[default]."""
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401 - the check Ray itself makes before starting a dashboard
+    except ImportError as e:
+        return f"Ray's state API needs the dashboard: pip install 'ray[default]' ({e})"
+    return None
+
+
+RAY_BATCH = 8  # items per map_batches call in the two-node build: 64 items -> 8 embedding tasks
+SUBMIT = "MapWorker(MapBatches(Embedder)).submit"  # Ray Data's name of one map_batches call on an actor
+
+
+@pytest.fixture(scope="module")
+def two_node_build(model_dir, tmp_path_factory):
+    """`index.build --engine ray` on a two-node local cluster of 1 CPU per node (the head with a dashboard when
+    ray[default] is installed), beside the single-process build: the index directories, the items embedded per
+    node (as the actors recorded their node ids), the alive nodes, and Ray's state API's embedding tasks."""
     from ray.cluster_utils import Cluster
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    tmp = tmp_path_factory.mktemp("raybuild")
+    build_index(model_dir, DATA, VIEWS, tmp / "local", split="train", batch_size=24, progress=False)
+    state_err = _state_api_error()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": state_err is None})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     try:
-        yield cluster
+        nodes: Counter = Counter()
+        build_index(model_dir, DATA, VIEWS, tmp / "ray", split="train", batch_size=24, progress=False,
+                    engine="ray", ray_options={"batch_size": RAY_BATCH, "nodes": nodes})
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        tasks = _finished_tasks(SUBMIT, -(-sum(nodes.values()) // RAY_BATCH)) if state_err is None else None
+        yield {"local": tmp / "local", "ray": tmp / "ray", "nodes": nodes, "alive": alive, "tasks": tasks,
+               "state_err": state_err}
     finally:
         ray.shutdown()
         cluster.shutdown()
 
 
-def test_two_node_build_equals_local(model_dir, tmp_path, two_nodes):
-    """`index.build --engine ray` on two nodes of 1 CPU: its actors ran on both nodes (Ray's view of the
-    cluster and of the actors: ray.nodes, the actors' node ids), and the index equals the local build's."""
-    build_index(model_dir, DATA, VIEWS, tmp_path / "local", split="train", batch_size=24, progress=False)
-    nodes: Counter = Counter()
-    build_index(model_dir, DATA, VIEWS, tmp_path / "ray", split="train", batch_size=24, progress=False,
-                engine="ray", ray_options={"batch_size": 8, "nodes": nodes})
-    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    assert len(alive) == 2
-    assert set(nodes) == alive, (nodes, alive)  # items were embedded on both nodes
-    _same_index(tmp_path / "local", tmp_path / "ray")
+def _finished_tasks(name: str, want: int, timeout: float = 60.0) -> list:
+    """Ray's state API's FINISHED tasks called ``name``, once it reports ``want`` of them (task events reach the
+    API server a few seconds after the tasks end) or after ``timeout`` s."""
+    import time
+
+    from ray.util.state import list_tasks
+    t0 = time.time()
+    while True:
+        tasks = list_tasks(filters=[("name", "=", name), ("state", "=", "FINISHED")], limit=10_000)
+        if len(tasks) >= want or time.time() - t0 > timeout:
+            return tasks
+        time.sleep(1.0)
+
+
+def test_two_node_build_equals_local(two_node_build):
+    """`index.build --engine ray` on two nodes of 1 CPU: its actors ran on both nodes (the node id each actor
+    recorded with its output, against ray.nodes), and the index equals the local build's."""
+    b = two_node_build
+    assert len(b["alive"]) == 2
+    assert set(b["nodes"]) == b["alive"], (b["nodes"], b["alive"])  # items were embedded on both nodes
+    assert sum(b["nodes"].values()) == 64
+    _same_index(b["local"], b["ray"])
+
+
+def test_two_node_build_seen_by_state_api(two_node_build):
+    """Ray's own record of the same build (ray.util.state.list_tasks): the embedding tasks finished on both nodes,
+    one per batch, and per node they account for exactly the items the actors say they embedded there."""
+    b = two_node_build
+    if b["state_err"]:
+        pytest.skip(b["state_err"])
+    per_node = Counter(t.node_id for t in b["tasks"])
+    assert set(per_node) == b["alive"], per_node
+    assert sum(per_node.values()) == 64 // RAY_BATCH
+    assert {n: c * RAY_BATCH for n, c in per_node.items()} == dict(b["nodes"])
