@@ -209,3 +209,91 @@ def test_global_batch_norm_equals_one_process_over_the_whole_batch(tmp_path):
         torch.testing.assert_close(got[r][f"mean_{r}"], ref.running_mean, atol=1e-5, rtol=0)
         torch.testing.assert_close(got[r][f"var_{r}"], ref.running_var, atol=1e-5, rtol=0)
     torch.testing.assert_close(got[0]["wgrad_0"] + got[1]["wgrad_1"], ref.weight.grad, atol=1e-4, rtol=1e-5)
+
+
+def _reference_sources(ds, keys, idx) -> dict:
+    """A batch of sources as the pipeline documents it, from the dataset's numpy arrays (independent of DeviceData)."""
+    import numpy as np
+    out, rows = {}, idx.numpy()
+    for k in keys:
+        a = ds.sources[k][rows]
+        if k == "rgb":
+            out[k] = torch.from_numpy(a.transpose(0, 3, 1, 2).astype(np.float32)) / 255.0
+        elif k == "depth":
+            out[k] = torch.from_numpy(a.astype(np.float32))[:, None] / 65535.0
+        else:
+            out[k] = torch.from_numpy(a.astype(np.float32))
+    return out
+
+
+@pytest.mark.parametrize("stage", [False, True])
+def test_device_data_batches_equal_the_sources(tmp_path, stage):
+    """Direct indexing and the staged gather (index_select into two alternating buffers, the pinned path on CUDA)
+    give the sources' values exactly, uint16 depth above 32767 included (it crosses as int16, widened after),
+    batch after batch (a buffer is reused every other batch)."""
+    import numpy as np
+
+    from train.pipeline import DeviceData
+    from models.data import Dataset
+    from models.views import parse_views
+
+    rng = np.random.default_rng(0)
+    n = 40
+    ds = Dataset({"rgb": rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
+                  "depth": rng.integers(0, 65536, (n, 8, 8), dtype=np.uint64).astype(np.uint16)},
+                 np.zeros(n, np.int64))
+    assert int(ds.sources["depth"].max()) > 60_000
+    data = DeviceData(ds, parse_views("L,ab,depth"), torch.device("cpu"), stage=stage)
+    assert data.stage is stage and not data.resident
+    batches = [torch.from_numpy(rng.permutation(n)[:b]) for b in (16, 16, 16, 7, 16)]
+    got = [data.batch(i) for i in batches]  # all kept: a later batch must not overwrite an earlier one
+    for i, b in zip(batches, got):
+        want = _reference_sources(ds, ["depth", "rgb"], i)
+        assert b.keys() == want.keys()
+        for k in want:
+            assert b[k].dtype == torch.float32 and torch.equal(b[k], want[k]), k
+
+
+@pytest.mark.parametrize("data", ["images", "vectors"])
+def test_the_loops_batches_are_those_of_the_per_step_recipe(tmp_path, monkeypatch, data):
+    """The loop now keeps one permutation per epoch and draws on the device's generator; on the CPU every batch,
+    crop, vector augmentation and memory-bank draw of 6 steps across an epoch boundary equals the per-step recipe
+    it replaced (the epoch's permutation rebuilt each step, a CPU generator seeded by (seed, step), sources read
+    from numpy). On CUDA the draws come from the GPU's generator: equal in distribution, not in value."""
+    from conftest import make_npz
+    from train.config import Config
+    from train.pipeline import augment, crop_params, epoch_order
+    from train.setup import prepare
+    from train.vector_aug import VectorAugment
+
+    if data == "images":
+        kw = dict(data="scenes:n=64,size=16,seed=5,test_n=8", views="L,ab,depth", arch="resnet10", width=0.25)
+    else:
+        kw = dict(data=f"npz:{make_npz(tmp_path / 'v.npz', n=64)}", views="fa,fb", vector_corrupt=0.3, vector_noise=0.2)
+    cfg = Config(**kw, batch_size=16, max_steps=6, negatives="memory", nce_k=8, out=str(tmp_path / "run"),
+                 export=False, index=False, evaluate=False, threads=1, val_fraction=0.0).validate()
+    ds, _, specs, size = prepare(cfg, progress=False)
+    seen = []
+
+    def step(model, opt, bank, batch, idx, cfg_, world, g, amp, loss_fn=None):
+        seen.append((batch, idx.clone(), bank.sample(idx, cfg.nce_k, g)))
+        return torch.tensor(1.0), {"loss": torch.tensor(1.0)}
+
+    monkeypatch.setattr(pretrain, "train_step", step)
+    pretrain.train(cfg, ds, specs, size, torch.device("cpu"))
+    assert len(seen) == 6
+    keys = sorted({s.source_key for s in specs})
+    vec = VectorAugment({k: torch.from_numpy(ds.sources[k]) for k in keys if k.startswith("f")},
+                        cfg.vector_corrupt, cfg.vector_noise)
+    for s, (batch, idx, neg) in enumerate(seen):
+        epoch, i = divmod(s, len(ds) // cfg.batch_size)
+        want_idx = epoch_order(len(ds), cfg.seed, epoch)[i * 16:(i + 1) * 16]
+        g = torch.Generator().manual_seed((cfg.seed + 1) * 7_919 + s * 104_729)
+        want = vec(augment(_reference_sources(ds, keys, want_idx), crop_params(16, cfg.crop_min, cfg.flip, g)), g, 16)
+        r = torch.randint(0, len(ds) - 1, (16, cfg.nce_k), generator=g)
+        assert torch.equal(idx, want_idx), s
+        assert batch.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(batch[k], want[k], atol=0, rtol=0, msg=f"step {s}: {k}")
+        assert torch.equal(neg, r + (r >= want_idx[:, None]).long()), s
+    assert len({tuple(x[1].tolist()) for x in seen}) == 6  # the steps did not all see one batch

@@ -60,6 +60,7 @@ class Config:
     device: str = "auto"  # auto (cuda when present, else cpu), cpu, cuda, cuda:1
     amp: str = "auto"  # auto (bf16 on cuda; on CPUs with native bf16 for conv encoders; else fp32), bf16, off
     channels_last: bool = True  # channels_last memory format for conv encoders (CPU and CUDA)
+    compile: bool = False  # torch.compile the model for training (slower start, faster steps on GPUs)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     out: str = "runs/default"  # run directory: checkpoint.pt, metrics.jsonl, export/
     resume: bool = False  # continue from OUT/checkpoint.pt

@@ -126,7 +126,8 @@ class MemoryBank:
         """(N,) sample indices -> (N, K) negative indices, each != its anchor's index."""
         if self.n < 2:
             raise ValueError("a memory bank needs at least two samples")
-        r = torch.randint(0, self.n - 1, (idx.shape[0], k), generator=generator).to(idx.device)
+        # drawn on the generator's device (the GPU on a CUDA run: no per-step copy)
+        r = torch.randint(0, self.n - 1, (idx.shape[0], k), generator=generator, device=generator.device).to(idx.device)
         return r + (r >= idx[:, None]).long()  # skip the anchor's own slot
 
     def sample_shared(self, idx: Tensor, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -134,7 +135,7 @@ class MemoryBank:
         draws that hit anchor n's own sample (excluded from its candidates)."""
         if self.n < 2:
             raise ValueError("a memory bank needs at least two samples")
-        neg = torch.randint(0, self.n, (k,), generator=generator).to(idx.device)
+        neg = torch.randint(0, self.n, (k,), generator=generator, device=generator.device).to(idx.device)
         return neg, neg[None, :] == idx[:, None]
 
     def gather(self, idx: Tensor, neg_idx: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

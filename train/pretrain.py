@@ -79,13 +79,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, device: torch.device,
-          world: Dist | None = None, model: nn.Module | None = None, loss_fn: LossFn | None = None) -> CMCModel:
+          world: Dist | None = None, model: nn.Module | None = None, loss_fn: LossFn | None = None,
+          timer=None) -> CMCModel:
     """The training loop. Returns the trained (unwrapped) model: with a validation split, the weights of the
     epoch with the best validation cross-view recall@1. Writes checkpoint.pt and metrics.jsonl.
 
     ``model`` and ``loss_fn`` swap in another model and objective (the analyses of train.experiments):
     ``loss_fn(model, batch, generator) -> (loss, stats with 'loss')`` on the augmented batch of sources,
-    single process, without the memory bank."""
+    single process, without the memory bank. ``timer``: its ``start()`` and ``stop()`` are called around every
+    step (the batch, the step and its one synchronisation; not validation, metrics or checkpoints): train.gpu_check
+    times the steps alone."""
     world = world or Dist()
     use_device(device)  # callers other than main (train.gpu_check, the analyses) get the same current device
     out = Path(cfg.out)
@@ -99,6 +102,10 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
     # 2. the model (seeded), the speed choices, the memory bank, the optimiser and the schedule's length
     model = (build_model(cfg, specs, image_size, ds) if model is None else model).to(device)
     use_cuda = device.type == "cuda"
+    if use_cuda:  # TF32 for fp32 matmuls and convolutions; cuDNN picks the fastest algorithm per (fixed) shape
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     amp, channels_last = speed_choices(cfg, specs, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -142,7 +149,9 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
         # the same dropout masks. Augmentation and bank negatives come from the global step's generator, sliced
         # per rank, so they already differ per sample and match a single process. One process keeps its stream.
         torch.manual_seed(rank_seed(cfg.seed, world.rank))
-    data = DeviceData(ds, specs, device, pin=use_cuda)
+    if cfg.compile:  # after DDP (its DDPOptimizer splits the graph at the gradient buckets); the weights are shared
+        ddp_model = torch.compile(ddp_model)
+    data = DeviceData(ds, specs, device, pin=use_cuda)  # on CUDA: resident on the GPU, or pinned and staged
     vec_aug = VectorAugment(vector_pool(data.host, [s.name for s in specs if not s.is_image]),
                             cfg.vector_corrupt, cfg.vector_noise)
     local_bs = cfg.batch_size // world.world
@@ -168,26 +177,37 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
     last = total if not cfg.max_steps else min(total, cfg.max_steps)
     if selector.should_stop:  # a resumed run that had already stopped early
         last = step
-    bar = tqdm(total=last, initial=step, desc="pretrain", disable=not world.main or step >= last, dynamic_ncols=True)
+    bar = tqdm(total=last, initial=step, desc="pretrain", disable=not world.main or step >= last, dynamic_ncols=True,
+               mininterval=1.0)  # a redraw at most once a second, not every step
     ddp_model.train()
     t_last, n_since = time.perf_counter(), 0
+    order_epoch, order, order_dev = -1, None, None
     try:
         with open(metrics_path, "a") if world.main else open(os.devnull, "w") as mf:
             while step < last:
+                if timer is not None:
+                    timer.start()
                 epoch, i = divmod(step, steps_per_epoch)
-                order = epoch_order(len(ds), cfg.seed, epoch)
-                idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # the global batch
-                g = step_generator(cfg.seed, step)
+                if epoch != order_epoch:  # one permutation per epoch, kept on the host and on the device
+                    order = epoch_order(len(ds), cfg.seed, epoch)
+                    order_dev, order_epoch = order.to(device), epoch
+                rows = slice(i * cfg.batch_size, (i + 1) * cfg.batch_size)  # the global batch
+                idx = order_dev[rows]
+                # the step's randomness, drawn on the device (the same numbers on every rank)
+                g = step_generator(cfg.seed, step, device)
                 theta = crop_params(cfg.batch_size, cfg.crop_min, cfg.flip, g)
                 lo, hi = world.rank * local_bs, (world.rank + 1) * local_bs
-                batch = vec_aug(augment(data.batch(idx[lo:hi]), theta[lo:hi]), g, cfg.batch_size, lo)
+                mine = (idx if data.resident else order[rows])[lo:hi]  # indices where the sources live
+                batch = vec_aug(augment(data.batch(mine), theta[lo:hi]), g, cfg.batch_size, lo)
                 if channels_last:
                     batch = to_channels_last(batch)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(cfg, step, total)
-                loss, stats = train_step(ddp_model, opt, bank, batch, idx.to(device), cfg, world, g, amp, loss_fn)
+                loss, stats = train_step(ddp_model, opt, bank, batch, idx, cfg, world, g, amp, loss_fn)
                 # the step's one host synchronisation, after its update is queued: the loss and the statistics
                 stats = read_stats(stats | {"__loss__": loss.detach()})
+                if timer is not None:
+                    timer.stop()
                 if not math.isfinite(stats.pop("__loss__")):
                     raise TrainingError(f"loss is {loss.item()} at step {step} (epoch {epoch + 1}): stopping; "
                                         f"lower --lr or check the data for extreme values")
@@ -203,7 +223,8 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
                            "samples_per_s": round(sps, 1), **{k: round(v, 6) for k, v in stats.items()}}
                     mf.write(json.dumps(rec) + "\n")
                     mi = sum(v for k, v in stats.items() if k.startswith("mi/")) / max(1, sum(k.startswith("mi/") for k in stats))
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{stats['loss']:.3f}", mi=f"{mi:.2f}", sps=f"{sps:.0f}")
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{stats['loss']:.3f}", mi=f"{mi:.2f}", sps=f"{sps:.0f}",
+                                    refresh=False)  # drawn with the next throttled update
                     bar.update(1)
                 if now - t_last > 10:
                     t_last, n_since = now, 0

@@ -11,7 +11,7 @@ sample, independently:
   data (so ``noise`` is in units of each feature's own spread, whatever its scale).
 
 Both act on the raw source, before the view's standardisation inside the model, and draw from the step's
-CPU generator for the *global* batch, so every rank and a resumed run draw the same numbers.
+generator (on the training device) for the *global* batch, so every rank and a resumed run draw the same numbers.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class VectorAugment:
         self.pool = {v: p.float().cpu() for v, p in pool.items()}
         self.std = {v: p.std(0) if p.shape[0] > 1 else torch.zeros(p.shape[1]) for v, p in self.pool.items()}
         self.corrupt, self.noise = corrupt, noise
+        self._cache: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
 
     @property
     def active(self) -> bool:
@@ -38,14 +39,22 @@ class VectorAugment:
 
     def draw(self, view: str, n: int, generator: torch.Generator) -> Tensor:
         """(n, D) augmented offsets' ingredients for view ``view``: returns the replacement-or-keep mask
-        folded into (values, mask, noise) as one (3, n, D) tensor on the CPU."""
-        pool = self.pool[view]
+        folded into (values, mask, noise) as one (3, n, D) tensor on the generator's device."""
+        dev = generator.device  # drawn where the generator lives (the GPU on a CUDA run): nothing is copied
+        pool, std = self._on(view, dev)
         d = pool.shape[1]
-        mask = torch.rand(n, d, generator=generator) < self.corrupt  # (n, D): True = replace
-        donor = torch.randint(0, pool.shape[0], (n, d), generator=generator)  # (n, D): the row lending feature f
-        values = pool[donor, torch.arange(d)]  # (n, D): feature f of row donor[n, f]
-        eps = torch.randn(n, d, generator=generator) * (self.noise * self.std[view])  # (n, D)
+        mask = torch.rand(n, d, generator=generator, device=dev) < self.corrupt  # (n, D): True = replace
+        donor = torch.randint(0, pool.shape[0], (n, d), generator=generator, device=dev)  # (n, D): the lending row
+        values = pool[donor, torch.arange(d, device=dev)]  # (n, D): feature f of row donor[n, f]
+        eps = torch.randn(n, d, generator=generator, device=dev) * (self.noise * std)  # (n, D)
         return torch.stack([values, mask.float(), eps])
+
+    def _on(self, view: str, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The pool and per-feature std of ``view`` on ``device`` (copied there once)."""
+        key = (view, str(device))
+        if key not in self._cache:
+            self._cache[key] = (self.pool[view].to(device), self.std[view].to(device))
+        return self._cache[key]
 
     def __call__(self, batch: dict[str, Tensor], generator: torch.Generator, n_global: int | None = None,
                  lo: int = 0) -> dict[str, Tensor]:
