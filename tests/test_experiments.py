@@ -17,14 +17,19 @@ from train.viewpairs import format_view_pairs, plot_view_pairs, view_pair_table
 
 # smaller than --quick: 16 px scenes, 2 steps of 16, 2 probe epochs (a few seconds per run on 2 cores)
 TINY = "scenes:n=96,size=16,seed=3,test_n=64"
-TINY_ARGS = ["--quick", "--data", TINY, "--steps", "2", "--batch-size", "16", "--probe-epochs", "2", "--threads", "2"]
+TINY_ARGS = ["--quick", "--data", TINY, "--steps", "2", "--batch-size", "16", "--probe-epochs", "2", "--threads", "2",
+             "--seeds", "0"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def run_experiment(name: str, out, *extra: str) -> list[dict]:
-    assert experiments.main([name, *TINY_ARGS, "--out", str(out), *extra]) == 0
+    assert experiments.main([name, *TINY_ARGS, "--out", str(out), "--results", str(out / "results"), *extra]) == 0
     assert (out / f"{name}.png").read_bytes()[:8] == PNG and (out / f"{name}.png").stat().st_size > 10_000
-    return json.loads((out / f"{name}.json").read_text())
+    rows = json.loads((out / f"{name}.json").read_text())
+    assert json.loads((out / "results" / f"{name}-quick.json").read_text()) == rows  # the raw rows kept
+    for r in rows:  # provenance: the code version, the commit, the precision the run actually used
+        assert len(r["code_version"]) == 16 and r["precision"] in ("bf16", "fp32") and "commit" in r
+    return rows
 
 
 def in_unit(*xs: float) -> bool:
@@ -52,21 +57,63 @@ def test_views_command(tmp_path, capsys, monkeypatch):
 
 def test_predictive_command(tmp_path):
     rows = run_experiment("predictive", tmp_path)
-    assert [r["method"] for r in rows] == ["contrastive", "predictive-regression", "predictive-classification",
-                                           "random-init", "random-init-bn"]
+    assert [r["method"] for r in rows] == ["contrastive", "supervised", "regression_l1", "regression_l2",
+                                           "classification", "classification_rebalanced", "random_init",
+                                           "random_init_bn"]
     for r in rows:
         assert in_unit(r["linear_top1"], r["knn_top1"])
-    assert [r["steps"] for r in rows] == [2, 2, 2, 0, 0]
+    assert [r["steps"] for r in rows] == [2] * 6 + [0, 0]
 
 
 def test_patches_command(tmp_path, capsys):
-    rows = run_experiment("patches", tmp_path)
-    assert [(r["distance"], r["seed"]) for r in rows] == [(d, 0) for d in (0, 2, 4, 6, 8)]
+    rows = run_experiment("patches", tmp_path, "--distances", "3")
+    assert [(r["positions"], r["distance"], r["seed"]) for r in rows] == \
+        [("fixed", d, 0) for d in (0, 3, 6)] + [("shrinking", d, 0) for d in (0, 4, 8)]
+    # the fixed scheme draws every pair from the same anchor positions (those of its largest d); shrinking does not
+    assert [r["anchor_positions"] for r in rows] == [9, 9, 9, 81, 25, 1]
     for r in rows:
         assert r["patch"] == 8 and r["image_size"] == 16 and r["k"] == 16
         assert math.isfinite(r["mi_bound"]) and r["mi_bound"] <= math.log(16) + 1e-9 and r["log_k"] == math.log(16)
         assert in_unit(r["linear_top1"], r["knn_top1"])
-    assert "MI bound" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "MI bound" in out and "shrinking" in out and "fixed" in out
+
+
+def test_negatives_command(tmp_path, capsys):
+    """negatives --quick on tiny data: the memory bank at k = 16 (64 > the 48 training items) and in-batch at the
+    batch (16); the held-out bound never passes log k."""
+    assert experiments.main(["negatives", *TINY_ARGS, "--data", "scenes:n=48,size=16,seed=3,test_n=64",
+                             "--out", str(tmp_path), "--results", str(tmp_path / "res")]) == 0
+    rows = json.loads((tmp_path / "negatives.json").read_text())
+    assert json.loads((tmp_path / "res" / "negatives-quick.json").read_text()) == rows
+    assert [(r["negatives"], r["k"], r["batch_size"]) for r in rows] == [("memory", 16, 16), ("batch", 16, 16)]
+    for r in rows:
+        assert {"negatives", "k", "mi_bound", "linear_top1", "knn_top1"} <= set(r)
+        assert math.isfinite(r["mi_bound"]) and r["mi_bound"] <= math.log(r["k"]) + 1e-9
+        assert in_unit(r["linear_top1"], r["knn_top1"])
+    assert "memory" in capsys.readouterr().out
+    assert experiments.negatives_plan(50_000, 128) == [("memory", k) for k in experiments.MEMORY_K] + \
+        [("batch", k) for k in (16, 32, 64, 128)]
+
+
+def test_pool_mi_bound_reference_and_ceiling():
+    """The held-out bound at k with negatives from a pool equals log k - L computed by hand, and stays under log k."""
+    g = torch.Generator().manual_seed(0)
+    za = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=1)
+    zb = torch.nn.functional.normalize(za + 0.3 * torch.randn(40, 8, generator=g), dim=1)
+    pa = torch.nn.functional.normalize(torch.randn(100, 8, generator=g), dim=1)
+    pb = torch.nn.functional.normalize(torch.randn(100, 8, generator=g), dim=1)
+    k, tau = 20, 0.2
+    got = experiments.pool_mi_bound(za, zb, pa, pb, k, tau, seed=3, chunk=40)
+    neg = torch.randperm(100, generator=torch.Generator().manual_seed(3))[:k - 1]
+
+    def direction(a, b, nb):  # mean over anchors of -log softmax of the positive among itself and k - 1 negatives
+        logits = torch.cat([(a * b).sum(1, keepdim=True), a @ nb[neg].t()], 1) / tau
+        return float(-torch.log_softmax(logits, 1)[:, 0].mean())
+
+    ref = math.log(k) - (direction(za, zb, pb) + direction(zb, za, pa)) / 2
+    assert got == pytest.approx(ref, abs=1e-5)
+    assert got <= math.log(k) and experiments.pool_mi_bound(za, za, pa, pa, k, 0.01) <= math.log(k) + 1e-9
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path):
@@ -84,13 +131,41 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- pieces
-def test_tables_aggregate_seeds_as_mean_and_half_range():
+def test_tables_aggregate_seeds_as_mean_and_standard_deviation():
     from train.experiment_plots import aggregate
-    rows = [{"d": 0, "acc": 0.5, "seed": 0}, {"d": 4, "acc": 0.2, "seed": 0}, {"d": 0, "acc": 0.7, "seed": 1}]
+    seeds = [0.5, 0.7, 0.66]
+    rows = [{"d": 0, "acc": seeds[0], "seed": 0}, {"d": 4, "acc": 0.2, "seed": 0}, {"d": 0, "acc": seeds[1], "seed": 1},
+            {"d": 0, "acc": seeds[2], "seed": 2}]
     agg = aggregate(rows, ("d",), ("acc",))
-    assert [g["d"] for g in agg] == [0, 4] and [g["n"] for g in agg] == [2, 1]
-    assert agg[0]["acc"] == pytest.approx(0.6) and agg[0]["acc_spread"] == pytest.approx(0.1)
-    assert agg[1]["acc"] == pytest.approx(0.2) and agg[1]["acc_spread"] == 0.0
+    assert [g["d"] for g in agg] == [0, 4] and [g["n"] for g in agg] == [3, 1]
+    assert agg[0]["acc"] == pytest.approx(np.mean(seeds)) and agg[0]["acc_std"] == pytest.approx(np.std(seeds, ddof=1))
+    assert agg[0]["acc_min"] == 0.5 and agg[0]["acc_max"] == 0.7
+    assert agg[1]["acc"] == pytest.approx(0.2) and agg[1]["acc_std"] == 0.0
+
+
+def test_cache_key_changes_with_the_training_code_and_the_precision(tmp_path, monkeypatch):
+    """A changed training-code file (a temp copy of one stands in for the hashed list) or another effective
+    precision gives another cache key, so a fixed code never reuses a stale run."""
+    src = tmp_path / "code" / "step.py"
+    src.parent.mkdir()
+    src.write_bytes((experiments.ROOT / "train" / "step.py").read_bytes())
+    monkeypatch.setattr(experiments, "code_files", lambda: [src])
+    b = experiments.BUDGETS["predictive"]["quick"]
+    ctx = experiments.Context("predictive", b, tmp_path, torch.device("cpu"), experiments.BASE)
+    cfg = ctx.config("contrastive", 0, 512, views="L,ab", amp="off")
+    before = ctx.key(cfg)
+    assert before["precision"] == "fp32" and ctx.key(cfg) == before
+    src.write_text(src.read_text() + "\n# a fix\n")
+    after = ctx.key(cfg)
+    assert after["code"] != before["code"] and after != before
+    assert ctx.key(experiments.replace(cfg, amp="bf16"))["precision"] == "bf16"
+    # a cached row is reused under the same code, and computed again after a change to it
+    calls = []
+    assert ctx.cached(cfg, lambda: calls.append(1) or {"x": 1})["x"] == 1
+    assert ctx.cached(cfg, lambda: pytest.fail("the same code and config were computed again"))["x"] == 1
+    src.write_text(src.read_text() + "\n# another fix\n")
+    assert ctx.cached(cfg, lambda: calls.append(1) or {"x": 2})["x"] == 2
+    assert len(calls) == 2
 
 
 def test_crop_pair_is_the_slices_at_x_y_and_offset():
@@ -124,7 +199,7 @@ def test_ab_bins_round_trip_and_predictive_target_is_the_ab_view():
     assert int(ab_bins(torch.full((1, 2, 1, 1), 5.0), q)) == q * q - 1  # out of range clamps to the last bin
     from models.transforms import make_transform
     from models.views import BUILTIN
-    m = PredictiveModel("regression", "resnet10", 32, 32, 0.25)
+    m = PredictiveModel("regression_l2", "resnet10", 32, 32, 0.25)
     rgb = torch.rand(2, 3, 32, 32)
     pred, target = m(rgb)
     assert pred.shape == target.shape == (2, 2, 8, 8)

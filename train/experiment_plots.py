@@ -1,6 +1,7 @@
 """Tables (stdout) and plots (PNG) of train.experiments: rows -> mean and spread over seeds.
 
-The spread is half the range over seeds (with two seeds: the distance of either seed from the mean)."""
+The spread is the sample standard deviation over seeds (numpy's std with ddof = 1; 0 for one seed); the
+minimum and the maximum are kept beside it (``aggregate``)."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -15,7 +16,9 @@ import numpy as np  # noqa: E402
 
 
 def aggregate(rows: list[dict], keys: tuple[str, ...], metrics: tuple[str, ...]) -> list[dict]:
-    """Group rows by ``keys`` (in first-seen order): per metric the mean, the half range and the seed count."""
+    """Group rows by ``keys`` (in first-seen order): per metric the mean, the sample standard deviation over the
+    group's seeds (``_std``, ddof 1; 0 for one seed), the
+    minimum and maximum (``_min``, ``_max``), and the seed count ``n``."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[tuple(r[k] for k in keys)].append(r)
@@ -24,17 +27,20 @@ def aggregate(rows: list[dict], keys: tuple[str, ...], metrics: tuple[str, ...])
         g = dict(zip(keys, key), n=len(rs))
         for m in metrics:
             v = np.array([r[m] for r in rs], dtype=float)
-            g[m], g[m + "_spread"] = float(v.mean()), float((v.max() - v.min()) / 2)
+            std = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+            g[m], g[m + "_std"] = float(v.mean()), std
+            g[m + "_min"], g[m + "_max"] = float(v.min()), float(v.max())
         out.append(g)
     return out
 
 
 def _pct(g: dict, m: str) -> str:
-    return f"{100 * g[m]:5.1f} ±{100 * g[m + '_spread']:4.1f}"
+    return f"{100 * g[m]:5.1f} ±{100 * g[m + '_std']:4.1f}"
 
 
 def _budget(b) -> str:
     return f"{b.data}, {b.steps} steps x batch {b.batch_size}, seeds {','.join(map(str, b.seeds))}"
+
 
 
 def _save(fig, out: Path) -> Path:
@@ -50,7 +56,7 @@ VIEW_METRICS = ("linear_top1", "knn_top1", "concat_linear_top1", "concat_knn_top
 
 
 def views_table(rows: list[dict], b) -> str:
-    lines = [f"views: held-out top-1 (%), mean ± half range over seeds ({_budget(b)})",
+    lines = [f"views: held-out top-1 (%), mean ± std over seeds ({_budget(b)})",
              f"{'views':<20} {'graph':<6} {'L linear':>13} {'L kNN':>13} {'concat linear':>14} {'concat kNN':>13}"]
     lines.append("-" * len(lines[-1]))
     for g in aggregate(rows, ("n_views", "graph"), VIEW_METRICS):
@@ -70,7 +76,7 @@ def views_plot(rows: list[dict], out: Path, b) -> Path:
             gs = sorted((g for g in agg if g["graph"] == graph), key=lambda g: g["n_views"])
             for metric, style, name in (("linear_top1", "-o", "linear probe"), ("knn_top1", "--s", "kNN")):
                 m = prefix + metric
-                ax.errorbar([g["n_views"] for g in gs], [100 * g[m] for g in gs], [100 * g[m + "_spread"] for g in gs],
+                ax.errorbar([g["n_views"] for g in gs], [100 * g[m] for g in gs], [100 * g[m + "_std"] for g in gs],
                             fmt=style, color=colour, capsize=3, label=f"{'L_C core' if graph == 'core' else 'L_F full'}"
                                                                       f" graph, {name}")
         ax.set_xticks(ns, [f"{n} views\n{labels[n]}" for n in ns], fontsize=8)
@@ -85,7 +91,7 @@ def views_plot(rows: list[dict], out: Path, b) -> Path:
 
 # ---------------------------------------------------------------------------------------------- predictive
 def predictive_table(rows: list[dict], b) -> str:
-    lines = [f"predictive: L encoder, held-out top-1 (%) on its penultimate features, mean ± half range "
+    lines = [f"predictive: L encoder, held-out top-1 (%) on its penultimate features, mean ± std over seeds "
              f"({_budget(b)})", f"{'method':<28} {'linear':>13} {'kNN':>13}"]
     lines.append("-" * len(lines[-1]))
     for g in aggregate(rows, ("method",), ("linear_top1", "knn_top1")):
@@ -96,14 +102,14 @@ def predictive_table(rows: list[dict], b) -> str:
 def predictive_plot(rows: list[dict], out: Path, b) -> Path:
     agg = aggregate(rows, ("method",), ("linear_top1", "knn_top1"))
     x = np.arange(len(agg))
-    fig, ax = plt.subplots(figsize=(8, 4.4))
+    fig, ax = plt.subplots(figsize=(10, 4.4))
     for off, metric, name, colour in ((-0.2, "linear_top1", "linear probe", "tab:blue"),
                                       (0.2, "knn_top1", "kNN", "tab:green")):
         ys = [100 * g[metric] for g in agg]
-        ax.bar(x + off, ys, 0.4, yerr=[100 * g[metric + "_spread"] for g in agg], capsize=3, color=colour, label=name)
+        ax.bar(x + off, ys, 0.4, yerr=[100 * g[metric + "_std"] for g in agg], capsize=3, color=colour, label=name)
         for xi, y in zip(x + off, ys):
             ax.text(xi, y + 0.5, f"{y:.1f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(x, [g["method"].replace("-", "\n", 1) for g in agg], fontsize=9)
+    ax.set_xticks(x, [g["method"].replace("_", "\n", 1) for g in agg], fontsize=8)
     ax.set_ylabel("held-out top-1 of the L encoder (%)")
     ax.set_title(f"Contrastive (L<->ab) vs predictive (L->ab) learning, same L encoder and steps\n({_budget(b)})",
                  fontsize=10)
@@ -117,54 +123,92 @@ def predictive_plot(rows: list[dict], out: Path, b) -> Path:
 def patches_table(rows: list[dict], b) -> str:
     r0 = rows[0]
     lines = [f"patches: {r0['patch']}px patches of {r0['image_size']}px images at (x, y) and (x+d, y+d); MI bound "
-             f"log(k) - L on held-out pairs (nats, k = {r0['k']}, log k = {r0['log_k']:.2f}); mean ± half range "
-             f"({_budget(b)})", f"{'d (px)':>7} {'MI bound':>14} {'linear top-1':>14} {'kNN top-1':>13}"]
+             f"log(k) - L on held-out pairs (nats, k = {r0['k']}, log k = {r0['log_k']:.2f}); mean ± std over seeds "
+             f"({_budget(b)})", f"{'positions':<10} {'d (px)':>7} {'anchors':>8} {'MI bound':>14} {'linear top-1':>14} "
+                                f"{'kNN top-1':>13}"]
     lines.append("-" * len(lines[-1]))
-    for g in aggregate(rows, ("distance",), ("mi_bound", "linear_top1", "knn_top1")):
-        lines.append(f"{g['distance']:>7} {g['mi_bound']:>7.3f} ±{g['mi_bound_spread']:5.3f} "
-                     f"{_pct(g, 'linear_top1'):>14} {_pct(g, 'knn_top1'):>13}")
+    for g in aggregate(rows, ("positions", "distance", "anchor_positions"), ("mi_bound", "linear_top1", "knn_top1")):
+        lines.append(f"{g['positions']:<10} {g['distance']:>7} {g['anchor_positions']:>8} {g['mi_bound']:>7.3f} "
+                     f"±{g['mi_bound_std']:5.3f} {_pct(g, 'linear_top1'):>14} {_pct(g, 'knn_top1'):>13}")
     return "\n".join(lines)
 
 
+SCHEME_STYLE = {"fixed": ("-", "o", "the same anchor positions at every d"),
+                "shrinking": (":", "x", "anchor positions shrink with d")}
+
+
 def patches_plot(rows: list[dict], out: Path, b) -> Path:
-    agg = sorted(aggregate(rows, ("distance",), ("mi_bound", "linear_top1", "knn_top1")), key=lambda g: g["distance"])
     r0 = rows[0]
     size, patch = r0["image_size"], r0["patch"]
-    d = [g["distance"] for g in agg]
-    fig = plt.figure(figsize=(8, 5.6))
-    ax = fig.add_axes((0.1, 0.1, 0.78, 0.6))
-    ax.errorbar(d, [g["mi_bound"] for g in agg], [g["mi_bound_spread"] for g in agg], fmt="-o", color="tab:blue",
-                capsize=3)
-    ax.axhline(r0["log_k"], color="tab:blue", ls=":", lw=1)
-    ax.text(d[0], r0["log_k"], f"log k = {r0['log_k']:.2f} (the bound's ceiling)", color="tab:blue", fontsize=7,
-            va="bottom")
-    ax.set_xlabel(f"offset d between the two {patch}px patches (pixels along the diagonal of a {size}px image)")
-    ax.set_ylabel("MI lower bound log(k) - L (nats)", color="tab:blue")
-    ax.tick_params(axis="y", colors="tab:blue")
-    ax2 = ax.twinx()
-    ax2.errorbar(d, [100 * g["linear_top1"] for g in agg], [100 * g["linear_top1_spread"] for g in agg], fmt="-s",
-                 color="tab:red", capsize=3, label="linear probe")
-    ax2.plot(d, [100 * g["knn_top1"] for g in agg], "--^", color="tab:red", alpha=0.5, label="kNN")
-    ax2.set_ylabel("held-out top-1 of the patch encoder (%)", color="tab:red")
-    ax2.tick_params(axis="y", colors="tab:red")
-    ax2.legend(loc="center right", fontsize=8)
-    ax.set_xticks(d)
-    ax.grid(alpha=0.3)
-    # the two views at each offset, drawn above the axis: the image (grey) and both patches
-    lo, hi = ax.get_xlim()
-    for di in d:
-        cx = 0.1 + 0.78 * (di - lo) / (hi - lo)
-        ia = fig.add_axes((cx - 0.045, 0.72, 0.09, 0.09))
-        ia.add_patch(mpatches.Rectangle((0, 0), size, size, color="0.85"))
-        x0 = (size - patch - di) / 2  # a middle position, for the picture
-        for (px, py), c, ls in (((x0 + di, x0 + di), "tab:olive", "-"), ((x0, x0), "tab:purple", "--")):
-            ia.add_patch(mpatches.Rectangle((px, size - py - patch), patch, patch, fill=False, ec=c, lw=1.5, ls=ls))
-        ia.set(xlim=(0, size), ylim=(0, size), xticks=[], yticks=[], aspect="equal")
-        ia.set_title(f"d={di}", fontsize=7, pad=2)
-    fig.suptitle(f"Two patches of one image as the views: shared information (blue) vs downstream accuracy (red)\n"
-                 f"({_budget(b)})", fontsize=9, y=0.97)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.4))
+    ds = set()
+    for scheme in dict.fromkeys(r["positions"] for r in rows):
+        ls, mk, label = SCHEME_STYLE.get(scheme, ("-", "o", scheme))
+        agg = sorted(aggregate([r for r in rows if r["positions"] == scheme], ("distance",),
+                               ("mi_bound", "linear_top1", "knn_top1")), key=lambda g: g["distance"])
+        d = [g["distance"] for g in agg]
+        ds |= set(d)
+        ax.errorbar(d, [g["mi_bound"] for g in agg], [g["mi_bound_std"] for g in agg], ls=ls, marker=mk,
+                    color="tab:blue", capsize=3, label=f"{scheme}: {label}")
+        ax2.errorbar(d, [100 * g["linear_top1"] for g in agg], [100 * g["linear_top1_std"] for g in agg], ls=ls,
+                     marker=mk, color="tab:red", capsize=3, label=f"{scheme}, linear probe")
+        ax2.plot(d, [100 * g["knn_top1"] for g in agg], ls=ls, marker=mk, color="tab:red", alpha=0.4,
+                 label=f"{scheme}, kNN")
+    ax.axhline(r0["log_k"], color="0.5", ls=":", lw=1)
+    ax.text(min(ds), r0["log_k"], f"log k = {r0['log_k']:.2f} (the bound's ceiling)", fontsize=7, va="bottom")
+    ax.set_ylabel("MI lower bound log(k) - L (nats)")
+    ax2.set_ylabel("held-out top-1 of the patch encoder (%)")
+    for a in (ax, ax2):
+        a.set_xlabel(f"offset d between the two {patch}px patches (px along the diagonal of a {size}px image)")
+        a.set_xticks(sorted(ds))
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.suptitle(f"Two patches of one image as the views: shared information vs downstream accuracy\n"
+                 f"({_budget(b)})", fontsize=9)
+    fig.tight_layout()
     return _save(fig, out)
 
 
-PLOTS = {"views": views_plot, "predictive": predictive_plot, "patches": patches_plot}
-TABLES = {"views": views_table, "predictive": predictive_table, "patches": patches_table}
+# ----------------------------------------------------------------------------------------------- negatives
+def negatives_table(rows: list[dict], b) -> str:
+    lines = [f"negatives: held-out MI bound log(k) - L at the row's k (nats; negatives drawn from training "
+             f"embeddings) and L-encoder top-1 (%), mean ± std over seeds ({_budget(b)})",
+             f"{'negatives':<10} {'k':>6} {'log k':>6} {'MI bound':>14} {'linear top-1':>14} {'kNN top-1':>13}"]
+    lines.append("-" * len(lines[-1]))
+    for g in aggregate(rows, ("negatives", "k"), ("mi_bound", "log_k", "linear_top1", "knn_top1")):
+        lines.append(f"{g['negatives']:<10} {g['k']:>6} {g['log_k']:>6.2f} {g['mi_bound']:>7.3f} ±{g['mi_bound_std']:5.3f}"
+                     f" {_pct(g, 'linear_top1'):>14} {_pct(g, 'knn_top1'):>13}")
+    return "\n".join(lines)
+
+
+def negatives_plot(rows: list[dict], out: Path, b) -> Path:
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for kind, colour in (("memory", "tab:blue"), ("batch", "tab:orange")):
+        agg = sorted(aggregate([r for r in rows if r["negatives"] == kind], ("k",),
+                               ("mi_bound", "linear_top1", "knn_top1")), key=lambda g: g["k"])
+        if not agg:
+            continue
+        k = [g["k"] for g in agg]
+        name = "memory bank (k - 1 bank negatives)" if kind == "memory" else "in-batch (batch = k)"
+        ax.errorbar(k, [g["mi_bound"] for g in agg], [g["mi_bound_std"] for g in agg], fmt="-o", color=colour,
+                    capsize=3, label=name)
+        ax2.errorbar(k, [100 * g["linear_top1"] for g in agg], [100 * g["linear_top1_std"] for g in agg], fmt="-o",
+                     color=colour, capsize=3, label=f"{name}, linear")
+        ax2.plot(k, [100 * g["knn_top1"] for g in agg], "--s", color=colour, alpha=0.5, label=f"{name}, kNN")
+    ks = sorted({r["k"] for r in rows})
+    ax.plot(ks, [float(np.log(k)) for k in ks], ":", color="0.5", label="log k (the ceiling)")
+    ax.set_ylabel("held-out MI bound log(k) - L (nats)")
+    ax2.set_ylabel("held-out top-1 of the L encoder (%)")
+    for a in (ax, ax2):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("k (negatives + 1)")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.suptitle(f"How the number of negatives moves the bound and the accuracy ({_budget(b)})", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+PLOTS = {"views": views_plot, "predictive": predictive_plot, "patches": patches_plot, "negatives": negatives_plot}
+TABLES = {"views": views_table, "predictive": predictive_table, "patches": patches_table,
+          "negatives": negatives_table}

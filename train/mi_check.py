@@ -72,9 +72,12 @@ def table(rows: list[dict]) -> str:
                                for r in rows])
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, default_results: str = "") -> int:
     p = argparse.ArgumentParser(prog="python -m train.experiments mi-check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/experiments", help="output directory (mi_check.json)")
+    p.add_argument("--results", default=default_results,
+                   help="directory of the raw rows kept with the code (mi_check.json, mi_check-quick.json with "
+                        "--quick; '' for none)")
     p.add_argument("--quick", action="store_true", help="fewer steps (seconds)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a = p.parse_args(argv)
@@ -85,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     (out / "mi_check.json").write_text(json.dumps(rows, indent=1))
     print(table(rows))
     print(f"wrote {out / 'mi_check.json'}")
+    if a.results:
+        kept = Path(a.results) / f"mi_check{'-quick' if a.quick else ''}.json"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(json.dumps(rows, indent=1))
+        print(f"the rows also in {kept}")
     return 0
 
 
