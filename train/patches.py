@@ -75,7 +75,7 @@ def positions(n: int, image_size: int, patch: int, d: int, g: torch.Generator, d
     """Top-left corners (x, y), each (n,), uniform over [0, room]^2 (``anchor_room``: the shrinking scheme
     without ``d_max``, the fixed one with it)."""
     room = anchor_room(image_size, patch, d, d_max)
-    xy = torch.randint(0, room + 1, (2, n), generator=g)
+    xy = torch.randint(0, room + 1, (2, n), generator=g, device=g.device)  # the step generator may be on a GPU
     return xy[0], xy[1]
 
 

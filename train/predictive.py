@@ -222,10 +222,13 @@ def train_supervised(cfg, ds, size: int, device: torch.device) -> CMCModel:
     total = per_epoch * cfg.epochs
     last = min(total, cfg.max_steps) if cfg.max_steps else total
     clf.train()
+    order, at = None, -1
     for step in range(last):
         epoch, i = divmod(step, per_epoch)
-        idx = epoch_order(len(ds), cfg.seed, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-        g = step_generator(cfg.seed, step)
+        if epoch != at:
+            order, at = epoch_order(len(ds), cfg.seed, epoch), epoch
+        idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+        g = step_generator(cfg.seed, step, device)
         batch = augment(data.batch(idx), crop_params(cfg.batch_size, cfg.crop_min, cfg.flip, g))
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step, total)
