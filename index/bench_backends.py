@@ -268,7 +268,8 @@ def bench_milvus(kind: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, xt: 
     return {"backend": "milvus", "type": kind, "index": index, "params": params, "n": n, "dim": dim,
             "build_s": round(build_s, 2), "insert_s": round(insert_s, 2),
             f"recall@{k}": round(overlap(to_pos(I), gt, k), 4), "qps_batch1": round(qps1, 1),
-            "batch1_queries": nq1, "qps_batch64": round(qps64, 1), "server_rss_empty_bytes": srv0, "server_rss_bytes": srv,
+            "batch1_queries": nq1, "qps_batch64": round(qps64, 1), "server_rss_empty_bytes": srv0,
+            "server_rss_bytes": srv,
             "client_rss_delta_bytes": rss_delta, "memory_bytes": (srv + rss_delta) if server_pgid else None}
 
 
@@ -300,12 +301,15 @@ def bench_backend(backend: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, 
         srv.stop()
 
 
-def load_vectors(path: str | Path, n: int, nq: int, nt: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_vectors(path: str | Path, n: int, nq: int, nt: int,
+                 rows: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(xb, xq, xt)`` from an (N, dim) .npy file, L2-normalised: the first ``n`` rows, then the last
-    ``nq + nt`` rows (disjoint from the first ``n``)."""
+    ``nq + nt`` rows (disjoint from the first ``n``); ``rows``: use only the file's first ``rows`` rows (a cache
+    still being written)."""
     a = np.load(path, mmap_mode="r")
     if a.ndim != 2:
         raise ValueError(f"{path}: expected an (N, dim) array, got shape {a.shape}")
+    a = a[:rows] if rows else a
     if len(a) < n + nq + nt:
         raise ValueError(f"{path}: {len(a)} rows, need n + nq + 200 = {n + nq + nt}")
     out = []
@@ -342,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--types", default="ivf,hnsw", help="comma-separated: flat, ivf, hnsw")
     ap.add_argument("--backends", default="faiss,milvus")
     ap.add_argument("--vectors", default=None, help="an (N, dim) .npy of real embeddings instead of synthetic ones")
+    ap.add_argument("--vectors-rows", type=int, default=None,
+                    help="use only the first ROWS rows of --vectors (a cache still being filled)")
     ap.add_argument("--milvus", default=None, help="milvus://HOST:PORT[/DB] of a running Milvus (default: start "
                                                    "milvus-lite)")
     ap.add_argument("--target-recall", type=float, default=0.95)
@@ -361,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for n in [int(v) for v in args.n.split(",")]:
             if args.vectors:
-                xb, xq, xt = load_vectors(args.vectors, n, args.nq, 200)
+                xb, xq, xt = load_vectors(args.vectors, n, args.nq, 200, args.vectors_rows)
             else:
                 from index.bench import make_data
                 xb = make_data(n, args.dim, "clustered", seed=0)
@@ -377,9 +383,13 @@ def main(argv: list[str] | None = None) -> None:
     print(table(rows, args.k))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    import pymilvus
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        lite = version("milvus-lite")
+    except PackageNotFoundError:
+        lite = None
     meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "faiss": faiss.__version__,
-            "pymilvus": pymilvus.__version__, "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
+            "pymilvus": version("pymilvus"), "milvus_lite": lite, "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     print(f"wrote {out}")
 

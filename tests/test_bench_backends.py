@@ -63,6 +63,9 @@ def test_load_vectors_splits_and_normalises(tmp_path):
     np.testing.assert_allclose(xt, want[45:], rtol=1e-6)
     with pytest.raises(ValueError, match="50 rows, need"):
         load_vectors(tmp_path / "v.npy", n=40, nq=10, nt=5)
+    xb, xq, xt = load_vectors(tmp_path / "v.npy", n=20, nq=10, nt=5, rows=40)  # the first 40 rows only
+    np.testing.assert_allclose(xq, want[25:35], rtol=1e-6)
+    np.testing.assert_allclose(xt, want[35:40], rtol=1e-6)
     a[-1] = 0  # a cache whose last rows were never written
     np.save(tmp_path / "v.npy", a)
     with pytest.raises(ValueError, match="1 all-zero rows"):
