@@ -186,9 +186,11 @@ async def search_by_key(request: Request, core: Any, store: Any) -> Response:
     if z is not None:  # the item's indexed vector in this view: no re-embedding
         out = await reads.search_embedding(core.inputs, store, z[None], view, body.get("target_view"), k)
         return JSONResponse(out | {"query_key": key})
+    if data is None and view not in store.views:
+        raise ApiError("not_found", f"view {view!r} is not indexed, so no item keeps a vector in it to search "
+                                    f"with; search by key in one of {sorted(store.views)}", "view")
     if data is None:
-        raise ApiError("not_found", f"item {key!r} has no stored vector in view {view!r} to search with (the "
-                                    f"index has views {sorted(store.views)})", "view")
+        raise ApiError("not_found", f"item {key!r} has no stored vector in view {view!r} to search with", "view")
     if spec["source"] == "vector":
         import numpy as np
         query = {"view": view, "array": np.frombuffer(data, "<f4").tolist()}

@@ -343,6 +343,8 @@ def test_search_by_key_is_a_search_with_the_indexed_vector(tmp_path, monkeypatch
             for v in views:  # what is stored is the indexed vector, rounded to float16
                 np.testing.assert_allclose(ts.get_embedding(ds.keys[5], v), z[v][5], rtol=2.0 ** -11, atol=2.0 ** -25)
         assert check(FLOAT16_SCORE_BOUND) == 4 * len(pairs)  # here no two hits are that close: every list equal
+        r = client.post("/search_by_key", json={"key": ds.keys[0], "view": "fou", "target_view": "L"})
+        assert r.status_code == 404 and r.json()["field"] == "view" and "not indexed" in r.json()["detail"]
         new = stats(tmp_path / "index")
         # the earlier format: lossless inputs at the model's input size, PNG pictures, no vectors
         with sqlite3.connect(tmp_path / "index" / "thumbs.sqlite") as db:
