@@ -2,7 +2,7 @@
 
 ``Runtime(ref)`` resolves a model reference (a tag, a run or an artifact directory: ``models.artifact.resolve``,
 the one resolver, which says in one line what is missing), verifies the card, opens one session per view (the CUDA
-provider when a GPU is usable, else the CPU provider, without error spam), turns decoded images or arrays
+provider when a GPU is usable, on this worker's GPU, with IOBinding; else the CPU provider, without error spam), turns decoded images or arrays
 into each view's input exactly as training did (decode, resize by the card's rule, scale to [0, 1];
 the view transform itself is inside the graph) and embeds batches.
 """
@@ -55,6 +55,57 @@ def providers(device: str = "auto") -> list[str]:
     if device == "cpu" or (device == "auto" and not gpu_usable()):
         return ["CPUExecutionProvider"]
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+# The batcher forms every batch size from 1 to its maximum. onnxruntime's default cuDNN algorithm search,
+# EXHAUSTIVE, benchmarks every convolution algorithm the first time each input shape is seen (a stall of a first
+# request per size and view, up to 64 sizes); HEURISTIC takes cuDNN's heuristic choice without trial runs, so a
+# new batch size costs nothing extra, at a small loss on some shapes against the measured best.
+CUDNN_CONV_ALGO_SEARCH = "HEURISTIC"
+DEFAULT_MAX_BATCH = 64  # the micro-batcher's default largest batch (CMC_MAX_BATCH_SIZE)
+
+
+def visible_gpus() -> int:
+    """GPUs this process may use, without CUDA: CUDA_VISIBLE_DEVICES's entries, else the /dev/nvidiaN nodes."""
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if vis is not None:
+        return len([d for d in vis.split(",") if d.strip() and d.strip() != "-1"])
+    return len([p for p in Path("/dev").glob("nvidia[0-9]*") if p.name[6:].isdigit()])
+
+
+def worker_index() -> int | None:
+    """This BentoML worker's index (1-based), when running in a BentoML worker; None elsewhere. Read from
+    bentoml's server context only if bentoml is already imported (the runtime itself never imports it)."""
+    import sys
+    bento = sys.modules.get("bentoml")
+    return getattr(getattr(bento, "server_context", None), "worker_index", None) if bento else None
+
+
+def device_id(device: str = "auto", worker: int | None = None, n_gpus: int | None = None) -> int:
+    """The GPU of this process: N for cuda:N; else worker ``worker`` (1-based, BentoML's; this worker's when
+    None) round-robin over the visible GPUs, so the workers of one server spread over a machine's GPUs
+    (BentoML gives them all the same CUDA_VISIBLE_DEVICES); 0 outside a worker."""
+    if device.startswith("cuda:"):
+        return int(device.split(":")[1])
+    worker = worker_index() if worker is None else worker
+    n = visible_gpus() if n_gpus is None else n_gpus
+    return (worker - 1) % n if worker and n > 0 else 0
+
+
+def provider_options(names: list[str], gpu: int) -> list[dict]:
+    """onnxruntime's per-provider options, parallel to ``names``: the CUDA provider on GPU ``gpu`` with the
+    cuDNN search above; nothing for the others."""
+    return [{"device_id": str(gpu), "cudnn_conv_algo_search": CUDNN_CONV_ALGO_SEARCH}
+            if n == "CUDAExecutionProvider" else {} for n in names]
+
+
+def warmup_sizes(max_batch: int) -> list[int]:
+    """The batch sizes a warm-up runs: powers of two up to ``max_batch``, and ``max_batch`` itself."""
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max(1, max_batch)]
 
 
 def keep_pixels(image_size: int) -> int:
@@ -135,10 +186,12 @@ class Runtime:
     """The exported per-view encoders of one model, ready to embed."""
 
     def __init__(self, ref: str | Path | None = None, device: str = "auto", intra_op_threads: int = 0,
-                 verify: bool = True, spin: bool | None = None):
+                 verify: bool = True, spin: bool | None = None, iobinding: bool | None = None):
         self.path = resolve(ref)
         self.card: Card = load_card(self.path, verify=verify)
-        self.requested = providers(device)
+        self.requested = providers(device.split(":")[0] if device.startswith("cuda:") else device)
+        self.device_id = device_id(device) if "CUDAExecutionProvider" in self.requested else None
+        options = provider_options(self.requested, self.device_id or 0)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if intra_op_threads:
@@ -147,7 +200,8 @@ class Runtime:
         if spin is not None:  # intra-op workers busy-wait between ops (onnxruntime's default: on)
             opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.sessions = {v["name"]: ort.InferenceSession(str(self.path / v["file"]), opts, providers=self.requested)
+        self.sessions = {v["name"]: ort.InferenceSession(str(self.path / v["file"]), opts, providers=self.requested,
+                                                         provider_options=options)
                          for v in self.card.views}
         self.views = {v["name"]: v for v in self.card.views}
         # what the sessions got, not what was asked: onnxruntime falls back to the CPU when the CUDA provider
@@ -160,7 +214,12 @@ class Runtime:
                 f"{', '.join(sorted({x for p in got.values() for x in p}))}; available here: "
                 f"{', '.join(ort.get_available_providers())}): install onnxruntime-gpu with the CUDA and cuDNN "
                 f"libraries it was built for, or use device 'auto' (falls back to the CPU) or 'cpu'")
-        LOG.info("loaded %s (%s) with %s", self.path, ", ".join(self.views), self.providers[0])
+        on_cuda = self.providers[0] == "CUDAExecutionProvider"
+        # IOBinding on the CUDA provider: the input is copied to the GPU once, straight from the caller's array,
+        # and the output comes back with one copy (a plain run stages both through onnxruntime's own copies)
+        self.iobinding = on_cuda if iobinding is None else iobinding
+        LOG.info("loaded %s (%s) with %s%s", self.path, ", ".join(self.views), self.providers[0],
+                 f" on GPU {self.device_id}" if on_cuda else "")
 
     @property
     def dim(self) -> int:
@@ -188,8 +247,22 @@ class Runtime:
         sess = self.sessions[self.view(view)["name"]]
         name = sess.get_inputs()[0].name
         x = np.ascontiguousarray(x, dtype=np.float32)
-        outs = [sess.run(None, {name: x[lo:lo + batch_size]})[0] for lo in range(0, x.shape[0], batch_size)]
+        run = self._run_bound if self.iobinding else lambda s, n, c: s.run(None, {n: c})[0]
+        outs = [run(sess, name, x[lo:lo + batch_size]) for lo in range(0, x.shape[0], batch_size)]
         return np.concatenate(outs) if outs else np.zeros((0, self.dim), np.float32)
+
+    def _run_bound(self, sess: ort.InferenceSession, name: str, chunk: np.ndarray) -> np.ndarray:
+        """One run through an IOBinding (one per call: safe from several threads): the input bound from host
+        memory, the output allocated by onnxruntime on the provider's device, then copied to the host."""
+        io = sess.io_binding()
+        io.bind_cpu_input(name, np.ascontiguousarray(chunk))
+        out = sess.get_outputs()[0].name
+        if self.device_id is not None and self.providers[0] == "CUDAExecutionProvider":
+            io.bind_output(out, "cuda", self.device_id)
+        else:
+            io.bind_output(out)
+        sess.run_with_iobinding(io)
+        return io.copy_outputs_to_cpu()[0]
 
     def embed_items(self, view: str, items: list, max_pixels: int = 40_000_000) -> np.ndarray:
         """Decode + resize + embed: bytes / arrays of one view -> (N, D)."""
@@ -200,7 +273,17 @@ class Runtime:
         v = self.view(view)
         return self.embed(view, to_source(v, list(sources[source_key(view, v)]), self.image_size))
 
-    def warmup(self) -> None:
+    def warmup(self, max_batch: int | None = None) -> list[tuple[str, int]]:
+        """Run every view once per batch size the batcher can form up to ``max_batch``: powers of two and the
+        maximum (warmup_sizes), so the CUDA provider allocates its arena and loads its kernels before the first
+        request. ``max_batch`` None: DEFAULT_MAX_BATCH on the CUDA provider, 1 on the CPU (whose kernels do
+        not depend on the batch size). Returns the (view, batch size) pairs run."""
+        if max_batch is None:
+            max_batch = DEFAULT_MAX_BATCH if self.providers[0] == "CUDAExecutionProvider" else 1
+        done = []
         for name, v in self.views.items():
-            shape = [1 if d is None else d for d in v["input"]["shape"]]
-            self.embed(name, np.random.default_rng(0).random(shape, dtype=np.float32))
+            for b in warmup_sizes(max_batch):
+                shape = [b if i == 0 else (1 if d is None else d) for i, d in enumerate(v["input"]["shape"])]
+                self.embed(name, np.random.default_rng(0).random(shape, dtype=np.float32), batch_size=max(b, 1))
+                done.append((name, b))
+        return done

@@ -297,3 +297,159 @@ def test_the_loops_batches_are_those_of_the_per_step_recipe(tmp_path, monkeypatc
             torch.testing.assert_close(batch[k], want[k], atol=0, rtol=0, msg=f"step {s}: {k}")
         assert torch.equal(neg, r + (r >= want_idx[:, None]).long()), s
     assert len({tuple(x[1].tolist()) for x in seen}) == 6  # the steps did not all see one batch
+
+
+@pytest.mark.slow
+def test_compile_runs_a_step_with_the_eager_loss(tmp_path):
+    """--compile (torch.compile, inductor on the CPU here) trains: its first two losses equal eager's within 1e-4
+    (the first is the same weights' forward; the second follows one update)."""
+    from conftest import make_npz
+    from train.config import Config
+    from train.setup import prepare
+
+    losses = {}
+    for c in (False, True):
+        cfg = Config(data=f"npz:{make_npz(tmp_path / 'v.npz', n=64)}", views="fa,fb", batch_size=16, max_steps=2,
+                     out=str(tmp_path / f"run{c}"), export=False, index=False, evaluate=False, threads=1,
+                     val_fraction=0.0, amp="off", compile=c).validate()
+        ds, _, specs, size = prepare(cfg, progress=False)
+        pretrain.train(cfg, ds, specs, size, torch.device("cpu"))
+        import json
+        rows = [json.loads(l) for l in (tmp_path / f"run{c}" / "metrics.jsonl").read_text().splitlines()[1:]]
+        losses[c] = [r["loss"] for r in rows]
+    assert len(losses[True]) == 2
+    assert losses[True] == pytest.approx(losses[False], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """A small exported model (two vector views: the fastest to export)."""
+    from dataclasses import asdict
+
+    from models.encoders import CMCModel
+    from models.views import parse_views
+    from train.config import Config
+    from train.export import export_model
+
+    out = tmp_path_factory.mktemp("artifact")
+    torch.manual_seed(0)
+    model = CMCModel(parse_views("fou,bar", {"fou": 8, "bar": 5}), "resnet10", 16, 16, 0.25)
+    export_model(model, 16, out, asdict(Config(image_size=16, feat_dim=16)), fused=False)
+    return out
+
+
+def test_cuda_provider_options_device_per_worker_and_warmup_sizes(monkeypatch):
+    """The CUDA provider gets its GPU and the HEURISTIC cuDNN search; workers go round-robin over the visible
+    GPUs (cuda:N wins); the warm-up covers every power of two up to the batcher's maximum, and the maximum."""
+    from models import runtime
+
+    opts = runtime.provider_options(["CUDAExecutionProvider", "CPUExecutionProvider"], 3)
+    assert opts == [{"device_id": "3", "cudnn_conv_algo_search": "HEURISTIC"}, {}]
+    assert [runtime.device_id("cuda", w, 4) for w in (1, 2, 3, 4, 5)] == [0, 1, 2, 3, 0]  # BentoML counts from 1
+    assert runtime.device_id("cuda:2", 3, 4) == 2 and runtime.device_id("cuda", None, 4) == 0  # outside a worker
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+        assert runtime.visible_gpus() == 3
+        mp.setenv("CUDA_VISIBLE_DEVICES", "-1")
+        assert runtime.visible_gpus() == 0
+    assert runtime.warmup_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert runtime.warmup_sizes(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert runtime.warmup_sizes(1) == [1]
+
+
+def test_runtime_iobinding_equals_plain_runs_and_warmup_runs_every_size(artifact):
+    """IOBinding (what the CUDA provider uses) gives the plain run's embeddings exactly, here on the CPU
+    provider; the warm-up runs each view at each size (counted at the session)."""
+    import numpy as np
+
+    from models.runtime import Runtime
+
+    plain, bound = Runtime(artifact, device="cpu", verify=False), Runtime(artifact, device="cpu", iobinding=True,
+                                                                          verify=False)
+    assert not plain.iobinding and bound.iobinding and bound.device_id is None
+    for name, v in plain.views.items():
+        shape = [5 if d is None else d for d in v["input"]["shape"]]
+        x = np.random.default_rng(1).random(shape, dtype=np.float32)
+        np.testing.assert_array_equal(bound.embed(name, x, batch_size=4), plain.embed(name, x, batch_size=4))
+    seen = []
+
+    class Spy:
+        def __init__(self, sess):
+            self.s = sess
+
+        def __getattr__(self, a):
+            return getattr(self.s, a)
+
+        def run(self, out, feed):
+            seen.append(next(iter(feed.values())).shape[0])
+            return self.s.run(out, feed)
+
+    plain.sessions = {k: Spy(s) for k, s in plain.sessions.items()}
+    done = plain.warmup(8)
+    assert done == [(v, b) for v in plain.views for b in (1, 2, 4, 8)]
+    assert seen == [1, 2, 4, 8] * len(plain.views)
+
+
+def test_flop_count_of_linear_and_conv_equals_the_analytic_count():
+    """FlopCounterMode, as train.gpu_check uses it: a linear layer's forward is 2*N*I*O, its backward twice that
+    (input and weight gradients); a convolution's forward is 2*N*Cout*Hout*Wout*Cin*kh*kw."""
+    from train.gpu_check import count_flops, peak_tflops
+
+    lin = torch.nn.Linear(7, 5)
+    x = torch.randn(3, 7, requires_grad=True)
+    assert count_flops(lambda: lin(x)) == 2 * 3 * 7 * 5
+    assert count_flops(lambda: lin(x).sum().backward()) == 3 * (2 * 3 * 7 * 5)
+    conv = torch.nn.Conv2d(4, 6, 3, stride=1, padding=1)
+    y = torch.randn(2, 4, 9, 9)
+    assert count_flops(lambda: conv(y)) == 2 * 2 * 6 * 9 * 9 * 4 * 3 * 3
+    assert count_flops(lambda: conv(y).sum().backward()) == 2 * (2 * 2 * 6 * 9 * 9 * 4 * 3 * 3)  # weight grad only
+    assert peak_tflops("NVIDIA H200") == 989.4 and peak_tflops("NVIDIA L40S") == 362.05
+    assert peak_tflops("NVIDIA L4") == 121.0 and peak_tflops("Tesla T4") is None
+
+
+def test_train_calls_the_timer_around_the_steps_only(tmp_path, monkeypatch):
+    """train(timer=) brackets each step with start()/stop(), and every checkpoint save falls outside the brackets,
+    so train.gpu_check's timed total holds steps alone."""
+    from conftest import make_npz
+    from train.config import Config
+    from train.setup import prepare
+
+    log = []
+
+    class Timer:
+        def start(self):
+            log.append("start")
+
+        def stop(self):
+            log.append("stop")
+
+    real_save = pretrain.save_checkpoint
+    monkeypatch.setattr(pretrain, "save_checkpoint", lambda obj, path: (log.append("save"), real_save(obj, path)))
+    cfg = Config(data=f"npz:{make_npz(tmp_path / 'v.npz', n=64)}", views="fa,fb", batch_size=16, max_steps=6,
+                 out=str(tmp_path / "run"), export=False, index=False, evaluate=False, threads=1,
+                 val_fraction=0.0).validate()
+    ds, _, specs, size = prepare(cfg, progress=False)
+    pretrain.train(cfg, ds, specs, size, torch.device("cpu"), timer=Timer())
+    want, per_epoch = [], len(ds) // 16
+    for step in range(1, 7):
+        want += ["start", "stop"] + (["save"] if step % per_epoch == 0 or step == 6 else [])  # epoch ends, last
+    assert per_epoch < 6 and log == want
+
+
+def test_gpu_check_cpu_mode_writes_its_report(tmp_path):
+    """The GPU check's CPU mode end to end (training part): the JSON has the timed steps (not the warm-up), the
+    FLOPs of a step (FlopCounterMode) and the losses; no MFU without a GPU peak."""
+    import json
+
+    from conftest import make_npz
+    from train import gpu_check
+
+    out = tmp_path / "r.json"
+    code = gpu_check.main(["--device", "cpu", "--variants", "default", "--steps", "5", "--warmup", "2",
+                           "--batch-size", "16", "--data", f"npz:{make_npz(tmp_path / 'v.npz', n=64)}",
+                           "--no-ddp", "--no-serving", "--out", str(out)])
+    assert code == 0
+    rep = json.loads(out.read_text())
+    d = rep["single"]["default"]
+    assert d["steps_timed"] == 3 and d["timed_s"] > 0 and d["samples_per_s"] > 0
+    assert d["flops_per_step_per_rank"] > 0 and d["first_loss"] > 0 and d["mfu"] is None and not rep["errors"]
