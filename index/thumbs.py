@@ -129,10 +129,10 @@ def render(kind: str, a: np.ndarray) -> tuple[str, bytes]:
     a = np.asarray(a)
     if kind not in ("rgb", "depth", "normals"):
         raise ValueError(f"unknown thumbnail kind {kind!r}")
-    colour = a.ndim == 3 and a.shape[2] == 3
+    colour = a.ndim == 3 and a.shape[2] == 3 and kind != "depth"
     if not (colour or (kind != "rgb" and a.ndim == 2)) or 0 in a.shape:
-        raise ValueError(f"a {kind} thumbnail needs an (H, W{', 3' if kind == 'rgb' else ''}) image, "
-                         f"got shape {a.shape}")
+        want = {"rgb": "(H, W, 3)", "depth": "(H, W)", "normals": "(H, W) depth or (H, W, 3)"}[kind]
+        raise ValueError(f"a {kind} thumbnail needs an {want} image, got shape {a.shape}")
     rgb = a if colour else colormap_depth(a) if kind == "depth" else normals_from_depth(a)
     return "image/webp", encode_thumb(Image.fromarray(np.ascontiguousarray(rgb, np.uint8)))
 
