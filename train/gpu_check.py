@@ -33,6 +33,7 @@ import torch
 
 from .config import Config
 from .distributed import Dist, resolve_device, use_device
+from .export import PARITY_ATOL, export_model, random_source  # onnx is imported inside its functions
 from .pretrain import train
 from .setup import prepare
 
@@ -147,8 +148,7 @@ def check_export_and_serving(model, size: int, cfg: Config, device: torch.device
     parity against torch fp32 on the CPU, IOBinding against plain runs, the warm-up sizes, an unwarmed size."""
     import numpy as np
 
-    from models.runtime import Runtime, warmup_sizes
-    from .export import PARITY_ATOL, export_model, random_source  # lazy: onnx only here
+    from models.runtime import Runtime, warmup_sizes  # lazy: onnxruntime only here
 
     model = copy.deepcopy(model).cpu().eval()
     out: dict = {}
