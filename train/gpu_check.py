@@ -148,7 +148,7 @@ def check_export_and_serving(model, size: int, cfg: Config, device: torch.device
     parity against torch fp32 on the CPU, IOBinding against plain runs, the warm-up sizes, an unwarmed size."""
     import numpy as np
 
-    from models.runtime import Runtime, warmup_sizes  # lazy: onnxruntime only here
+    from models.runtime import DeviceError, Runtime, warmup_sizes  # lazy: onnxruntime only here
 
     model = copy.deepcopy(model).cpu().eval()
     out: dict = {}
@@ -156,7 +156,12 @@ def check_export_and_serving(model, size: int, cfg: Config, device: torch.device
         export_model(copy.deepcopy(model), size, d, asdict(cfg), fused=False)
         dev = "cuda" if device.type == "cuda" else "cpu"
         t = time.perf_counter()
-        rt = Runtime(d, device=dev, verify=False)
+        try:
+            rt = Runtime(d, device=dev, verify=False)
+        except DeviceError as e:  # no usable CUDA provider (onnxruntime without CUDA, or its libraries missing)
+            out["cuda_provider_error"] = str(e)
+            dev = "cpu"
+            rt = Runtime(d, device=dev, verify=False)
         out["session_s"] = round(time.perf_counter() - t, 3)
         plain = Runtime(d, device=dev, verify=False, iobinding=False)
         out |= {"providers": rt.providers, "device_id": rt.device_id, "iobinding": rt.iobinding}
@@ -171,7 +176,7 @@ def check_export_and_serving(model, size: int, cfg: Config, device: torch.device
                 want = model.views[name](torch.from_numpy(x)).numpy()
             got, got_plain = rt.embed(name, x), plain.embed(name, x)
             lat = {}
-            for label, r in (("iobinding", rt), ("plain", plain)):
+            for label, r in (("iobinding" if rt.iobinding else "default", rt), ("plain", plain)):
                 for b in (1, 64):
                     ts = []
                     for _ in range(20):
