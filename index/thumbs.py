@@ -15,8 +15,9 @@ Two kinds of rows per item, in one table ``item_thumbs(item_id, key, kind, mime,
   2^-25 ||x||_1, under ``FLOAT16_SCORE_BOUND`` (5e-4) for the unit-norm embeddings, and ranks change only
   between hits whose scores are within twice that.
 
-Bytes per item (``python -m index.thumbs measure``, BENCHMARKS.md "Thumbnail storage"): about 1 to 3.5 KB for
-three views, against 6 to 25 KB when the query inputs were kept as lossless PNG. Files written before (rows
+Bytes per item (``python -m index.thumbs measure``, BENCHMARKS.md "Thumbnail storage"): 1.4 to 4.3 KB of file
+(CIFAR-10 in two views to the load test's noisy pictures in three), against 6.6 to 24.9 KB when the query inputs
+were kept as lossless PNG. Files written before (rows
 ``input:rgb`` / ``input:depth``, lossless PNG at the model's input size, and ``input:<vector view>``, raw
 float32) still work: ``get_input`` reads them and the server re-embeds them when an item has no ``emb:`` row;
 ``python -m index.thumbs compact DIR`` rewrites such a file in the current format.
