@@ -156,6 +156,8 @@ def test_cache_key_changes_with_the_training_code_and_the_precision(tmp_path, mo
     before = ctx.key(cfg)
     assert before["precision"] == "fp32" and ctx.key(cfg) == before
     src.write_text(src.read_text() + "\n# a fix\n")
+    assert ctx.key(cfg) == before  # hashed once per process: the code it imported
+    experiments._hash_files.cache_clear()  # a new process
     after = ctx.key(cfg)
     assert after["code"] != before["code"] and after != before
     assert ctx.key(experiments.replace(cfg, amp="bf16"))["precision"] == "bf16"
@@ -164,6 +166,7 @@ def test_cache_key_changes_with_the_training_code_and_the_precision(tmp_path, mo
     assert ctx.cached(cfg, lambda: calls.append(1) or {"x": 1})["x"] == 1
     assert ctx.cached(cfg, lambda: pytest.fail("the same code and config were computed again"))["x"] == 1
     src.write_text(src.read_text() + "\n# another fix\n")
+    experiments._hash_files.cache_clear()
     assert ctx.cached(cfg, lambda: calls.append(1) or {"x": 2})["x"] == 2
     assert len(calls) == 2
 

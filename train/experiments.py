@@ -35,6 +35,7 @@ import logging
 import math
 import subprocess
 import sys
+from functools import lru_cache
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -74,14 +75,20 @@ def code_files() -> list[Path]:
     return sorted(f for d in CODE_DIRS for f in (ROOT / d).rglob("*.py") if "__pycache__" not in f.parts)
 
 
-def code_version() -> str:
-    """sha256 (16 hex digits) of the training code's paths and contents (``code_files``): part of every cache key,
-    so fixed code never reuses a stale run (read on every call: a few hundred kB)."""
+@lru_cache(maxsize=None)
+def _hash_files(files: tuple[Path, ...]) -> str:
     h = hashlib.sha256()
-    for f in code_files():
+    for f in files:
         name = f.relative_to(ROOT) if f.is_relative_to(ROOT) else Path(f.name)
         h.update(str(name).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
+
+
+def code_version() -> str:
+    """sha256 (16 hex digits) of the training code's paths and contents (``code_files``): part of every cache key,
+    so fixed code never reuses a stale run. Hashed once per process, at its first use: the code this process
+    imported, not edits made to the files while it runs."""
+    return _hash_files(tuple(code_files()))
 
 
 def git_state() -> dict:
