@@ -453,3 +453,24 @@ def test_gpu_check_cpu_mode_writes_its_report(tmp_path):
     d = rep["single"]["default"]
     assert d["steps_timed"] == 3 and d["timed_s"] > 0 and d["samples_per_s"] > 0
     assert d["flops_per_step_per_rank"] > 0 and d["first_loss"] > 0 and d["mfu"] is None and not rep["errors"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_check_on_cuda(tmp_path):
+    """On a CUDA machine (pytest -m gpu): a short GPU check passes every part: training with MFU and a sync count,
+    DDP through torchrun, the CUDA provider with IOBinding and parity."""
+    import json
+
+    from train import gpu_check
+
+    out = tmp_path / "r.json"
+    code = gpu_check.main(["--variants", "default", "--steps", "40", "--warmup", "10", "--batch-size", "64",
+                           "--data", "scenes:n=512,test_n=64", "--out", str(out)])
+    rep = json.loads(out.read_text())
+    assert code == 0, rep["errors"]
+    d = rep["single"]["default"]
+    assert d["flops_per_step_per_rank"] > 0 and d["peak_reserved_GiB"] > 0 and d["host_syncs_per_step"]
+    assert rep["ddp"]["world"] == torch.cuda.device_count() and rep["ddp"]["steps_timed"] == 30
+    s = rep["export_serving"]
+    assert s["providers"][0] == "CUDAExecutionProvider" and s["iobinding"] and s["parity_ok"]
