@@ -18,7 +18,8 @@ trains a due IVF view and writes the index files), Milvus's inserts, flush and t
 (Milvus Lite builds segment indexes on a background thread and reports them finished at once; see
 ``wait_server_idle``). Memory: FAISS lives in this process (its RSS growth during the build, and the serialized index);
 Milvus lives in its server: the RSS of the server's process group (``/proc/<pid>/status`` VmRSS of every process
-in it) empty and after the build, plus this client's RSS growth during the build.
+in it) empty and after the build, plus this client's RSS growth during the build (none when
+its RSS fell: memory freed from an earlier row).
 
 Without ``--milvus`` a ``milvus-lite server`` process (serving.measure.launch.MilvusLite) is started in a temporary
 directory; ``--milvus milvus://HOST:PORT[/DB]`` benchmarks a running Milvus instead (its server memory is then
@@ -270,7 +271,7 @@ def bench_milvus(kind: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, xt: 
             f"recall@{k}": round(overlap(to_pos(I), gt, k), 4), "qps_batch1": round(qps1, 1),
             "batch1_queries": nq1, "qps_batch64": round(qps64, 1), "server_rss_empty_bytes": srv0,
             "server_rss_bytes": srv,
-            "client_rss_delta_bytes": rss_delta, "memory_bytes": (srv + rss_delta) if server_pgid else None}
+            "client_rss_delta_bytes": rss_delta, "memory_bytes": (srv + max(0, rss_delta)) if server_pgid else None}
 
 
 def bench_backend(backend: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, xt: np.ndarray, gt_t: np.ndarray,
