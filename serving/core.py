@@ -63,7 +63,8 @@ class Core:
             raise RuntimeError(f"cannot load the model ({s.model or 'cmc:latest'}): {e}") from None
         except DeviceError as e:  # CMC_DEVICE=cuda without a usable CUDA provider: fail at start, not on the CPU
             raise RuntimeError(f"CMC_DEVICE={s.device}: {e}") from None
-        rt.warmup()
+        # on CUDA every batch size the batcher can form (no per-shape stall on a first request); on CPU batch 1
+        rt.warmup(s.max_batch_size if rt.providers[0] == "CUDAExecutionProvider" else None)
         store, note = cls.open_index(s.index, rt.fingerprint)
         core = cls(rt, store, s, note)
         LOG.info("CMC core ready: model %s, %s, %d intra-op threads", rt.path, note, s.threads)
