@@ -34,6 +34,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import faiss
 import numpy as np
@@ -154,7 +155,8 @@ def _sample(xb: np.ndarray, size: int) -> np.ndarray:
     return xb[np.sort(np.random.default_rng(0).choice(len(xb), size, replace=False))]
 
 
-def build_raw(fstr: str, xb: np.ndarray, coarse: tuple[np.ndarray, float] | None) -> tuple[faiss.Index, float, int, int]:
+def build_raw(fstr: str, xb: np.ndarray, coarse: tuple[np.ndarray, float] | None,
+              pq_iters: int = 0) -> tuple[faiss.Index, float, int, int]:
     """A plain FAISS index of ``fstr`` holding ``xb``: (index, build seconds, peak RSS the build added, RSS before it). An IVF
     index without a rotation gets the shared ``coarse`` centroids (their k-means time is added to the build's)."""
     dim = xb.shape[1]
@@ -167,6 +169,8 @@ def build_raw(fstr: str, xb: np.ndarray, coarse: tuple[np.ndarray, float] | None
             and ivf.nlist == len(coarse[0])):
         ivf.quantizer.add(coarse[0])
         extra = coarse[1]
+    if pq_iters and ivf is not None and hasattr(faiss.downcast_index(ivf), "pq"):
+        faiss.downcast_index(ivf).pq.cp.niter = pq_iters
     if not idx.is_trained:
         idx.train(_sample(xb, train_sample_size(fstr.removeprefix("IDMap2,"), dim)))
     for s in range(0, len(xb), 100_000):
@@ -238,9 +242,9 @@ def tune_raw(idx: faiss.Index, xt: np.ndarray, gt_t: np.ndarray, k: int, target:
 
 def bench_raw(kind: str, fstr: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, xt: np.ndarray,
               gt_t: np.ndarray, k: int, target: float, coarse: tuple[np.ndarray, float] | None, workdir: Path,
-              flat_nq: int) -> dict:
+              flat_nq: int, pq_iters: int = 0) -> dict:
     n, dim = xb.shape
-    idx, build_s, peak, rss0 = build_raw(fstr, xb, coarse)
+    idx, build_s, peak, rss0 = build_raw(fstr, xb, coarse, pq_iters)
     path = workdir / "bench.faiss"
     faiss.write_index(idx, str(path))
     size = path.stat().st_size
@@ -284,7 +288,8 @@ def holdout(x: np.ndarray, nq: int, ntune: int, n: int) -> tuple[np.ndarray, np.
     return np.array(x[:nq]), np.array(x[nq:nq + ntune]), np.array(x[nq + ntune:nq + ntune + n])
 
 
-def run_embeddings(args: argparse.Namespace, spec: str, tmp: Path) -> tuple[list[dict], dict]:
+def run_embeddings(args: argparse.Namespace, spec: str, tmp: Path,
+                   on_row: Callable[[list[dict], dict], None] | None = None) -> tuple[list[dict], dict]:
     """Every candidate on the real embeddings of one view, plus the neighbourhood statistics of the data and of
     clustered Gaussians of the same size."""
     views = [v.strip() for v in args.views.split(",") if v.strip()]
@@ -325,19 +330,26 @@ def run_embeddings(args: argparse.Namespace, spec: str, tmp: Path) -> tuple[list
         if any(f"IVF{nlist}," in f and "OPQ" not in f for _, f, _ in kinds):
             coarse = train_coarse(nlist, xb)
             LOG.warning("coarse quantizer IVF%d trained in %.1f s", nlist, coarse[1])
+        built: dict[str, dict] = {}
         for kind, fstr, mb in kinds:
             if kind == "hnsw" and n > args.hnsw_max:
                 LOG.warning("skipping hnsw at n=%d (> --hnsw-max %d): its build does not fit the time here",
                             n, args.hnsw_max)
                 continue
-            row = bench_raw(kind, fstr, xb, xq, gt, xt, gt_t, args.k, args.target_recall, coarse, tmp,
-                            args.flat_nq)
+            if fstr in built:  # the same index (e.g. two budgets choosing one type): measured once
+                row = dict(built[fstr], type=kind, same_build_as=built[fstr]["type"])
+            else:
+                row = bench_raw(kind, fstr, xb, xq, gt, xt, gt_t, args.k, args.target_recall, coarse, tmp,
+                                args.flat_nq, args.pq_train_iters)
+                built[fstr] = row
             row["data"] = spec
             if mb is not None:
                 row["budget_mb"] = mb
                 row["budget_fraction_of_raw"] = round(mb * 2**20 / (n * dim * 4), 4)
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if on_row is not None:  # results so far on disk: a long run stopped early keeps its rows
+                on_row(rows, stats)
     return rows, stats
 
 
@@ -367,6 +379,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--faiss-threads", type=int, default=0,
                     help="FAISS threads for builds and batch-64 queries (0: all); 1 avoids OpenMP barrier stalls "
                          "on an oversubscribed machine")
+    ap.add_argument("--pq-train-iters", type=int, default=0,
+                    help="embeddings: k-means iterations of PQ codebook training (0: FAISS's default, 25)")
     ap.add_argument("--plot", default=None, help="embeddings: recall@k vs single-query QPS plot (.svg or .png)")
     ap.add_argument("--out", default="bench_out/index_bench.json")
     ap.add_argument("--workdir", default=None, help="where index directories go (default: a temp dir)")
@@ -379,7 +393,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for kind in args.data.split(","):
             if bench_data.is_embeddings(kind):
-                r, st = run_embeddings(args, kind, Path(tmp))
+                partial = Path(args.out).with_suffix(".partial.json")
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                r, st = run_embeddings(args, kind, Path(tmp), lambda rs, st: partial.write_text(
+                    json.dumps({"args": vars(args), "results": rows + rs, "neighbour_stats": {kind: st}}, indent=1)))
+                partial.unlink(missing_ok=True)
                 rows += r
                 stats[kind] = st
                 continue

@@ -171,7 +171,7 @@ def test_holdout_disjoint_and_bench_cli(random_model, tmp_path):
     held = np.concatenate([xq, xt])
     d2 = ((held[:, None, :] - xb[None, :, :]) ** 2).sum(-1)
     assert d2.min() > 1e-6  # no held-out query is an indexed item (every scene is distinct)
-    with pytest.raises(SystemExit, match="301"):
+    with pytest.raises(SystemExit, match="31 held out"):
         holdout(x, 20, 31, 250)
     out = tmp_path / "r.json"
     r = run_cli(["-m", "index.bench", "--data", spec, "--n", "250", "--nq", "20", "--ntune", "30", "--cache",
