@@ -21,8 +21,10 @@ search over it. These candidates are built as plain FAISS indexes (``faiss.index
 ``factory.train_sample_size`` vectors, added in chunks), not through IndexStore, whose views cannot hold
 re-ranking (``Refine``) indexes; the IVF types share one coarse quantizer, trained once, whose training time
 is counted in each of their build times. Each row records the process's peak RSS during the build (VmHWM, reset
-before it; the input vectors, held in RAM, are part of it) and what the build added to the RSS before it. ``--types auto --budgets 0.5,0.25,0.125`` gives one ``auto`` row per memory budget, as a fraction of
-the raw vectors' size, chosen by ``factory.choose_factory(n, dim, budget_mb)``.
+before it; the input vectors, held in RAM, are part of it) and what the build added to the RSS before it.
+``--types auto --budgets 0.5,0.25,0.125`` gives one ``auto`` row per memory budget, as a fraction of the raw
+vectors' size, chosen by ``factory.choose_factory(n, dim, budget_mb)``; budgets choosing the same factory share
+one build.
 """
 from __future__ import annotations
 
@@ -157,8 +159,9 @@ def _sample(xb: np.ndarray, size: int) -> np.ndarray:
 
 def build_raw(fstr: str, xb: np.ndarray, coarse: tuple[np.ndarray, float] | None,
               pq_iters: int = 0) -> tuple[faiss.Index, float, int, int]:
-    """A plain FAISS index of ``fstr`` holding ``xb``: (index, build seconds, peak RSS the build added, RSS before it). An IVF
-    index without a rotation gets the shared ``coarse`` centroids (their k-means time is added to the build's)."""
+    """A plain FAISS index of ``fstr`` holding ``xb``: (index, build seconds, peak RSS the build added, RSS before
+    it). An IVF index without a rotation gets the shared ``coarse`` centroids (their k-means time is added to
+    the build's)."""
     dim = xb.shape[1]
     reset_peak_rss()
     rss0, t0 = rss_bytes(), time.perf_counter()
