@@ -3,9 +3,9 @@ commit point.
 
 A snapshot never moves or overwrites a file that the committed manifest names. It writes each view to a new
 file ``<view>.<seq>.<token>.faiss`` straight from the live index (:class:`NewFiles`; no serialized copy, so it
-needs no second view's worth of memory), fsyncs and hashes it by streaming it back, fsyncs the directory, then has ``index.manifest`` commit the next
-manifest (tmp + fsync + rename + directory fsync): it names, per view, the new file as ``snapshot`` and the old
-current one as ``previous`` (each ``{file, sha256, seq}``). Only then are files that the new manifest does not
+needs no second view's worth of memory), fsyncs and hashes it by streaming it back, fsyncs the directory, then
+has ``index.manifest`` commit the next manifest (tmp + fsync + rename + directory fsync): it names, per view,
+the new file as ``snapshot`` and the old current one as ``previous`` (each ``{file, sha256, seq}``). Only then are files that the new manifest does not
 name deleted. A crash or an ``OSError`` at any step leaves the old manifest and every file it names
 intact; stray files are removed by the next snapshot.
 
