@@ -5,9 +5,9 @@ A snapshot never moves or overwrites a file that the committed manifest names. I
 file ``<view>.<seq>.<token>.faiss`` straight from the live index (:class:`NewFiles`; no serialized copy, so it
 needs no second view's worth of memory), fsyncs and hashes it by streaming it back, fsyncs the directory, then
 has ``index.manifest`` commit the next manifest (tmp + fsync + rename + directory fsync): it names, per view,
-the new file as ``snapshot`` and the old current one as ``previous`` (each ``{file, sha256, seq}``). Only then are files that the new manifest does not
-name deleted. A crash or an ``OSError`` at any step leaves the old manifest and every file it names
-intact; stray files are removed by the next snapshot.
+the new file as ``snapshot`` and the old current one as ``previous`` (each ``{file, sha256, seq}``). Only then
+are files that the new manifest does not name deleted. A crash or an ``OSError`` at any step leaves the old
+manifest and every file it names intact; stray files are removed by the next snapshot.
 
 One process at a time writes snapshots: :class:`SnapshotLock` flocks ``LOCK`` and writes the holder's pid
 into it, so a "lock held" error names the holder. The same class flocks ``BUILD`` for the one process that
