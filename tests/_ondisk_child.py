@@ -2,7 +2,7 @@
 
     python tests/_ondisk_child.py write DIR START COUNT   adds k{START}.. one at a time to view "v", printing
                                                         "ADD key" once add() returned; removes every 5th key
-                                                        it added ("DEL key"); snapshots every 40 adds ("SNAP")
+                                                        it added ("DEL key"); snapshots every 25 adds ("SNAP")
     python tests/_ondisk_child.py open DIR               one JSON line: RSS (kB) before and after opening DIR
                                                         readonly, its view file's size (bytes)
     python tests/_ondisk_child.py snapshot DIR N         opens DIR, adds N vectors and removes N // 2 (an
@@ -62,7 +62,7 @@ def write(path: str, start: int, count: int) -> None:
         if len(added) % 5 == 0:
             s.remove([added[-5]])
             say(f"DEL {added[-5]}")
-        if len(added) % 40 == 0:
+        if len(added) % 25 == 0:
             s.snapshot()
             say("SNAP")
 
