@@ -6,8 +6,9 @@ One real store is built on disk (``IndexStore.create(..., storage="disk")``, IVF
 ``snapshot()``); a copy of the directory whose manifest names no storage is the same view in RAM. Printed:
 
 * single-query QPS (``store.search`` one query at a time, ``nprobe`` P) of the on-disk view with a cold page cache
-  (the view file's pages dropped with ``posix_fadvise(DONTNEED)`` before opening; the first ``--cold`` queries)
-  and a warm one (after reading the file once), and of the in-RAM view; recall@10 against exact search;
+  (the view file's pages dropped with ``posix_fadvise(DONTNEED)`` before opening; the first ``--cold`` queries;
+  ``fincore`` says how much of the file was cached before and after) and a warm one (after reading the file
+  once), and of the in-RAM view; recall@10 against exact search;
 * RSS after opening each store (the mapped view costs its quantizer, the in-RAM one its whole file);
 * the peak RSS rise (VmHWM reset through ``/proc/self/clear_refs``) of ``snapshot()`` after 1% more adds and
   removes: the in-RAM view streamed with ``faiss.write_index``, the on-disk view merged list by list.
@@ -55,6 +56,16 @@ def drop_cache(fp: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def resident_mb(fp: Path) -> float | None:
+    """MiB of ``fp`` in the page cache (util-linux ``fincore``; None where it is missing)."""
+    try:
+        out = subprocess.run(["fincore", "-b", "-n", "-o", "RES", str(fp)], capture_output=True, text=True,
+                             check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return int(out.stdout.split()[0]) / 2**20
 
 
 def warm_cache(fp: Path) -> None:
@@ -119,12 +130,14 @@ def query(a: argparse.Namespace, path: Path, on_disk: bool) -> dict:
     gt = np.load(path.parent / "gt.npy")
     fp, tag, res = view_file(path), "disk" if on_disk else "ram", {}
     drop_cache(fp)
+    res[f"{tag}_cached_before_mb"] = resident_mb(fp)
     rss0 = status()["VmRSS"]
     s = IndexStore.open(path, readonly=True, follow=False)
     res[f"{tag}_open_rss_mb"] = (status()["VmRSS"] - rss0) / 1024
     res[f"{tag}_type"] = s.index_types()["v"]
     if on_disk:
         res["disk_cold_qps"], _, res["disk_cold_p99_ms"] = qps(s, xq[:a.cold], a.nprobe)
+        res["disk_cached_after_cold_mb"] = resident_mb(fp)
         warm_cache(fp)
     qps(s, xq, a.nprobe)  # one pass to fault the pages in
     res[f"{tag}_qps"], I, res[f"{tag}_p99_ms"] = qps(s, xq, a.nprobe)
@@ -164,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         res.update(json.loads(out.stdout.strip().splitlines()[-1]))
     res["same_ids_disk_ram"] = float((np.load(work / "I_disk.npy") == np.load(work / "I_ram.npy")).mean())
     for k, v in res.items():
-        print(f"{k:24s} {round(v, 3) if isinstance(v, float) else v}")
+        print(f"{k:26s} {round(v, 3) if isinstance(v, float) else v}")
     if not a.workdir:
         shutil.rmtree(work, ignore_errors=True)
 
