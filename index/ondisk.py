@@ -47,11 +47,15 @@ STORAGE = ("ram", "disk")
 _ILAR = b"ilar"
 
 
-def check_storage(view: str, storage: Any) -> str:
-    """The storage of a view (``"ram"`` or ``"disk"``), or a StoreError naming the bad value."""
+def check_storage(view: str, storage: Any, factory: str) -> str:
+    """The storage of a view (``"ram"`` or ``"disk"``), or a StoreError naming the bad value (``"disk"`` needs
+    an IVF factory: only inverted lists can be memory-mapped)."""
     s = "ram" if storage is None else storage
     if s not in STORAGE:
         raise StoreError(f"view {view!r}: unknown storage {storage!r}; expected one of {list(STORAGE)}")
+    if s == "disk" and not fac.normalize_factory(factory).startswith("IVF"):
+        raise StoreError(f"view {view!r}: storage 'disk' needs an IVF index factory (its inverted lists are "
+                         f"memory-mapped), got {factory!r}")
     return s
 
 

@@ -167,7 +167,7 @@ class IndexStore(Writes, Loading, Maintenance):
                 fac.make_index(f, int(dim), metric)
             except Exception as e:  # faiss raises RuntimeError on a bad factory string
                 raise StoreError(f"view {name!r}: invalid index factory {f!r}: {e}") from e
-            st = ondisk.check_storage(name, storage.get(name) if isinstance(storage, dict) else storage)
+            st = ondisk.check_storage(name, storage.get(name) if isinstance(storage, dict) else storage, f)
             specs[name] = mf.view_entry(name, int(dim), metric, fac.normalize_factory(f), st)
         p.mkdir(parents=True, exist_ok=True)
         store = cls(p, False, **open_kw)

@@ -39,7 +39,7 @@ class _View:
         self.tomb: set[int] = set()
         self._sel: tuple[Any, Any] | None = None
         self.pending = False
-        self.storage = ondisk.check_storage(name, spec.get("storage"))
+        self.storage = ondisk.check_storage(name, spec.get("storage"), self.factory)
         self.disk: ondisk.Mapped | None = None  # an on-disk view's mapped base, delta and tombstones
 
     def set_index(self, index: faiss.Index, fp: Path | None = None) -> None:
