@@ -29,6 +29,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from index import ondisk
 from index.bench import make_data
 from index.factory import nlist_for
 from index.store import IndexStore
@@ -128,7 +129,9 @@ def query(a: argparse.Namespace, path: Path, on_disk: bool) -> dict:
     """In a fresh process: RSS of opening, cold/warm (on disk) or in-RAM single-query QPS, recall@10."""
     xq = make_data(a.queries, a.dim, "clustered", seed=1)
     gt = np.load(path.parent / "gt.npy")
-    fp, tag, res = view_file(path), "disk" if on_disk else "ram", {}
+    fp, res = view_file(path), {}
+    tag = ("disk" if a.prefetch == ondisk.PREFETCH_THREADS else f"disk_prefetch{a.prefetch}") if on_disk else "ram"
+    ondisk.PREFETCH_THREADS = a.prefetch
     drop_cache(fp)
     res[f"{tag}_cached_before_mb"] = resident_mb(fp)
     rss0 = status()["VmRSS"]
@@ -136,8 +139,8 @@ def query(a: argparse.Namespace, path: Path, on_disk: bool) -> dict:
     res[f"{tag}_open_rss_mb"] = (status()["VmRSS"] - rss0) / 1024
     res[f"{tag}_type"] = s.index_types()["v"]
     if on_disk:
-        res["disk_cold_qps"], _, res["disk_cold_p99_ms"] = qps(s, xq[:a.cold], a.nprobe)
-        res["disk_cached_after_cold_mb"] = resident_mb(fp)
+        res[f"{tag}_cold_qps"], _, res[f"{tag}_cold_p99_ms"] = qps(s, xq[:a.cold], a.nprobe)
+        res[f"{tag}_cached_after_cold_mb"] = resident_mb(fp)
         warm_cache(fp)
     qps(s, xq, a.nprobe)  # one pass to fault the pages in
     res[f"{tag}_qps"], I, res[f"{tag}_p99_ms"] = qps(s, xq, a.nprobe)
@@ -156,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cold", type=int, default=200, help="queries measured right after dropping the page cache")
     ap.add_argument("--phase", choices=["all", "build", "disk", "ram", "snap-disk", "snap-ram"], default="all",
                     help=argparse.SUPPRESS)  # each measurement runs in a fresh process (clean RSS)
+    ap.add_argument("--prefetch", type=int, default=ondisk.PREFETCH_THREADS,
+                    help="FAISS prefetch threads per search of the on-disk view (measured beside 32, FAISS's)")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -170,8 +175,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(res))
         return
     res: dict = {"nprobe": a.nprobe}
-    for phase in ("build", "disk", "ram", "snap-ram", "snap-disk"):
-        args = [sys.executable, "-m", "index.ondisk_bench", "--phase", phase, "--workdir", str(work)]
+    for phase, prefetch in (("build", a.prefetch), ("disk", a.prefetch), ("disk", 32), ("ram", a.prefetch),
+                            ("snap-ram", a.prefetch), ("snap-disk", a.prefetch)):
+        args = [sys.executable, "-m", "index.ondisk_bench", "--phase", phase, "--workdir", str(work),
+                f"--prefetch={prefetch}"]
         args += [f"--{k}={getattr(a, k)}" for k in ("n", "dim", "nprobe", "queries", "cold")]
         out = subprocess.run(args, capture_output=True, text=True, check=True)
         res.update(json.loads(out.stdout.strip().splitlines()[-1]))
