@@ -30,6 +30,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from index import manifest as mf
 from index import ondisk
 from index.bench import make_data
 from index.factory import nlist_for
@@ -48,7 +49,7 @@ def reset_peak() -> int:
 
 
 def view_file(path: Path) -> Path:
-    return path / json.loads((path / "manifest.json").read_text())["views"]["v"]["snapshot"]["file"]
+    return path / mf.read_manifest(path)["views"]["v"]["snapshot"]["file"]
 
 
 def drop_cache(fp: Path) -> None:
@@ -117,9 +118,9 @@ def build(a: argparse.Namespace, disk: Path, ram: Path) -> dict:
     s.close()
     build_s = time.perf_counter() - t0
     shutil.copytree(disk, ram)
-    man = json.loads((ram / "manifest.json").read_text())
+    man = mf.read_manifest(ram)
     man["views"]["v"].pop("storage")
-    (ram / "manifest.json").write_text(json.dumps(man))
+    mf.commit_manifest(ram, man)
     xq = make_data(a.queries, a.dim, "clustered", seed=1)  # (queries, dim), not in x
     np.save(disk.parent / "gt.npy", faiss.knn(xq, x, 10, metric=faiss.METRIC_INNER_PRODUCT)[1])  # exact ids
     return {"n": a.n, "dim": a.dim, "factory": factory, "file_mb": view_file(disk).stat().st_size / 2**20,
