@@ -227,3 +227,19 @@ def test_snapshot_of_an_on_disk_view_streams(big):
     assert got["type"].endswith("on disk (mmap)")
     # merged list by list: peak RSS rises by one list, not by the 53 MB view (measured: +0.9 MB)
     assert got["rise"] * 1024 < 53e6 / 4, got
+
+
+# ---------------------------------------------------------------- the benchmark
+@pytest.mark.slow
+def test_ondisk_bench_runs(tmp_path):
+    """``python -m index.ondisk_bench`` on a small store: the mapped view answers like the in-RAM one, opens
+    with less memory, and the page cache was really dropped before the cold queries."""
+    out = subprocess.run([sys.executable, "-m", "index.ondisk_bench", "--n", "20000", "--dim", "32", "--queries",
+                          "200", "--cold", "20"], env=ENV, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = dict(line.split(None, 1) for line in out.stdout.strip().splitlines())
+    assert float(got["same_ids_disk_ram"]) == 1.0
+    assert got["disk_type"] == "IndexIVFFlat on disk (mmap)" and got["ram_type"] == "IndexIVFFlat"
+    assert float(got["disk_cached_before_mb"]) == 0.0 or got["disk_cached_before_mb"] == "None"
+    assert float(got["disk_open_rss_mb"]) < float(got["ram_open_rss_mb"]) + 1
+    assert float(got["disk_recall10"]) == float(got["ram_recall10"]) > 0.9
