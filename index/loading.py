@@ -64,7 +64,8 @@ class Loading:
                 self._bad.add(mf.entry_id(spec["snapshot"]))  # the next snapshot keeps `got` as previous
                 recovered = True
             self._check_index(v, got[0], got[1])
-            v.index, v.build = got[0], int(spec[which].get("build", 0))
+            v.set_index(got[0], self.path / got[1])
+            v.build = int(spec[which].get("build", 0))
             v.loaded_seq = int(spec[which]["seq"])
             v.refresh_state()
             views[name] = v
@@ -193,7 +194,9 @@ class Loading:
         with self._follow_mutex:
             for name, spec in disk["views"].items():
                 v, snap = self._views.get(name), spec.get("snapshot") or {}
-                if v is None or int(snap.get("build", 0)) == v.build or mf.entry_id(snap) in self._bad:
+                if v is None or mf.entry_id(snap) in self._bad:
+                    continue
+                if int(snap.get("build", 0)) == v.build and not v.maps(snap):  # on-disk views map every snapshot
                     continue
                 got = snaps.read_view(self.path, spec, "snapshot")
                 if got is None:
@@ -243,7 +246,8 @@ class Loading:
             return None
         fresh = _View(name, spec)
         self._check_index(fresh, index, spec["snapshot"]["file"])
-        fresh.index, fresh.build = index, int(spec["snapshot"].get("build", 0))
+        fresh.set_index(index, self.path / spec["snapshot"]["file"])
+        fresh.build = int(spec["snapshot"].get("build", 0))
         fresh.refresh_state()
         for _, op, payload in rows:
             self._apply(op, unpack(payload), [fresh])

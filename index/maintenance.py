@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faiss
-import numpy as np
 
 from index import manifest as mf
 from index import snapshots as snaps
@@ -134,46 +133,56 @@ class Maintenance:
                 disk = self._manifest if initial else mf.read_manifest(self.path)
                 if not initial:
                     self._follow(disk, locked=True)
-                got = self._serialize_clean(disk, refresh=not initial, always=initial or force)
+                got = self._write_clean(disk, refresh=not initial, always=initial or force)
                 if got is None:
                     self._adopt(disk)
                     return False
-                seq, blobs, states = got
+                seq, files, states = got
                 t0 = time.perf_counter()
-                self._commit_snapshot(disk, blobs, seq, states)
-                del blobs, got
+                self._commit_snapshot(disk, files, seq, states)
                 self._params_dirty.clear()
                 self._schedule.snapshotted()
                 LOG.info("snapshot of %s at seq %d in %.2fs", self.path, seq, time.perf_counter() - t0)
+                self._follow(self._manifest, locked=True)  # on-disk views map the new file (an empty delta)
                 return True
             finally:
                 lock.release()
 
-    def _serialize_clean(self, disk: dict[str, Any], refresh: bool,
-                         always: bool) -> tuple[int, dict[str, np.ndarray], dict[str, dict]] | None:
-        """``(seq, blobs, states)`` of every view, copied under the read lock, or None when ``disk`` is as recent.
-        Views marked dirty (a failed write may have left a rolled-back vector in them) are never copied: they are
-        rebuilt from snapshot + log first (``_refresh``), and the dirty flag is checked under the lock."""
+    def _write_clean(self, disk: dict[str, Any], refresh: bool,
+                     always: bool) -> tuple[int, snaps.NewFiles, dict[str, dict]] | None:
+        """``(seq, files, states)``: every view written to a new file under the read lock, or None when ``disk``
+        is as recent. Each view is written straight from the live index (``faiss.write_index``; an on-disk view
+        merges its mapped lists, tombstones and delta list by list), with no serialized copy: memory stays at one
+        view, not two, and searches go on, but writes wait for the disk write (not just a memcpy). The files are
+        fsynced and hashed afterwards with no store lock held. Views marked dirty (a failed write may have left a
+        rolled-back vector in them) are never written: they are rebuilt from snapshot + log first
+        (``_refresh``), and the dirty flag is checked under the lock."""
         for _ in range(CLEAN_TRIES):
             if refresh:
                 self._refresh()
             with self._rw.read():
                 if self._dirty:
-                    continue  # a write failed since _refresh: reload, then copy
+                    continue  # a write failed since _refresh: reload, then write
                 seq = self._applied
                 if not always and seq <= mf.manifest_seq(disk) and not self._params_dirty:
                     return None
-                blobs = {n: faiss.serialize_index(v.index) for n, v in self._views.items()}  # (bytes,) uint8
+                files = snaps.NewFiles(self.path, seq)
+                try:
+                    for n, v in self._views.items():
+                        files.write(n, v.write)
+                except BaseException:
+                    files.discard()
+                    raise
                 states = {n: {"count": v.count, "pending_training": v.pending, "build": v.build,
                               "search_params": v.params if n in self._params_dirty else mf.search_params(disk, n)}
                           for n, v in self._views.items()}
-                return seq, blobs, states
+                return seq, files, states
         raise StoreError(f"index {self.path}: the views stayed dirty through {CLEAN_TRIES} reloads; no snapshot")
 
-    def _commit_snapshot(self, disk: dict[str, Any], blobs: dict[str, np.ndarray], seq: int,
+    def _commit_snapshot(self, disk: dict[str, Any], files: snaps.NewFiles, seq: int,
                          states: dict[str, dict]) -> dict[str, Any]:
-        """Write and commit (caller holds the snapshot lock), prune the log rows both named snapshots cover."""
-        new = snaps.write_snapshot(self.path, disk, blobs, seq, states, bad=self._bad)
+        """Commit written files (caller holds the snapshot lock), prune the log rows both named snapshots cover."""
+        new = snaps.write_snapshot(self.path, disk, files, seq, states, bad=self._bad)
         prev_seq = min((s.get("previous") or {"seq": 0})["seq"] for s in new["views"].values())
         jr = self._journal
         try:
@@ -256,10 +265,14 @@ class Maintenance:
                 seq, number = (rows[-1][0] if rows else seq0), int(spec.get("builds", 0)) + 1
                 state = {"count": fresh.count, "pending_training": fresh.pending, "build": number, "builds": number,
                          "search_params": spec.get("search_params") or {}}
-                blob = faiss.serialize_index(fresh.index)
+                files = snaps.NewFiles(self.path, seq)
+                try:
+                    files.write(name, fresh.write)  # `fresh` is this thread's alone: no store lock needed
+                except BaseException:
+                    files.discard()
+                    raise
                 del new, fresh
-                committed = self._commit_snapshot(disk, {name: blob}, seq, {name: state})
-                del blob
+                committed = self._commit_snapshot(disk, files, seq, {name: state})
                 LOG.info("view %s: %s build %d of this index committed at seq %d by pid %d", name,
                          "training" if training else "rebuild", number, seq, os.getpid())
             finally:

@@ -2,7 +2,8 @@
 reads and writes it and knows its fields; the store, snapshots, maintenance, loading and every tool ask it.
 
 Fields: ``format_version``, ``model_ref``, ``fingerprint`` (the model's embedding space), ``created``,
-``updated``, ``n_hint``, ``memory_budget_mb`` and, per view, ``dim``, ``metric``, ``factory``, ``count``, ``file``
+``updated``, ``n_hint``, ``memory_budget_mb`` and, per view, ``dim``, ``metric``, ``factory``, ``storage`` (``"disk"``
+for an IVF view whose lists are memory-mapped from its snapshot file; absent: in RAM), ``count``, ``file``
 (the single file name of older manifests), ``snapshot`` and ``previous`` (``{file, sha256, seq, build}``: the
 current snapshot file and the one before it), ``search_params``, ``pending_training`` and ``builds`` (how many
 trainings and rebuilds were committed). A manifest is replaced atomically (:func:`commit_manifest`), never edited
@@ -72,10 +73,16 @@ def new_manifest(model_ref: str, fingerprint: str, views: dict[str, dict[str, An
             "updated": _now(), "n_hint": n_hint, "memory_budget_mb": memory_budget_mb, "views": views}
 
 
-def view_entry(name: str, dim: int, metric: str, factory: str) -> dict[str, Any]:
-    """A new view's entry (``factory`` already normalized)."""
-    return {"dim": dim, "metric": metric, "factory": factory, "count": 0, "file": f"{name}.faiss", "snapshot": None,
-            "previous": None, "search_params": {}, "pending_training": False, "builds": 0}
+def view_entry(name: str, dim: int, metric: str, factory: str, storage: str = "ram") -> dict[str, Any]:
+    """A new view's entry (``factory`` already normalized; ``storage`` "disk": IVF lists memory-mapped)."""
+    entry = {"dim": dim, "metric": metric, "factory": factory, "count": 0, "file": f"{name}.faiss", "snapshot": None,
+             "previous": None, "search_params": {}, "pending_training": False, "builds": 0}
+    return entry | ({"storage": storage} if storage != "ram" else {})
+
+
+def storage(spec: dict[str, Any]) -> str:
+    """Where a view's index lives: "ram" (older manifests name none), or "disk" (``index/ondisk.py``)."""
+    return spec.get("storage") or "ram"
 
 
 def manifest_seq(manifest: dict[str, Any]) -> int:

@@ -36,9 +36,10 @@ below), the process reads that file with no store lock held, replays the log pas
 it in under the writer lock.
 
 Snapshots (``snapshots.py``) run on the background thread (or on explicit :meth:`snapshot`), in one process at
-a time (the flock'ed ``LOCK``; an error naming it says the holder's pid). The writer copies every view with
-``faiss.serialize_index`` under the read lock (searches continue; writes wait for the copy only), then, with no
-store lock held, writes them to NEW files, fsyncs, and atomically replaces ``manifest.json``: the new
+a time (the flock'ed ``LOCK``; an error naming it says the holder's pid). The writer writes every view straight
+to a NEW file (``faiss.write_index``, no in-memory copy: a snapshot needs no second view's worth of memory) under
+the read lock (searches continue; writes wait for the disk write), then, with no store lock held, fsyncs and
+hashes the files by streaming them and atomically replaces ``manifest.json``: the new
 manifest names the new files as current and the old current ones as previous (except a current file found
 corrupt: that view keeps its previous snapshot). A snapshot first loads any structure another process
 committed, so it never writes an older one over it. A file the committed manifest names is never moved or
@@ -55,7 +56,9 @@ kept back to a readable snapshot and a second fault is recoverable too. The resu
 acknowledged state, whatever the point at which a process was killed.
 
 Index types (``factory.py``, ``viewindex.py``): Flat/HNSW views are ``IndexIDMap2``, IVF views take ids
-natively; HNSW removals are tombstones. IVF/PQ views stay an exact Flat until ``train_threshold`` vectors
+natively; HNSW removals are tombstones. An IVF view with ``storage: disk`` (``ondisk.py``) memory-maps its
+committed snapshot file read-only and holds the writes since then in an in-memory delta and tombstones; each
+snapshot writes a merged new file list by list and every process maps it in place of the old one. IVF/PQ views stay an exact Flat until ``train_threshold`` vectors
 arrived; HNSW views past ``TOMBSTONE_REBUILD`` tombstones are rebuilt. Either build happens ONCE per index
 (``maintenance.py``): the process whose background thread (or explicit :meth:`snapshot`) takes the ``BUILD``
 flock builds from a copy with no store lock held (searches and writes go on), replays the log rows that
@@ -91,6 +94,7 @@ import numpy as np
 
 from index import factory as fac
 from index import manifest as mf
+from index import ondisk
 from index.durable import _RWLock
 from index.errors import (DuplicateKeyError, NotWritableError, StoreError, UnknownKeyError,  # noqa: F401 - re-exported
                           WriteFailed)
@@ -138,10 +142,11 @@ class IndexStore(Writes, Loading, Maintenance):
     @classmethod
     def create(cls, path: str | os.PathLike, *, views: dict[str, int], fingerprint: str, model_ref: str,
                factory: str | dict[str, str] | None = None, n_hint: int = 0, memory_budget_mb: int = 2048,
-               metric: str = "ip", **open_kw: Any) -> "IndexStore":
+               metric: str = "ip", storage: str | dict[str, str] | None = None, **open_kw: Any) -> "IndexStore":
         """Create an empty index directory (``path`` must not hold an index) and open it for writing.
 
         ``factory=None`` chooses per view with ``choose_factory(n_hint, dim, memory_budget_mb / len(views))``.
+        ``storage`` ("ram" or "disk", or per view): "disk" memory-maps an IVF view's lists (``index/ondisk.py``).
         """
         p = Path(path)
         if mf.exists(p):
@@ -162,7 +167,8 @@ class IndexStore(Writes, Loading, Maintenance):
                 fac.make_index(f, int(dim), metric)
             except Exception as e:  # faiss raises RuntimeError on a bad factory string
                 raise StoreError(f"view {name!r}: invalid index factory {f!r}: {e}") from e
-            specs[name] = mf.view_entry(name, int(dim), metric, fac.normalize_factory(f))
+            st = ondisk.check_storage(name, storage.get(name) if isinstance(storage, dict) else storage, f)
+            specs[name] = mf.view_entry(name, int(dim), metric, fac.normalize_factory(f), st)
         p.mkdir(parents=True, exist_ok=True)
         store = cls(p, False, **open_kw)
         try:
@@ -256,9 +262,7 @@ class IndexStore(Writes, Loading, Maintenance):
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise StoreError(f"k must be a positive int, got {k!r}")
         v = self._views[view]
-        params = fac.search_params(v.index, nprobe=nprobe or v.params.get("nprobe"),
-                                   ef_search=ef_search or v.params.get("ef_search"), sel=v.sel)
-        D, I = v.index.search(xq, int(k), params=params)
+        D, I = v.search(xq, int(k), nprobe or v.params.get("nprobe"), ef_search or v.params.get("ef_search"))
         return D.astype(np.float32, copy=False), I.astype(np.int64, copy=False)
 
     def _read(self, fn: Any) -> Any:
@@ -364,8 +368,10 @@ class IndexStore(Writes, Loading, Maintenance):
         return json.loads(json.dumps(self._manifest))
 
     def index_types(self) -> dict[str, str]:
-        """Per view, the class of its live FAISS index (for /info; the Milvus backend names its index type)."""
-        return {n: type(v.index).__name__ for n, v in self._views.items()}
+        """Per view, the class of its live FAISS index (for /info; the Milvus backend names its index type), with
+        " on disk (mmap)" for an on-disk view whose inverted lists are memory-mapped (``index/ondisk.py``)."""
+        return {n: type(v.index).__name__ + (" on disk (mmap)" if v.disk is not None else "")
+                for n, v in self._views.items()}
 
     def index_of(self, view: str) -> faiss.Index:
         """The live FAISS index of a view (read-only use; for benchmarks and inspection)."""

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import faiss
 import numpy as np
 
 from index import factory as fac
+from index import ondisk
 
 LOG = logging.getLogger(__name__)
 TOMBSTONE_REBUILD = 0.2  # background rebuild of an HNSW view past this fraction of tombstones
@@ -37,6 +39,32 @@ class _View:
         self.tomb: set[int] = set()
         self._sel: tuple[Any, Any] | None = None
         self.pending = False
+        self.storage = ondisk.check_storage(name, spec.get("storage"), self.factory)
+        self.disk: ondisk.Mapped | None = None  # an on-disk view's mapped base, delta and tombstones
+
+    def set_index(self, index: faiss.Index, fp: Path | None = None) -> None:
+        """Hold ``index``, read from the snapshot file ``fp``: a memory-mapped IVF index (an on-disk view) is
+        wrapped so that it is never modified (``index/ondisk.py``)."""
+        self.index = index
+        self.disk = ondisk.Mapped(fp, index) if fp is not None and ondisk.is_mapped(index) else None
+
+    def maps(self, snap: dict[str, Any]) -> bool:
+        """Whether this on-disk view maps another file than the committed snapshot entry ``snap`` names."""
+        return self.disk is not None and self.disk.file.name != snap.get("file")
+
+    def search(self, xq: np.ndarray, k: int, nprobe: int | None,
+               ef_search: int | None) -> tuple[np.ndarray, np.ndarray]:
+        if self.disk is not None:
+            return self.disk.search(xq, k, nprobe)
+        params = fac.search_params(self.index, nprobe=nprobe, ef_search=ef_search, sel=self.sel)
+        return self.index.search(xq, k, params=params)
+
+    def write(self, fp: Path) -> None:
+        """Write this view to the new snapshot file ``fp`` with no copy in memory (caller holds the read lock)."""
+        if self.disk is not None:
+            self.disk.write(fp)
+        else:
+            faiss.write_index(self.index, str(fp))
 
     def refresh_state(self) -> None:
         self.pending = (fac.needs_training(self.factory, self.dim, self.metric)
@@ -59,6 +87,8 @@ class _View:
 
     @property
     def count(self) -> int:
+        if self.disk is not None:
+            return self.disk.count
         return int(self.index.ntotal) - len(self.tomb)
 
     def ids(self) -> np.ndarray:
@@ -69,6 +99,9 @@ class _View:
         return self.pending and self.index.ntotal >= self.threshold
 
     def add(self, ids: np.ndarray, x: np.ndarray) -> None:
+        if self.disk is not None:
+            self.disk.add(ids, x)  # the delta: the mapped lists are read-only (FAISS aborts on a write)
+            return
         self.index.add_with_ids(x, ids)
 
     @property
@@ -76,6 +109,9 @@ class _View:
         return fac.is_hnsw(self.index) and len(self.tomb) > TOMBSTONE_REBUILD * max(self.index.ntotal, 1)
 
     def remove(self, ids: np.ndarray) -> None:
+        if self.disk is not None:
+            self.disk.remove(ids)
+            return
         if fac.is_hnsw(self.index):
             self.set_tomb(self.tomb | set(ids.tolist()))
             if len(self.tomb) > TOMBSTONE_INLINE * max(self.index.ntotal, 1):

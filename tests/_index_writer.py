@@ -15,6 +15,7 @@ searchable here, then print ``PEERS <n>``. ``--shared``: then add that key, prin
 """
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -41,10 +42,9 @@ def install_stall(phase: str) -> None:
         time.sleep(60)
 
     if phase == "file":
-        def write_file(fp, blob):
-            with open(fp, "wb") as f:
-                f.write(memoryview(blob)[: len(blob) // 2])
-                f.flush()
+        def write_file(fp, writer):
+            writer(fp)
+            os.truncate(fp, fp.stat().st_size // 2)
             stall()
         snapshots.write_file = write_file
     elif phase == "manifest":

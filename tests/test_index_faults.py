@@ -4,6 +4,7 @@ write is found after the fault, nothing unacknowledged is half there, and no key
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import selectors
@@ -60,17 +61,17 @@ def test_disk_full_during_snapshot(tmp_path, monkeypatch):
     s.snapshot()
     before = committed(path)
     named = {before["views"][v][w]["file"] for v in ("v", "w") for w in ("snapshot", "previous")}
-    sha = {f: snapshots.hashlib.sha256((path / f).read_bytes()).hexdigest() for f in named}
+    sha = {f: hashlib.sha256((path / f).read_bytes()).hexdigest() for f in named}
     failures = []
     real = snapshots.write_file
 
-    def full(fp, blob):  # the second view's file: half written, then ENOSPC
+    def full(fp, writer):  # the second view's file: half written, then ENOSPC
         if fp.name.startswith("w."):
-            with open(fp, "wb") as f:
-                f.write(memoryview(blob)[: len(blob) // 2])
+            writer(fp)
+            os.truncate(fp, fp.stat().st_size // 2)
             failures.append(fp.name)
             raise OSError(errno.ENOSPC, "No space left on device", str(fp))
-        real(fp, blob)
+        real(fp, writer)
 
     monkeypatch.setattr(snapshots, "write_file", full)
     monkeypatch.setattr(maintenance, "MAX_BACKOFF_S", 0.05)
@@ -88,7 +89,7 @@ def test_disk_full_during_snapshot(tmp_path, monkeypatch):
     with s._snap_mutex:  # between two background attempts (none is half-way while we look)
         # the committed manifest and every file it names are untouched; no half-written file is left behind
         assert committed(path) == before
-        assert {f: snapshots.hashlib.sha256((path / f).read_bytes()).hexdigest() for f in named} == sha
+        assert {f: hashlib.sha256((path / f).read_bytes()).hexdigest() for f in named} == sha
         assert {p.name for p in path.glob("*.faiss")} == named
         assert wal_rows(path) == 41  # the log keeps everything since the snapshots
     assert_all_found(s, acked)
