@@ -1,6 +1,6 @@
 """Recall@k against single-query QPS for the rows of ``python -m index.bench`` (matplotlib, headless).
 
-    python -m index.bench_plot docs/results/index_bench_real.json docs/index_bench_real.svg
+    python -m index.bench_plot docs/img/index_bench_real.png docs/results/index_bench_real.json [MORE.json ...]
 
 Each candidate is a point labelled with its type; ``auto`` rows (the memory-budget choice) are drawn as stars,
 the exact index as a square; the target recall is a dashed line. QPS is on a log axis.
@@ -47,14 +47,20 @@ def plot_recall_qps(rows: list[dict], out: str | Path, *, k: int = 10, target: f
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Plot the rows of one or more result files of the same data (a flat row present in several is drawn once)."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m index.bench_plot RESULTS.json OUT.svg", file=sys.stderr)
+    if len(argv) < 2:
+        print("usage: python -m index.bench_plot OUT.(svg|png) RESULTS.json [MORE.json ...]", file=sys.stderr)
         return 2
-    doc = json.loads(Path(argv[0]).read_text())
-    k = int(doc.get("meta", {}).get("args", {}).get("k", 10))
-    target = float(doc.get("meta", {}).get("args", {}).get("target_recall", 0.95))
-    print(plot_recall_qps(doc["results"], argv[1], k=k, target=target))
+    rows, seen = [], set()
+    for p in argv[1:]:
+        doc = json.loads(Path(p).read_text())
+        for r in doc["results"]:
+            if r["type"] not in seen:
+                seen.add(r["type"])
+                rows.append(r)
+    args = doc.get("meta", {}).get("args", {})
+    print(plot_recall_qps(rows, argv[0], k=int(args.get("k", 10)), target=float(args.get("target_recall", 0.95))))
     return 0
 
 
