@@ -83,8 +83,10 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
                 batch_size: int = 256, memory_budget_mb: int = 2048, n_hint: int = 0,
                 progress: bool = True, tune_sample: int = 200, thumbs: bool = True,
                 engine: str = "local", ray_options: dict | None = None) -> Path:
-    """Build an index directory at ``out`` (which must not hold an index yet). ANN views get their
-    nprobe / efSearch tuned to recall@10 >= 0.95 against exact search on a sample of the stored vectors.
+    """Build an index directory at ``out`` (which must not hold an index yet) within ``memory_budget_mb`` (see the
+    module docstring). ANN views get their nprobe / efSearch tuned to recall@10 >= 0.95 against exact search for
+    the first ``tune_sample`` items as queries (their exact neighbours among all items, merged chunk by chunk
+    while the items stream), and the recall reached is recorded in the view's choice (``built_recall``).
     ``thumbs``: also keep each item's thumbnails and query inputs for the web page (index/thumbs.py).
     ``engine="ray"``: embed on a Ray cluster (index/ray_engine.py; ``ray_options`` are its keyword arguments:
     address, num_cpus, actors, batch_size, ...); the store is written here either way."""

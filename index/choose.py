@@ -40,7 +40,7 @@ def sample_size(factory: str, n: int, dim: int, memory_budget_mb: float, metric:
 def expected_cost(factory: str, n: int, dim: int, nprobe: int) -> float:
     """Work per query at ``n`` items (multiply-adds): the coarse quantizer plus the probed lists' codes."""
     f = fac.normalize_factory(factory)
-    m = fac._IVF.match(f)
+    m = fac.IVF_RE.match(f)
     if not m:
         return float(n * dim)
     nlist, kind = int(m.group(1)), m.group(2)
@@ -50,7 +50,7 @@ def expected_cost(factory: str, n: int, dim: int, nprobe: int) -> float:
 
 
 def _pq_m(factory: str) -> int:
-    return int(fac._IVF.match(fac.normalize_factory(factory)).group(3))
+    return int(fac.IVF_RE.match(fac.normalize_factory(factory)).group(3))
 
 
 def _recall_curve(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int, target: float) -> tuple[float, int]:
@@ -92,7 +92,7 @@ def choose_trained(sample: np.ndarray | None, n: int, dim: int, memory_budget_mb
         choice.pop("kind", None)
         compressed = [c for c in fac.candidates(n, dim, memory_budget_mb)
                       if c["fits"] and c["kind"] in ("ivf-sq8", "ivf-pq")]
-        raw_fits = fac._IVF.match(choice["factory"]) is None or choice["factory"].endswith(",Flat")
+        raw_fits = fac.IVF_RE.match(choice["factory"]) is None or choice["factory"].endswith(",Flat")
         if not raw_fits and sample is not None and len(sample) > QUERIES * 2 and compressed:
             return _measure(sample, n, dim, memory_budget_mb, metric, target, k, compressed, choice)
     idx = fac.make_index(choice["factory"], dim, metric)
@@ -123,7 +123,7 @@ def _measure(sample: np.ndarray, n: int, dim: int, memory_budget_mb: float, metr
     for c in pqs[1:]:  # halving sizes below the largest that fits
         if len(tried) - len(sq8) < MAX_PQ and _pq_m(c["factory"]) * 2 ** (len(tried) - len(sq8)) == m0:
             tried.append(c)
-    nlist = int(fac._IVF.match(compressed[0]["factory"]).group(1))
+    nlist = int(fac.IVF_RE.match(compressed[0]["factory"]).group(1))
     coarse = fac.make_index(f"IVF{nlist},Flat", dim, metric)
     coarse.train(xb)  # one coarse quantizer for every candidate
     centroids = faiss.extract_index_ivf(coarse).quantizer.reconstruct_n(0, nlist)  # (nlist, dim)

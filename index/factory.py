@@ -19,7 +19,8 @@ memory beside the live index (``index/snapshots.py``). Candidates, cheapest sear
 * ``IDMap2,HNSW32,Flat`` above that: HNSW32 takes over 10 minutes to build at 1M here and can only
   tombstone removals (``viewindex.py``), so it is kept for the sizes IVF-Flat is not.
 * when the raw vectors do not fit: the compressed IVF candidates, ``IVF{nlist},SQ8`` (d bytes a vector) and
-  ``IVF{nlist},PQ{m}x8`` (m bytes; ``m`` divides d, up to 64), all with native ids. Statically
+  ``IVF{nlist},PQ{m}x8np`` (m bytes; ``m`` divides d, up to 64; ``np``: without the polysemous training
+  FAISS's factory adds by default, which costs minutes and serves no search here), all with native ids. Statically
   (:func:`choose_factory`) the largest codes that fit win. :func:`index.choose.measure` (used by
   ``index.build``, where a training sample is at hand) instead trains each fitting compressed candidate on the
   sample, measures recall@10 of held-out sample queries against exact search while raising nprobe, and picks
@@ -84,7 +85,7 @@ def hnsw_bytes(n: int, dim: int, m: int = HNSW_M) -> int:
     return int(n * (4 * dim + 2 * m * 4 * 1.1 + 8 + MAP_BYTES))
 
 
-_IVF = re.compile(r"^IVF(\d+),(Flat|SQ8|PQ(\d+)(?:x8)?(?:np)?)$")
+IVF_RE = re.compile(r"^IVF(\d+),(Flat|SQ8|PQ(\d+)(?:x8)?(?:np)?)$")
 
 
 def est_bytes(factory: str, n: int, dim: int) -> int:
@@ -96,7 +97,7 @@ def est_bytes(factory: str, n: int, dim: int) -> int:
     mh = re.match(r"^IDMap2,HNSW(\d+),Flat$", f)
     if mh:
         return hnsw_bytes(n, dim, int(mh.group(1)))
-    mi = _IVF.match(f)
+    mi = IVF_RE.match(f)
     if not mi:
         raise ValueError(f"no memory estimate for index factory {factory!r}")
     nlist, kind = int(mi.group(1)), mi.group(2)

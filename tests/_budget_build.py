@@ -24,14 +24,11 @@ from models.runtime import Runtime
 
 class VectorRuntime(Runtime):
     """The build's model: view ``v`` embeds a chunk as its own vectors."""
-    image_size = 32
-    fingerprint = "vectors"
+    image_size, fingerprint, dim = 32, "vectors", 0  # plain attributes in place of Runtime's properties
 
     def __init__(self, dim: int) -> None:  # no ONNX sessions
         self.path, self.dim = Path("vectors"), dim
         self.views = {"v": {"name": "v", "source": "v"}}
-
-    dim = 0
 
     def view(self, name: str) -> dict:
         return self.views[name]

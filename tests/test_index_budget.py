@@ -86,7 +86,7 @@ def test_static_choices_fit_their_budget_and_shrink_with_it():
         sizes.append(c["est_bytes"])
     assert sizes == sorted(sizes, reverse=True)
     # the training sample the budget allows bounds nlist (39 vectors per centroid)
-    nlist = int(fac._IVF.match(fac.static_choice(n, dim, 8)["factory"]).group(1))
+    nlist = int(fac.IVF_RE.match(fac.static_choice(n, dim, 8)["factory"]).group(1))
     assert nlist * fac.MIN_PER_CENTROID <= fac.sample_cap(dim, 8)
 
 
