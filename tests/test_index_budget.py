@@ -131,3 +131,29 @@ def test_create_records_the_choice_and_refuses_bad_budgets_and_indexes(tmp_path)
 def test_cli_refuses_a_bad_memory_budget(tmp_path):
     r = run_cli(["-m", "index.build", "--data", "scenes", "--memory-mb", "0", "--out", str(tmp_path / "i")])
     assert r.returncode == 2 and "--memory-mb must be at least 1" in r.stderr, r.stderr[-500:]
+
+
+def test_info_states_each_views_choice(tmp_path):
+    """GET /info's ``index.choice``: per view, what the manifest recorded about how its type was chosen. Core.info
+    runs on a Core without a model (its model fields are not what this test reads)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from serving.core import Core, Settings
+
+    store = IndexStore.create(tmp_path / "idx", views={"L": 128, "ab": 128}, fingerprint="f", model_ref="m",
+                              n_hint=1_000_000, memory_budget_mb=256)
+    c = Core.__new__(Core)
+    c.rt = SimpleNamespace(card=SimpleNamespace(to_dict=dict), fingerprint="f", dim=128, image_size=32, views={},
+                           providers=["CPUExecutionProvider"])
+    c.store, c.index_note, c.tau, c.settings, c.batcher = store, "", 0.07, Settings(), None
+    try:
+        info = asyncio.run(c.info())["index"]
+        for v in ("L", "ab"):
+            got = info["choice"][v]
+            assert got == store.manifest["views"][v]["choice"] and got["budget_mb"] == 128, got
+            assert got["factory"] == store.manifest["views"][v]["factory"]
+            assert ",PQ" in got["factory"] or ",SQ8" in got["factory"]  # 1M x 128 floats (488 MiB) over 128 MiB
+            assert "exceed the budget" in got["reason"]
+    finally:
+        store.close()
