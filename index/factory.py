@@ -1,35 +1,49 @@
-"""Choosing a FAISS index type for one view, in the spirit of autofaiss.
+"""Choosing a FAISS index type for one view from its size and a memory budget, in the spirit of autofaiss.
 
-Items carry stable int64 ids: Flat and HNSW views are wrapped in ``IndexIDMap2``
-(factory string ``IDMap2,...``), IVF views take ids natively (see
-:func:`normalize_factory` for why they must not be wrapped). The manifest records
-the exact factory string.
+Items carry stable int64 ids: Flat and HNSW views are wrapped in ``IndexIDMap2`` (factory string
+``IDMap2,...``), IVF views take ids natively (see :func:`normalize_factory` for why they must not be wrapped).
+The manifest records the exact factory string, and, for an index chosen by :mod:`index.choose`, the choice
+(``choice``: factory, reason, budget, estimated bytes, measured recall, nprobe).
 
-Rules of :func:`choose_factory` (``n`` = expected number of vectors, ``d`` = dim,
-``budget`` = memory budget in MB):
+The budget (``memory_budget_mb`` per view; ``index.build --memory-mb`` is shared equally by the views) bounds
+what a view holds in RAM while it is built and served. :func:`est_bytes` estimates a candidate at ``n`` vectors:
+codes + ids (``IDMap2`` adds a reverse hash map, ``MAP_BYTES``) + the inverted lists' growth while items are
+added (``LIST_SLACK``) + the coarse quantizer + the PQ codebooks (HNSW: the graph's links). A candidate fits
+when ``SNAPSHOT_COPIES`` times its estimate is within the budget: 1, since a snapshot streams each view to its
+file with ``faiss.write_index`` and needs no second copy in memory (``index/snapshots.py``; it was 2 while
+snapshots serialized the view first). Candidates, cheapest search first when they fit:
 
-* ``n < FLAT_MAX`` (50k): ``IDMap2,Flat``. Exact, trivially mutable, and a
-  brute-force scan of 50k x 128 floats (25 MB) takes ~1-3 ms per query on one
-  core, which an ANN index would not beat by enough to pay for its recall loss.
-* ``n < IVF_FLAT_MAX`` (4M) and the raw vectors fit the budget:
-  ``IVF{nlist},Flat`` with ``nlist ~ 4*sqrt(n)`` (a power of two). IVF
-  supports ``remove_ids`` natively, so the index stays exactly mutable, and it
-  reaches recall@10 >= 0.95 with a small nprobe on real (clustered) data:
-  measured at 1M on 2 cores, IVF4096,Flat built in 44 s and answered at 171x
-  the exact index's single-query QPS with recall@10 0.975 (BENCHMARKS.md),
-  where HNSW32 takes over 10 minutes to build and can only tombstone removals.
-* above that, the HNSW graph plus raw vectors if they fit the budget:
-  ``IDMap2,HNSW32,Flat``; removals are tombstones (see ``viewindex.py``).
-* otherwise: ``IVF{nlist},PQ{m}x8`` with the largest ``m`` (dividing
-  ``d``) whose codes fit the budget.
+* ``IDMap2,Flat`` below ``FLAT_MAX`` (50k) items: exact, trivially mutable; a brute-force scan of 50k x 128
+  floats takes ~1-3 ms per query on one core, which an ANN index would not beat by enough to pay for its loss.
+* ``IVF{nlist},Flat`` below ``IVF_FLAT_MAX`` (4M): removes natively and reaches any recall by nprobe
+  (measured at 1M on 2 cores: IVF4096,Flat built in 44 s, 171x the exact QPS at recall@10 0.975).
+* ``IDMap2,HNSW32,Flat`` above that: HNSW32 takes over 10 minutes to build at 1M here and can only
+  tombstone removals (``viewindex.py``), so it is kept for the sizes IVF-Flat is not.
+* when the raw vectors do not fit: the compressed IVF candidates, ``IVF{nlist},SQ8`` (d bytes a vector) and
+  ``IVF{nlist},PQ{m}x8np`` (m bytes; ``m`` divides d, up to 64; ``np``: without the polysemous training
+  FAISS's factory adds by default, which costs minutes and serves no search here), all with native ids. Statically
+  (:func:`choose_factory`) the largest codes that fit win. :func:`index.choose.measure` (used by
+  ``index.build``, where a training sample is at hand) instead trains each fitting compressed candidate on the
+  sample, measures recall@10 of held-out sample queries against exact search while raising nprobe, and picks
+  the one reaching the target (default 0.95) at the lowest expected search cost at ``n`` (quantizer + nprobe
+  lists of n / nlist codes); when none reaches it, the one with the highest recall, and the reason says so.
+  Re-ranking on full or SQ8 vectors (FAISS ``IndexRefine``, ``Refine(SQ8)``) and OPQ are not candidates yet:
+  neither takes ids natively, and ``IndexIDMap2`` over IVF is wrong after ``remove_ids``, so they would need
+  tombstones, and training for their rebuilds, that the store does not give them.
+* nothing fits: the smallest PQ, and the reason says the budget is exceeded.
 
-IVF and PQ indexes need training; :func:`train_threshold` says how many vectors
-the store waits for before training (until then the view is an exact Flat).
+``nlist`` is ~4 sqrt(n), a power of two, but no more than the training sample allows at 39 vectors per
+centroid, and the sample itself is bounded by the budget (:func:`sample_cap`): IVF/PQ views hold raw vectors
+only until they are trained (an exact Flat in the store; the sample in ``index.build``, which trains before
+adding anything), so that phase stays within the budget too. :func:`train_threshold` says how many vectors
+the store waits for before training.
 """
 from __future__ import annotations
 
 import logging
 import math
+import re
+from typing import Any
 
 import faiss
 
@@ -41,39 +55,111 @@ HNSW_M = 32
 DEFAULT_EF_SEARCH = 128  # until tune_search() stores a tuned value
 EF_CONSTRUCTION = 80  # FAISS's default 40 gives a visibly worse graph for inner product
 ID_PREFIX = "IDMap2,"
+MAP_BYTES = 56  # IndexIDMap2 per vector: its id (8) and the reverse unordered_map node (~48)
+LIST_SLACK = 1.4  # inverted lists are std::vectors grown by doubling while items are added
+SNAPSHOT_COPIES = 1  # snapshots stream the view to disk (faiss.write_index): no second copy in memory
+SAMPLE_SHARE = 3  # the training sample takes at most 1/3 of a view's budget (a candidate is built beside it)
+MIN_PER_CENTROID = 39  # FAISS asks for 39 training vectors per centroid
+PQ_MAX_M = 64
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
 
-def nlist_for(n: int) -> int:
-    """~4*sqrt(n) inverted lists, rounded to a power of two, in [16, 65536]."""
+def nlist_for(n: int, cap: int | None = None) -> int:
+    """~4*sqrt(n) inverted lists, rounded to a power of two, in [16, 65536], and at most ``cap / 39`` (the
+    training sample ``cap`` vectors can train; not below 16)."""
     target = 4.0 * math.sqrt(max(n, 1))
-    return int(min(65536, max(16, 2 ** round(math.log2(target)))))
+    nl = int(min(65536, max(16, 2 ** round(math.log2(target)))))
+    if cap is not None:
+        while nl > 16 and nl * MIN_PER_CENTROID > cap:
+            nl //= 2
+    return nl
+
+
+def sample_cap(dim: int, memory_budget_mb: float) -> int:
+    """Most raw training vectors of ``dim`` floats a view's training sample may hold within its budget."""
+    return max(256, int(memory_budget_mb * 2**20 / SAMPLE_SHARE / (4 * dim)))
 
 
 def hnsw_bytes(n: int, dim: int, m: int = HNSW_M) -> int:
-    """Approximate memory of IDMap2,HNSW{m},Flat: vectors + links (level 0 has 2m) + ids."""
-    return int(n * (4 * dim + 2 * m * 4 * 1.1 + 8 + 8))
+    """Approximate memory of IDMap2,HNSW{m},Flat: vectors + links (level 0 has 2m) + ids and their map."""
+    return int(n * (4 * dim + 2 * m * 4 * 1.1 + 8 + MAP_BYTES))
 
 
-def choose_factory(n: int, dim: int, memory_budget_mb: int = 2048) -> str:
-    """Return an ``IDMap2,...`` factory string for ``n`` vectors of ``dim`` floats."""
-    budget = memory_budget_mb * 2**20
-    flat_bytes = n * (4 * dim + 8)
-    if n < FLAT_MAX and flat_bytes <= budget:
-        return ID_PREFIX + "Flat"
-    nlist = nlist_for(n)
-    if n < IVF_FLAT_MAX and flat_bytes <= budget:
-        return f"IVF{nlist},Flat"
-    if hnsw_bytes(n, dim) <= budget:
-        return f"{ID_PREFIX}HNSW{HNSW_M},Flat"
-    m = dim
-    while m > 1 and (m > 64 or dim % m or n * (m + 16) > budget):
-        m //= 2
-    if dim % m:
-        m = 1
-    LOG.info("n=%d dim=%d exceeds the %d MB budget uncompressed: IVF%d,PQ%d", n, dim, memory_budget_mb, nlist, m)
-    return f"IVF{nlist},PQ{m}x8"
+IVF_RE = re.compile(r"^IVF(\d+),(Flat|SQ8|PQ(\d+)(?:x8)?(?:np)?)$")
+
+
+def est_bytes(factory: str, n: int, dim: int) -> int:
+    """Estimated RAM of ``factory`` (as :func:`normalize_factory` writes it) holding ``n`` vectors while it is
+    built (see the module docstring); ValueError for a type it cannot estimate."""
+    f = normalize_factory(factory)
+    if f == ID_PREFIX + "Flat":
+        return int(n * (4 * dim + MAP_BYTES))
+    mh = re.match(r"^IDMap2,HNSW(\d+),Flat$", f)
+    if mh:
+        return hnsw_bytes(n, dim, int(mh.group(1)))
+    mi = IVF_RE.match(f)
+    if not mi:
+        raise ValueError(f"no memory estimate for index factory {factory!r}")
+    nlist, kind = int(mi.group(1)), mi.group(2)
+    code = {"Flat": 4 * dim, "SQ8": dim}.get(kind) or int(mi.group(3))
+    extra = 256 * dim * 4 if kind.startswith("PQ") else 2 * dim * 4  # PQ codebooks / SQ8 ranges
+    return int(n * (code + 8) * LIST_SLACK + nlist * dim * 4 + extra)
+
+
+def fits(factory: str, n: int, dim: int, memory_budget_mb: float) -> bool:
+    return SNAPSHOT_COPIES * est_bytes(factory, n, dim) <= memory_budget_mb * 2**20
+
+
+def pq_ms(dim: int) -> list[int]:
+    """PQ sub-quantizer counts that divide ``dim`` (at most ``PQ_MAX_M``), largest first."""
+    return [m for m in range(min(dim, PQ_MAX_M), 0, -1) if dim % m == 0]
+
+
+def candidates(n: int, dim: int, memory_budget_mb: float) -> list[dict[str, Any]]:
+    """Every candidate type for ``n`` vectors: ``{factory, kind, est_bytes, fits}``, in the static order of
+    preference (see the module docstring; PQ largest codes first)."""
+    nlist = nlist_for(n, min(max(n, 1), sample_cap(dim, memory_budget_mb)))
+    out = [("flat", ID_PREFIX + "Flat"), ("ivf-flat", f"IVF{nlist},Flat"),
+           ("hnsw", f"{ID_PREFIX}HNSW{HNSW_M},Flat"), ("ivf-sq8", f"IVF{nlist},SQ8")]
+    out += [("ivf-pq", f"IVF{nlist},PQ{m}x8np") for m in pq_ms(dim)]
+    return [{"factory": f, "kind": k, "est_bytes": est_bytes(f, n, dim), "fits": fits(f, n, dim, memory_budget_mb)}
+            for k, f in out]
+
+
+def static_choice(n: int, dim: int, memory_budget_mb: float) -> dict[str, Any]:
+    """The rule-based choice (no measurement): ``{factory, kind, est_bytes, budget_mb, reason}``."""
+    cands = {c["factory"]: c for c in candidates(n, dim, memory_budget_mb)}
+    by_kind: dict[str, list[dict]] = {}
+    for c in cands.values():
+        by_kind.setdefault(c["kind"], []).append(c)
+    raw_mib = n * 4 * dim / 2**20
+
+    def pick(c: dict, why: str) -> dict[str, Any]:
+        return {"factory": c["factory"], "kind": c["kind"], "est_bytes": c["est_bytes"],
+                "budget_mb": memory_budget_mb, "reason": why}
+
+    flat, ivf, hnsw = by_kind["flat"][0], by_kind["ivf-flat"][0], by_kind["hnsw"][0]
+    if n < FLAT_MAX and flat["fits"]:
+        return pick(flat, f"{n} vectors (< {FLAT_MAX}) fit the budget raw: exact search")
+    if n < IVF_FLAT_MAX and ivf["fits"]:
+        return pick(ivf, f"{n} raw vectors ({raw_mib:.1f} MiB) fit the budget: IVF over raw vectors")
+    if hnsw["fits"]:
+        return pick(hnsw, f"{n} raw vectors and an HNSW graph fit the budget")
+    if ivf["fits"]:
+        return pick(ivf, f"{n} raw vectors fit the budget, not an HNSW graph: IVF over raw vectors")
+    for c in by_kind["ivf-sq8"] + by_kind["ivf-pq"]:
+        if c["fits"]:
+            return pick(c, f"{n} raw vectors ({raw_mib:.1f} MiB) exceed the budget: the largest codes that fit")
+    c = by_kind["ivf-pq"][-1]
+    LOG.warning("n=%d dim=%d: no index type fits %s MB; %s needs %.1f MiB", n, dim, memory_budget_mb,
+                c["factory"], c["est_bytes"] / 2**20)
+    return pick(c, f"nothing fits the budget at {n} vectors: the smallest codes")
+
+
+def choose_factory(n: int, dim: int, memory_budget_mb: float = 2048) -> str:
+    """The factory string of :func:`static_choice` for ``n`` vectors of ``dim`` floats."""
+    return static_choice(n, dim, memory_budget_mb)["factory"]
 
 
 def normalize_factory(factory: str) -> str:

@@ -142,11 +142,16 @@ class IndexStore(Writes, Loading, Maintenance):
     @classmethod
     def create(cls, path: str | os.PathLike, *, views: dict[str, int], fingerprint: str, model_ref: str,
                factory: str | dict[str, str] | None = None, n_hint: int = 0, memory_budget_mb: int = 2048,
-               metric: str = "ip", storage: str | dict[str, str] | None = None, **open_kw: Any) -> "IndexStore":
+               metric: str = "ip", storage: str | dict[str, str] | None = None,
+               trained: dict[str, faiss.Index] | None = None, choice: dict[str, dict[str, Any]] | None = None,
+               **open_kw: Any) -> "IndexStore":
         """Create an empty index directory (``path`` must not hold an index) and open it for writing.
 
         ``factory=None`` chooses per view with ``choose_factory(n_hint, dim, memory_budget_mb / len(views))``.
         ``storage`` ("ram" or "disk", or per view): "disk" memory-maps an IVF view's lists (``index/ondisk.py``).
+        ``trained[view]``: an empty, trained index of the view's factory (``index.choose.choose_trained``), used
+        from the start instead of an exact Flat until enough vectors arrived to train; ``choice[view]``: how the
+        factory was chosen, recorded in the manifest (the static choice's when the factory was chosen here).
         """
         p = Path(path)
         if mf.exists(p):
@@ -155,6 +160,8 @@ class IndexStore(Writes, Loading, Maintenance):
             raise StoreError("an index needs at least one view")
         if metric not in fac.METRICS:
             raise StoreError(f"unknown metric {metric!r}; expected one of {sorted(fac.METRICS)}")
+        if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float)) or not memory_budget_mb > 0:
+            raise StoreError(f"memory_budget_mb must be a positive number of MiB, got {memory_budget_mb!r}")
         specs: dict[str, dict[str, Any]] = {}
         for name, dim in views.items():
             if not _VIEW_NAME.match(str(name)):
@@ -162,20 +169,32 @@ class IndexStore(Writes, Loading, Maintenance):
             if not isinstance(dim, (int, np.integer)) or dim <= 0:
                 raise StoreError(f"view {name!r}: dim must be a positive int, got {dim!r}")
             f = factory.get(name) if isinstance(factory, dict) else factory
-            f = f or fac.choose_factory(n_hint, int(dim), max(1, memory_budget_mb // len(views)))
+            why = (choice or {}).get(name)
+            if not f:
+                why = fac.static_choice(n_hint, int(dim), memory_budget_mb / len(views))
+                why.pop("kind", None)
+                f = why["factory"]
             try:
-                fac.make_index(f, int(dim), metric)
+                empty = fac.make_index(f, int(dim), metric)
             except Exception as e:  # faiss raises RuntimeError on a bad factory string
                 raise StoreError(f"view {name!r}: invalid index factory {f!r}: {e}") from e
             st = ondisk.check_storage(name, storage.get(name) if isinstance(storage, dict) else storage, f)
+            t = (trained or {}).get(name)
+            if t is not None and (not t.is_trained or t.ntotal or t.d != int(dim) or t.metric_type != empty.metric_type
+                                  or type(fac.base_of(t)) is not type(fac.base_of(empty))):
+                raise StoreError(f"view {name!r}: the trained index given is not an empty, trained {f!r} of dim {dim}")
             specs[name] = mf.view_entry(name, int(dim), metric, fac.normalize_factory(f), st)
+            if why:
+                specs[name]["choice"] = why
         p.mkdir(parents=True, exist_ok=True)
         store = cls(p, False, **open_kw)
         try:
             store._journal = Journal(p, False)
             store._manifest = mf.new_manifest(model_ref, fingerprint, specs, n_hint, memory_budget_mb)
             store._views = {n: _View(n, s) for n, s in specs.items()}
-            for v in store._views.values():
+            for n, v in store._views.items():
+                if (trained or {}).get(n) is not None:
+                    v.index = trained[n]
                 v.refresh_state()
             store._snapshot(timeout=30.0, initial=True)
         except BaseException:

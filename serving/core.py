@@ -150,6 +150,9 @@ class Core:
                       "types": self.store.index_types(),
                       "counts": {v: int(self.store.count(v)) for v in self.store.views},
                       "readonly": bool(getattr(self.store, "readonly", False))}
+            from index.store import IndexStore
+            if isinstance(self.store, IndexStore):  # the FAISS backend: how each view's index type was chosen
+                index["choice"] = {v: s.get("choice") for v, s in self.store.manifest["views"].items()}
         return {
             "card": rt.card.to_dict(),
             "fingerprint": rt.fingerprint,

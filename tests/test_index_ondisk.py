@@ -243,3 +243,30 @@ def test_ondisk_bench_runs(tmp_path):
     assert float(got["disk_cached_before_mb"]) == 0.0 or got["disk_cached_before_mb"] == "None"
     assert float(got["disk_open_rss_mb"]) < float(got["ram_open_rss_mb"]) + 1
     assert float(got["disk_recall10"]) == float(got["ram_recall10"]) > 0.9
+
+
+def test_index_build_on_disk_equals_the_ram_build(tmp_path):
+    """``index.build --on-disk`` (build_index(storage="disk")): the view is memory-mapped and answers exactly as
+    the same build held in RAM; a build whose chosen type cannot live on disk (Flat, few items) says so."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _budget_build import VectorRuntime
+    from index.build import build_index
+    from index.errors import StoreError
+    from models.data import Dataset
+    rng = np.random.default_rng(0)
+    c = rng.standard_normal((300, 16), dtype=np.float32)
+    x = c[rng.integers(0, 300, 60_000)] + 0.5 * rng.standard_normal((60_000, 16), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # (60000, 16): past FLAT_MAX, so an IVF view
+    got = {}
+    for st in ("ram", "disk"):
+        build_index(VectorRuntime(16), Dataset(sources={"v": x}), ["v"], tmp_path / st, storage=st, progress=False,
+                    thumbs=False, memory_budget_mb=64)
+        with IndexStore.open(tmp_path / st) as s:
+            assert ("on disk" in s.index_types()["v"]) == (st == "disk")
+            got[st] = s.search(x[:100], "v", 10)
+    assert np.array_equal(got["ram"][1], got["disk"][1])
+    np.testing.assert_allclose(got["ram"][0], got["disk"][0], atol=1e-5)
+    with pytest.raises(StoreError, match="disk"):
+        build_index(VectorRuntime(16), Dataset(sources={"v": x[:1000]}), ["v"], tmp_path / "flat", storage="disk",
+                    progress=False, thumbs=False)

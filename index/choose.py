@@ -1,0 +1,164 @@
+"""Choosing a view's index by measuring the candidates on a training sample (the rules: ``index/factory.py``).
+
+:func:`choose_trained` is what ``index.build`` calls once it holds a view's training sample: when the raw
+vectors do not fit the budget it trains every fitting compressed candidate on the sample (one coarse quantizer,
+trained once, shared by all), measures recall@k of held-out sample queries against exact search while raising
+nprobe, and keeps the candidate reaching the target at the lowest expected search cost at ``n`` items; otherwise
+it keeps the static choice and trains it. Either way it returns the choice (recorded in the manifest) and the
+trained, empty index. Bounded: the sample is bounded by the budget (``factory.sample_cap``), the queries by
+``QUERIES``, and at most ``MAX_PQ`` PQ sizes are tried.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import faiss
+import numpy as np
+
+from index import factory as fac
+from index.recall import exact_knn, overlap
+
+LOG = logging.getLogger(__name__)
+QUERIES = 200  # held out from the sample
+MAX_PQ = 2  # PQ sizes tried: the largest that fit, and half of it
+PQ_NITER = 10  # k-means iterations of each PQ sub-quantizer (FAISS's default 25 costs 2.5x for little)
+PQ_POINTS = 32  # ... on at most 32 x 256 vectors of the sample
+PLATEAU = 0.003  # raising nprobe stops when recall gains less than this twice in a row
+NPROBES = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+def sample_size(factory: str, n: int, dim: int, memory_budget_mb: float, metric: str = "ip") -> int:
+    """Vectors to hold before training ``factory`` for ``n`` items: what FAISS asks for, within the budget."""
+    if fac.make_index(factory, dim, metric).is_trained:
+        return 0
+    want = max(fac.train_sample_size(factory, dim, metric), fac.train_threshold(factory, dim, metric))
+    return int(min(n, want, fac.sample_cap(dim, memory_budget_mb)))
+
+
+def expected_cost(factory: str, n: int, dim: int, nprobe: int) -> float:
+    """Work per query at ``n`` items (multiply-adds): the coarse quantizer plus the probed lists' codes."""
+    f = fac.normalize_factory(factory)
+    m = fac.IVF_RE.match(f)
+    if not m:
+        return float(n * dim)
+    nlist, kind = int(m.group(1)), m.group(2)
+    per_code = {"Flat": dim, "SQ8": dim}.get(kind) or int(m.group(3))
+    tables = 256 * dim if kind.startswith("PQ") else 0
+    return float(nlist * dim + tables + min(nprobe, nlist) * (n / nlist) * per_code)
+
+
+def _pq_m(factory: str) -> int:
+    return int(fac.IVF_RE.match(fac.normalize_factory(factory)).group(3))
+
+
+def _recall_curve(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int, target: float) -> tuple[float, int]:
+    """(recall, nprobe): the smallest nprobe reaching ``target``, or the best recall seen before it stops rising."""
+    ivf = faiss.extract_index_ivf(index)
+    grid = [p for p in NPROBES if p < ivf.nlist] + [ivf.nlist]
+    best, flat = (0.0, grid[-1]), 0
+    for p in grid:
+        params = faiss.SearchParametersIVF()
+        params.nprobe = p
+        _, I = index.search(xq, k, params=params)
+        rec = overlap(I, gt, k)
+        if rec >= target:
+            return rec, p
+        flat = flat + 1 if rec < best[0] + PLATEAU else 0
+        if rec > best[0]:
+            best = (rec, p)
+        if flat >= 2:
+            break
+    return best
+
+
+def choose_trained(sample: np.ndarray | None, n: int, dim: int, memory_budget_mb: float, metric: str = "ip",
+                   target: float = 0.95, k: int = 10, factory: str | None = None) -> tuple[dict[str, Any], faiss.Index | None]:
+    """``(choice, index)`` for a view of ``n`` items: the choice (``factory``, ``reason``, ``budget_mb``,
+    ``est_bytes``, and after a measurement ``measured_recall``, ``nprobe``, ``candidates``) and a trained empty
+    index of it (None when it needs no training). ``sample`` (S, dim): vectors of the view (at least
+    :func:`sample_size` of the static choice's factory when it needs training); ``factory``: a given type
+    (trained, not chosen)."""
+    if factory is not None:
+        f = fac.normalize_factory(factory)
+        choice = {"factory": f, "reason": "given (--index-factory)", "budget_mb": memory_budget_mb}
+        try:
+            choice["est_bytes"] = fac.est_bytes(f, n, dim)
+        except ValueError:
+            pass
+    else:
+        choice = fac.static_choice(n, dim, memory_budget_mb)
+        choice.pop("kind", None)
+        compressed = [c for c in fac.candidates(n, dim, memory_budget_mb)
+                      if c["fits"] and c["kind"] in ("ivf-sq8", "ivf-pq")]
+        raw_fits = fac.IVF_RE.match(choice["factory"]) is None or choice["factory"].endswith(",Flat")
+        if not raw_fits and sample is not None and len(sample) > QUERIES * 2 and compressed:
+            return _measure(sample, n, dim, memory_budget_mb, metric, target, k, compressed, choice)
+    idx = fac.make_index(choice["factory"], dim, metric)
+    if idx.is_trained:
+        return choice, None
+    if sample is None or len(sample) == 0:
+        raise ValueError(f"{choice['factory']} needs a training sample")
+    t0 = time.perf_counter()
+    idx.train(np.ascontiguousarray(sample, dtype=np.float32))
+    LOG.info("trained %s on %d vectors in %.1fs", choice["factory"], len(sample), time.perf_counter() - t0)
+    return choice, idx
+
+
+def _measure(sample: np.ndarray, n: int, dim: int, memory_budget_mb: float, metric: str, target: float, k: int,
+             compressed: list[dict], static: dict) -> tuple[dict[str, Any], faiss.Index]:
+    t0 = time.perf_counter()
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    qpos = rng.choice(len(sample), QUERIES, replace=False)
+    keep = np.ones(len(sample), bool)
+    keep[qpos] = False
+    xq, xb = sample[qpos], sample[keep]
+    gt = exact_knn(xq, xb, k, metric)[1]
+    sq8 = [c for c in compressed if c["kind"] == "ivf-sq8"]
+    pqs = [c for c in compressed if c["kind"] == "ivf-pq"]
+    tried = sq8 + pqs[:1]
+    m0 = _pq_m(pqs[0]["factory"]) if pqs else 0
+    for c in pqs[1:]:  # halving sizes below the largest that fits
+        if len(tried) - len(sq8) < MAX_PQ and _pq_m(c["factory"]) * 2 ** (len(tried) - len(sq8)) == m0:
+            tried.append(c)
+    nlist = int(fac.IVF_RE.match(compressed[0]["factory"]).group(1))
+    coarse = fac.make_index(f"IVF{nlist},Flat", dim, metric)
+    coarse.train(xb)  # one coarse quantizer for every candidate
+    centroids = faiss.extract_index_ivf(coarse).quantizer.reconstruct_n(0, nlist)  # (nlist, dim)
+    del coarse
+    rows: list[dict[str, Any]] = []
+    best: tuple | None = None
+    for c in tried:
+        idx = fac.make_index(c["factory"], dim, metric)
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(idx))
+        ivf.quantizer.add(centroids)
+        if c["kind"] == "ivf-pq":
+            ivf.pq.cp.niter, ivf.pq.cp.max_points_per_centroid = PQ_NITER, PQ_POINTS
+        idx.train(xb)
+        idx.add(xb)
+        rec, nprobe = _recall_curve(idx, xq, gt, k, target)
+        cost = expected_cost(c["factory"], n, dim, nprobe)
+        rows.append({"factory": c["factory"], "est_bytes": c["est_bytes"], "recall": round(rec, 4),
+                     "nprobe": nprobe, "cost": cost})
+        key = (rec >= target, -cost if rec >= target else rec)
+        if best is None or key > best[0]:
+            best = (key, c, rec, nprobe, idx)
+        else:
+            del idx
+    assert best is not None
+    (reached, _), c, rec, nprobe, idx = best
+    idx.reset()  # keeps the quantizer and codebooks: a trained, empty index
+    raw_mib = n * 4 * dim / 2**20
+    if reached:
+        why = (f"{n} raw vectors ({raw_mib:.1f} MiB) exceed the budget; of {len(rows)} compressed candidates "
+               f"that fit, the fastest reaching recall@{k} {target} on the training sample (nprobe {nprobe})")
+    else:
+        why = (f"{n} raw vectors ({raw_mib:.1f} MiB) exceed the budget; no compressed candidate that fits reaches "
+               f"recall@{k} {target} on the training sample: the highest recall ({rec:.3f} at nprobe {nprobe})")
+    choice = {"factory": c["factory"], "reason": why, "budget_mb": memory_budget_mb, "est_bytes": c["est_bytes"],
+              "measured_recall": round(rec, 4), "nprobe": nprobe, "target_recall": target,
+              "sample": int(len(xb)), "static_choice": static["factory"], "candidates": rows}
+    LOG.info("chose %s in %.1fs: %s", c["factory"], time.perf_counter() - t0, why)
+    return choice, idx

@@ -1,0 +1,159 @@
+"""The memory budget: index.build's peak RSS stays within it (measured in a child process), the estimates bound the
+real sizes, and the choice measured on a training sample reaches its recall on the whole collection."""
+import json
+import os
+import subprocess
+import sys
+
+import faiss
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_cli
+from index import factory as fac
+from index.choose import choose_trained
+from index.recall import exact_knn, overlap
+from index.store import IndexStore, StoreError
+
+MiB = 2**20
+# above the budget: FAISS's k-means blocks (sample x 256 floats) and the heap glibc keeps after them, SQLite's page
+# cache, the chunk in flight, per-item Python objects, the store's threads (measured: 5-6 MiB over the index)
+SLACK = 8 * MiB
+
+
+def _build(out, mb: int, n: int = 30_000, dim: int = 64) -> dict:
+    env = os.environ.copy() | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "tests/_budget_build.py", str(out), "--n", str(n), "--dim", str(dim),
+                        "--memory-mb", str(mb)], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_build_peak_rss_stays_within_a_small_budget(tmp_path):
+    """30k x 128 floats (14.6 MiB raw) within 3 MiB: a compressed type, built without ever holding the raw vectors
+    (peak RSS above the child's baseline <= budget + SLACK); with 64 MiB the same data keeps its raw vectors, and
+    its build rises by more than the small budget's bound, so the bound would catch an uncompressed build."""
+    small = _build(tmp_path / "small", 3, dim=128)
+    print(f"3 MiB: {small['line']}; peak {(small['peak'] - small['baseline']) / MiB:.1f} MiB above baseline, "
+          f"view files {small['view_bytes'] / MiB:.2f} MiB")
+    assert small["count"] == 30_000
+    assert ",PQ" in small["factory"] or ",SQ8" in small["factory"], small["factory"]
+    assert small["peak"] - small["baseline"] <= 3 * MiB + SLACK, small
+    assert small["view_bytes"] <= 3 * MiB < small["raw"]
+    c = small["choice"]
+    assert c["budget_mb"] == 3 and c["est_bytes"] * fac.SNAPSHOT_COPIES <= 3 * MiB and c["measured_recall"] > 0.5
+    # the recall the build recorded (exact neighbours merged chunk by chunk) is the built index's true recall
+    assert c["built_queries"] == 200 and abs(c["built_recall"] - small["recall"]) <= 0.005, (c, small["recall"])
+    big = _build(tmp_path / "big", 64, dim=128)  # snapshots stream to disk: the rise is the raw vectors, ~15 MiB
+    print(f"64 MiB: {big['line']}; peak {(big['peak'] - big['baseline']) / MiB:.1f} MiB above baseline")
+    assert big["factory"] in ("IDMap2,Flat",) or big["factory"].endswith(",Flat"), big["factory"]
+    assert big["view_bytes"] >= big["raw"]
+    assert big["peak"] - big["baseline"] > 3 * MiB + SLACK
+
+
+def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((200, dim), dtype=np.float32)[rng.integers(0, 200, n)]
+    x += 0.4 * rng.standard_normal(x.shape, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("factory", ["IDMap2,Flat", "IVF64,Flat", "IVF64,SQ8", "IVF64,PQ16x8np"])
+def test_estimate_bounds_the_index_size(factory):
+    """est_bytes is at least the serialized index (what a loaded view holds) and at most 1.6x it (+ 64 KiB)."""
+    n, dim = 20_000, 64
+    x = _clustered(n, dim)
+    idx = fac.make_index(factory, dim)
+    if not idx.is_trained:
+        if "PQ" in factory:
+            faiss.downcast_index(idx).pq.cp.niter = 5  # the codebooks' quality is not what is measured
+        idx.train(x[:5000])
+    idx.add_with_ids(x, np.arange(n, dtype=np.int64) * 7)
+    real = len(faiss.serialize_index(idx))
+    est = fac.est_bytes(factory, n, dim)
+    assert real <= est <= 1.6 * real + 64 * 1024, (real, est)
+
+
+def test_static_choices_fit_their_budget_and_shrink_with_it():
+    n, dim = 1_000_000, 128
+    raw_mb = n * dim * 4 / MiB
+    assert fac.choose_factory(n, dim, 4 * raw_mb).endswith(",Flat")  # raw vectors fit
+    sizes = []
+    for frac in (2, 4, 8):
+        c = fac.static_choice(n, dim, raw_mb / frac)
+        assert c["est_bytes"] * fac.SNAPSHOT_COPIES <= raw_mb / frac * MiB, c
+        assert ",PQ" in c["factory"] or ",SQ8" in c["factory"], c
+        sizes.append(c["est_bytes"])
+    assert sizes == sorted(sizes, reverse=True)
+    # the training sample the budget allows bounds nlist (39 vectors per centroid)
+    nlist = int(fac.IVF_RE.match(fac.static_choice(n, dim, 8)["factory"]).group(1))
+    assert nlist * fac.MIN_PER_CENTROID <= fac.sample_cap(dim, 8)
+
+
+def test_measured_choice_is_the_cheapest_reaching_the_target():
+    """20k clustered vectors whose raw form exceeds the budget: every fitting compressed candidate is measured on
+    the sample, the choice is the one of lowest expected cost among those reaching the target, and its trained
+    empty index searches the whole collection (at the measured nprobe) with a recall above chance."""
+    faiss.omp_set_num_threads(1)
+    n, dim, mb = 20_000, 32, 3
+    x = _clustered(n, dim, seed=1)
+    assert not fac.fits("IVF64,Flat", n, dim, mb)
+    choice, idx = choose_trained(x[:4000], n, dim, mb)
+    rows = choice["candidates"]
+    assert len(rows) >= 2 and all(fac.fits(r["factory"], n, dim, mb) for r in rows), rows
+    reached = [r for r in rows if r["recall"] >= 0.95]
+    want = min(reached, key=lambda r: r["cost"]) if reached else max(rows, key=lambda r: r["recall"])
+    assert choice["factory"] == want["factory"] and choice["nprobe"] == want["nprobe"], choice
+    assert idx is not None and idx.ntotal == 0 and idx.is_trained
+    idx.add_with_ids(x, np.arange(n, dtype=np.int64))
+    p = faiss.SearchParametersIVF()
+    p.nprobe = choice["nprobe"]
+    rec = overlap(idx.search(x[:200], 10, params=p)[1], exact_knn(x[:200], x, 10)[1], 10)
+    print(choice["factory"], "sample", choice["measured_recall"], "whole", rec, choice["reason"])
+    assert rec > 0.3, rec
+
+
+def test_create_records_the_choice_and_refuses_bad_budgets_and_indexes(tmp_path):
+    with IndexStore.create(tmp_path / "a", views={"v": 16}, fingerprint="f", model_ref="m", n_hint=100,
+                           memory_budget_mb=1) as s:
+        c = s.manifest["views"]["v"]["choice"]
+        assert c["factory"] == "IDMap2,Flat" and c["budget_mb"] == 1 and "exact" in c["reason"]
+    for bad in (0, -5, "8", True):
+        with pytest.raises(StoreError, match="memory_budget_mb must be a positive"):
+            IndexStore.create(tmp_path / f"b{bad}", views={"v": 16}, fingerprint="f", model_ref="m",
+                              memory_budget_mb=bad)
+    untrained = fac.make_index("IVF16,Flat", 16)
+    with pytest.raises(StoreError, match="not an empty, trained"):
+        IndexStore.create(tmp_path / "c", views={"v": 16}, fingerprint="f", model_ref="m", factory="IVF16,Flat",
+                          trained={"v": untrained})
+
+
+def test_cli_refuses_a_bad_memory_budget(tmp_path):
+    r = run_cli(["-m", "index.build", "--data", "scenes", "--memory-mb", "0", "--out", str(tmp_path / "i")])
+    assert r.returncode == 2 and "--memory-mb must be at least 1" in r.stderr, r.stderr[-500:]
+
+
+def test_info_states_each_views_choice(tmp_path):
+    """GET /info's ``index.choice``: per view, what the manifest recorded about how its type was chosen. Core.info
+    runs on a Core without a model (its model fields are not what this test reads)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from serving.core import Core, Settings
+
+    store = IndexStore.create(tmp_path / "idx", views={"L": 128, "ab": 128}, fingerprint="f", model_ref="m",
+                              n_hint=1_000_000, memory_budget_mb=256)
+    c = Core.__new__(Core)
+    c.rt = SimpleNamespace(card=SimpleNamespace(to_dict=dict), fingerprint="f", dim=128, image_size=32, views={},
+                           providers=["CPUExecutionProvider"])
+    c.store, c.index_note, c.tau, c.settings, c.batcher = store, "", 0.07, Settings(), None
+    try:
+        info = asyncio.run(c.info())["index"]
+        for v in ("L", "ab"):
+            got = info["choice"][v]
+            assert got == store.manifest["views"][v]["choice"] and got["budget_mb"] == 128, got
+            assert got["factory"] == store.manifest["views"][v]["factory"]
+            assert ",PQ" in got["factory"] or ",SQ8" in got["factory"]  # 1M x 128 floats (488 MiB) over 128 MiB
+            assert "exceed the budget" in got["reason"]
+    finally:
+        store.close()
