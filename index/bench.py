@@ -42,24 +42,12 @@ import faiss
 import numpy as np
 
 from index import bench_data
+from index.bench_data import make_data  # noqa: F401 - index.bench.make_data, as before
 from index.factory import choose_factory, nlist_for, train_sample_size
 from index.recall import exact_knn, overlap
 from index.store import IndexStore
 
 LOG = logging.getLogger(__name__)
-
-
-def make_data(n: int, dim: int, kind: str, seed: int) -> np.ndarray:
-    """Deterministic unit vectors: 'uniform' on the sphere, or a 'clustered' Gaussian mixture."""
-    rng = np.random.default_rng(seed)
-    if kind == "uniform":
-        x = rng.standard_normal((n, dim), dtype=np.float32)
-    else:
-        centers = np.random.default_rng(12345).standard_normal((1000, dim), dtype=np.float32)
-        x = centers[rng.integers(0, len(centers), n)]
-        x += 0.5 * rng.standard_normal((n, dim), dtype=np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x  # (n, dim)
 
 
 def factory_for(kind: str, n: int, dim: int, budget_mb: int) -> str:
@@ -356,6 +344,24 @@ def run_embeddings(args: argparse.Namespace, spec: str, tmp: Path,
     return rows, stats
 
 
+def backend_argv(args: argparse.Namespace) -> list[str]:
+    """``index.bench --backend milvus`` as ``index.bench_backends``'s arguments: the same sizes, queries, k,
+    target and output; real embeddings through their cached ``.npy`` (embedded first when not cached yet)."""
+    types = [t for t in args.types.split(",") if t in ("flat", "ivf", "hnsw")] or ["ivf", "hnsw"]
+    out = ["--n", args.n, "--dim", str(args.dim), "--nq", str(args.nq), "--k", str(args.k), "--types", ",".join(types),
+           "--backends", "faiss,milvus", "--target-recall", str(args.target_recall), "--out", args.out]
+    if args.workdir:
+        out += ["--workdir", args.workdir]
+    data = args.data.split(",")
+    if len(data) != 1 or not (bench_data.is_embeddings(data[0]) or data[0] == "clustered"):
+        raise SystemExit("error: --backend milvus takes one --data: clustered or embeddings:MODEL:SPEC")
+    if bench_data.is_embeddings(data[0]):
+        rows = max(int(v) for v in args.n.split(",")) + args.nq + 200  # load_vectors: n, then nq + 200 held out
+        x = bench_data.embeddings(data[0], rows, [args.views], cache=args.cache)[args.views]
+        out += ["--vectors", str(x.filename), "--vectors-rows", str(rows)]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", default="100000", help="comma-separated collection sizes")
@@ -385,10 +391,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pq-train-iters", type=int, default=0,
                     help="embeddings: k-means iterations of PQ codebook training (0: FAISS's default, 25)")
     ap.add_argument("--plot", default=None, help="embeddings: recall@k vs single-query QPS plot (.svg or .png)")
+    ap.add_argument("--backend", default="faiss", choices=["faiss", "milvus"],
+                    help="milvus: the Milvus backend beside the FAISS one on the same vectors, through a milvus-lite "
+                         "server started here (index/bench_backends.py; --types among flat, ivf, hnsw)")
     ap.add_argument("--out", default="bench_out/index_bench.json")
     ap.add_argument("--workdir", default=None, help="where index directories go (default: a temp dir)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.backend == "milvus":
+        from index import bench_backends
+        bench_backends.main(backend_argv(args))
+        return
     if args.faiss_threads:
         faiss.omp_set_num_threads(args.faiss_threads)
     rows: list[dict] = []

@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.vectors:
                 xb, xq, xt = load_vectors(args.vectors, n, args.nq, 200, args.vectors_rows)
             else:
-                from index.bench import make_data
+                from index.bench_data import make_data
                 xb = make_data(n, args.dim, "clustered", seed=0)
                 xq, xt = make_data(args.nq, args.dim, "clustered", seed=1), make_data(200, args.dim, "clustered", 2)
             gt, gt_t = exact_knn(xq, xb, args.k)[1], exact_knn(xt, xb, args.k)[1]

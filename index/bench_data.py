@@ -47,6 +47,19 @@ class BenchDataError(ValueError):
     """A bad ``embeddings:`` spec or request; the message is one line naming it."""
 
 
+def make_data(n: int, dim: int, kind: str, seed: int) -> np.ndarray:
+    """Deterministic unit vectors: 'uniform' on the sphere, or a 'clustered' Gaussian mixture."""
+    rng = np.random.default_rng(seed)
+    if kind == "uniform":
+        x = rng.standard_normal((n, dim), dtype=np.float32)
+    else:
+        centers = np.random.default_rng(12345).standard_normal((1000, dim), dtype=np.float32)
+        x = centers[rng.integers(0, len(centers), n)]
+        x += 0.5 * rng.standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x  # (n, dim)
+
+
 def is_embeddings(spec: str) -> bool:
     return isinstance(spec, str) and spec.startswith(PREFIX)
 

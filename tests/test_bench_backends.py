@@ -70,3 +70,20 @@ def test_load_vectors_splits_and_normalises(tmp_path):
     np.save(tmp_path / "v.npy", a)
     with pytest.raises(ValueError, match="1 all-zero rows"):
         load_vectors(tmp_path / "v.npy", n=20, nq=10, nt=5)
+
+
+def test_index_bench_backend_milvus_maps_to_bench_backends():
+    """``python -m index.bench --backend milvus`` runs index.bench_backends with the same sizes, queries, k, target
+    and output (FAISS beside Milvus); a --data it cannot take is named."""
+    import argparse
+
+    from index.bench import backend_argv
+    a = argparse.Namespace(n="5000,20000", dim=64, nq=300, k=10, types="flat,ivfpq,ivf,auto", target_recall=0.9,
+                           out="o.json", workdir=None, data="clustered", views="L", cache=None)
+    argv = backend_argv(a)
+    got = dict(zip(argv[::2], argv[1::2]))
+    assert got == {"--n": "5000,20000", "--dim": "64", "--nq": "300", "--k": "10", "--types": "flat,ivf",
+                   "--backends": "faiss,milvus", "--target-recall": "0.9", "--out": "o.json"}
+    a.data = "clustered,uniform"
+    with pytest.raises(SystemExit, match="one --data"):
+        backend_argv(a)
