@@ -312,7 +312,7 @@ def run_embeddings(args: argparse.Namespace, spec: str, tmp: Path,
             if t == "auto" and args.budgets:
                 for frac in [float(b) for b in args.budgets.split(",")]:
                     mb = max(1, int(frac * n * dim * 4 / 2**20))
-                    kinds.append((f"auto@{frac:g}", choose_factory(n, dim, mb), mb))
+                    kinds.append((f"auto@{frac:g}", auto_factory(xb, mb, args.target_recall, args.k), mb))
             else:
                 kinds.append((t, factory_for(t, n, dim, args.memory_budget_mb),
                               args.memory_budget_mb if t == "auto" else None))
@@ -342,6 +342,21 @@ def run_embeddings(args: argparse.Namespace, spec: str, tmp: Path,
             if on_row is not None:  # results so far on disk: a long run stopped early keeps its rows
                 on_row(rows, stats)
     return rows, stats
+
+
+def auto_factory(xb: np.ndarray, budget_mb: int, target: float, k: int = 10) -> str:
+    """The type ``index.build`` chooses for ``xb`` (n, dim) within ``budget_mb``: the static choice when the raw
+    vectors fit, else the fitting compressed candidates measured on a budget-bounded random sample
+    (``index.choose.choose_trained``, as the build does)."""
+    from index import choose
+    from index import factory as fac
+    n, dim = xb.shape
+    static = fac.static_choice(n, dim, budget_mb)["factory"]
+    size = choose.sample_size(static, n, dim, budget_mb)
+    sample = np.ascontiguousarray(xb[np.sort(np.random.default_rng(0).choice(n, size, replace=False))])
+    choice, _ = choose.choose_trained(sample, n, dim, budget_mb, target=target, k=k)
+    LOG.warning("auto within %d MB: %s (%s)", budget_mb, choice["factory"], choice.get("reason"))
+    return choice["factory"]
 
 
 def backend_argv(args: argparse.Namespace) -> list[str]:
