@@ -21,7 +21,7 @@ Milvus lives in its server: the RSS of the server's process group (``/proc/<pid>
 in it) empty and after the build, plus this client's RSS growth during the build (none when
 its RSS fell: memory freed from an earlier row).
 
-Without ``--milvus`` a ``milvus-lite server`` process (serving.measure.launch.MilvusLite) is started in a temporary
+Without ``--milvus`` a ``milvus-lite server`` process (index.milvus_lite.MilvusLite) is started in a temporary
 directory; ``--milvus milvus://HOST:PORT[/DB]`` benchmarks a running Milvus instead (its server memory is then
 not read). ``--vectors PATH.npy`` (an (N, dim) float array, e.g. real embeddings) replaces the synthetic clustered
 vectors of ``index.bench.make_data``: its last ``nq + 200`` rows are the queries and tuning queries, the first
@@ -293,7 +293,7 @@ def bench_backend(backend: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, 
     if milvus_url:
         return bench_milvus(kind, xb, xq, gt, xt, gt_t, k, target_recall, milvus_url, batch1_max_s=batch1_max_s,
                             nlist=nlist)
-    from serving.measure.launch import MilvusLite
+    from index.milvus_lite import MilvusLite
     srv = MilvusLite(Path(workdir) / f"milvus-{uuid.uuid4().hex[:8]}").wait_ready()
     try:
         return bench_milvus(kind, xb, xq, gt, xt, gt_t, k, target_recall, srv.url("x"), server_pgid=srv.proc.pid,

@@ -427,7 +427,7 @@ def _measure_data(rt: Any, data: str, split: str, n: int) -> tuple[list[str], di
     """(keys, sources) of ``n`` items: a data spec, or 'loadtest' (the load test's generated images,
     loadtests/plan.py: smooth colour patterns with noise and tilted depth planes, image_size x 1.25 image_size)."""
     if data == "loadtest":
-        from loadtests.plan import synth_depth, synth_rgb  # the images the load test adds
+        from models.data.synth import synth_depth, synth_rgb  # the images the load test adds
         rng = np.random.default_rng(0)
         h, w = rt.image_size, rt.image_size + rt.image_size // 4
         rgb, depth = zip(*[(synth_rgb(rng, h, w), synth_depth(rng, h, w)) for _ in range(n)])

@@ -35,6 +35,10 @@ from models.encoders import AlexNetHalf, CMCModel, ResNet
 from models.transforms import make_transform
 from models.views import BUILTIN, LAB_STD
 
+from .pipeline import DeviceData, augment, crop_params, epoch_order, step_generator
+from .speed import use_amp
+from .step import lr_at, make_optimizer
+
 LOG = logging.getLogger(__name__)
 
 METHODS = ("regression_l1", "regression_l2", "classification", "classification_rebalanced")
@@ -199,9 +203,6 @@ def train_supervised(cfg, ds, size: int, device: torch.device) -> CMCModel:
     ``cfg.max_steps`` steps of ``cfg.batch_size``: the contrastive run's optimiser, learning-rate schedule,
     data order and augmentation (``train.step``, ``train.pipeline``). A loop of its own because the
     ``loss_fn`` of ``train.pretrain.train`` does not see the batch's indices, so it cannot read labels."""
-    from .pipeline import DeviceData, augment, crop_params, epoch_order, step_generator
-    from .speed import use_amp
-    from .step import lr_at, make_optimizer
     if ds.y is None or (ds.y < 0).any():
         raise ValueError("the supervised baseline needs a label for every training item")
     torch.manual_seed(cfg.seed)
