@@ -26,7 +26,7 @@ def plot_recall_qps(rows: list[dict], out: str | Path, *, k: int = 10, target: f
         auto = t.startswith("auto")
         marker, colour = ("*", "tab:red") if auto else ("s", "black") if t == "flat" else ("o", "tab:blue")
         ax.scatter([qps], [rec], marker=marker, s=180 if auto else 50, color=colour, zorder=3,
-                   label="auto choice (choose_factory)" if auto else None)
+                   label="auto: what index.build chooses at the budget" if auto else None)
         label = f"{t}\n{r['factory']}" if auto else t
         ax.annotate(label, (qps, rec), textcoords="offset points", xytext=(6, 4 if not auto else -14), fontsize=7)
     ax.axhline(target, ls="--", color="grey", lw=1)
