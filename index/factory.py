@@ -32,6 +32,15 @@ snapshots serialized the view first). Candidates, cheapest search first when the
   tombstones, and training for their rebuilds, that the store does not give them.
 * nothing fits: the smallest PQ, and the reason says the budget is exceeded.
 
+Views that grow (the server's ``/index/add``): a store chooses a view's type when it is created, from
+``n_hint``; a view that outgrows it is **re-chosen** (:func:`retype_due`): a view that still holds raw vectors
+(``IDMap2,Flat`` or ``IVF..,Flat`` in RAM) and passes its budget, or an exact Flat view past ``RETYPE_FLAT_AT``
+items, is rebuilt off the request path as :func:`index.choose.choose_trained` chooses for ``RETYPE_HEADROOM``
+times its count, measured on a sample of its own vectors (``index/maintenance.py``, once per index, like
+training). The budget is the manifest's ``memory_budget_mb`` (``index.build --memory-mb``), or the one the
+opening process gives (``IndexStore.open(memory_budget_mb=...)``; the server's ``CMC_INDEX_MEMORY_MB``).
+Compressed views are never re-chosen: their raw vectors are gone, and re-encoding codes compounds the loss.
+
 ``nlist`` is ~4 sqrt(n), a power of two, but no more than the training sample allows at 39 vectors per
 centroid, and the sample itself is bounded by the budget (:func:`sample_cap`): IVF/PQ views hold raw vectors
 only until they are trained (an exact Flat in the store; the sample in ``index.build``, which trains before
@@ -61,6 +70,10 @@ SNAPSHOT_COPIES = 1  # snapshots stream the view to disk (faiss.write_index): no
 SAMPLE_SHARE = 3  # the training sample takes at most 1/3 of a view's budget (a candidate is built beside it)
 MIN_PER_CENTROID = 39  # FAISS asks for 39 training vectors per centroid
 PQ_MAX_M = 64
+
+RETYPE_FLAT_AT = 2 * FLAT_MAX  # an exact Flat view is re-chosen past this many items (exact search ~5 ms a query)
+RETYPE_HEADROOM = 2  # ... for twice its count, so that it is not re-chosen again right away
+RETYPE_MIN = 2_000  # fewer items than this are never re-chosen (too few to train or measure on)
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
@@ -105,6 +118,25 @@ def est_bytes(factory: str, n: int, dim: int) -> int:
     code = {"Flat": 4 * dim, "SQ8": dim}.get(kind) or int(mi.group(3))
     extra = 256 * dim * 4 if kind.startswith("PQ") else 2 * dim * 4  # PQ codebooks / SQ8 ranges
     return int(n * (code + 8) * LIST_SLACK + nlist * dim * 4 + extra)
+
+
+def holds_raw(factory: str) -> bool:
+    """Whether ``factory``'s index keeps the raw vectors (so it can be re-chosen without loss)."""
+    f = normalize_factory(factory)
+    return f == ID_PREFIX + "Flat" or bool(re.match(r"^IVF\d+,Flat$", f))
+
+
+def retype_due(factory: str, count: int, dim: int, memory_budget_mb: float) -> str | None:
+    """Why a view of ``factory`` holding ``count`` items must be re-chosen (see the module docstring), or None."""
+    f = normalize_factory(factory)
+    if count < RETYPE_MIN or not holds_raw(f):
+        return None
+    if not fits(f, count, dim, memory_budget_mb):
+        return (f"{f} at {count} items needs about {est_bytes(f, count, dim) / 2**20:.1f} MiB, over the view's "
+                f"budget of {memory_budget_mb:.1f} MiB")
+    if f == ID_PREFIX + "Flat" and count >= RETYPE_FLAT_AT:
+        return f"exact search over {count} items (>= {RETYPE_FLAT_AT}) is slow"
+    return None
 
 
 def fits(factory: str, n: int, dim: int, memory_budget_mb: float) -> bool:

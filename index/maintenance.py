@@ -22,17 +22,13 @@ from index import manifest as mf
 from index import snapshots as snaps
 from index.errors import NotWritableError, StoreError
 from index.journal import Journal, unpack
-from index.viewindex import _View, rebuilt_copy, trained_copy
+from index.viewindex import _View, rebuilt_copy, retyped_copy, trained_copy
 
 LOG = logging.getLogger(__name__)
 MAX_BACKOFF_S = 60.0
 BUILD_LOCK = "BUILD"  # flock'ed by the one process that builds a view's new index
 BUILD_WAIT_S = 60.0  # an explicit snapshot()/tune_search waits this long for another process's build
 CLEAN_TRIES = 5  # a snapshot rebuilds views marked dirty (by a failed write) this many times before giving up
-
-
-def _due(v: _View) -> bool:
-    return v.due_for_training or v.due_for_rebuild
 
 
 @dataclass
@@ -65,6 +61,28 @@ class Schedule:
 class Maintenance:
     """Background thread, snapshots and training. Relies on IndexStore's attributes and ``_refresh``."""
 
+    # ------------------------------------------------------------------ what is due
+    def view_budget_mb(self) -> float:
+        """Each view's share of the memory budget: the opener's (``open(memory_budget_mb=...)``), else the
+        manifest's, split equally between the views."""
+        total = self._budget_mb or self._manifest.get("memory_budget_mb") or 2048
+        return float(total) / max(1, len(self._views))
+
+    def _due(self, v: _View) -> str | None:
+        """What build a view needs: ``"train"`` (an IVF/PQ view with enough vectors), ``"rebuild"`` (HNSW past its
+        tombstone limit), ``"retype"`` (outgrown its type or its budget: ``factory.retype_due``; only a type the
+        store chose, never one the caller gave), or None."""
+        if v.due_for_training:
+            return "train"
+        if v.due_for_rebuild:
+            return "rebuild"
+        if self.readonly or v.count < self._retype_skip.get(v.name, 0):
+            return None
+        chosen = (self._manifest.get("views", {}).get(v.name) or {}).get("choice") or {}
+        if not chosen or str(chosen.get("reason", "")).startswith("given"):
+            return None  # a type the caller gave (or an index from before choices were recorded) is kept
+        return "retype" if v.retype_reason(self.view_budget_mb()) else None
+
     # ------------------------------------------------------------------ the thread
     def _start(self) -> None:
         if self.readonly or not self._follow_on:
@@ -89,7 +107,7 @@ class Maintenance:
 
     def _note_write(self) -> None:
         self._schedule.ops_since += 1
-        if self._snapshot_due() or any(_due(v) for v in self._views.values()):
+        if self._snapshot_due() or any(self._due(v) for v in self._views.values()):
             self._wake.set()
 
     # ------------------------------------------------------------------ snapshots
@@ -208,7 +226,7 @@ class Maintenance:
         once per index: only the holder of the build lock builds (others skip, and load its snapshot)."""
         if self.readonly or (background and time.monotonic() < self._schedule.train_retry_at):
             return
-        if not any(_due(v) for v in self._views.values()):
+        if not any(self._due(v) for v in self._views.values()):
             return
         with self._train_mutex:
             lock = snaps.SnapshotLock(self.path, BUILD_LOCK)
@@ -219,7 +237,7 @@ class Maintenance:
                 return
             try:
                 self._follow(mf.read_manifest(self.path))  # built by another process meanwhile: load it
-                for name in [n for n, v in self._views.items() if _due(v)]:
+                for name in [n for n, v in self._views.items() if self._due(v)]:
                     try:
                         self._build(name)
                     except Exception:
@@ -234,14 +252,25 @@ class Maintenance:
         snapshot and load it from there like every other process (caller holds the build lock)."""
         with self._rw.read():
             v = self._views[name]
-            if self._dirty or not _due(v):
+            kind = None if self._dirty else self._due(v)
+            if kind is None:
                 return
-            training, seq0, dead = v.due_for_training, self._applied, v.tomb
+            seq0, dead, old_factory = self._applied, v.tomb, v.factory
+            reason = v.retype_reason(self.view_budget_mb()) if kind == "retype" else None
             blob = faiss.serialize_index(v.index)
         copied = faiss.deserialize_index(blob)  # tomb sets are replaced, never changed in place
         del blob  # not held through the build: memory is the live index, the copy and the new one
-        new = (trained_copy(name, v.factory, v.metric, copied) if training
-               else rebuilt_copy(name, v.factory, v.dim, v.metric, copied, dead))
+        choice = None
+        if kind == "retype":
+            choice, new = retyped_copy(name, v.metric, copied, self.view_budget_mb(), str(reason))
+            if choice["factory"] == old_factory:  # nothing better: look again when the view has doubled
+                self._retype_skip[name] = 2 * int(copied.ntotal)
+                LOG.info("view %s: re-chosen as its own type %s; kept", name, old_factory)
+                return
+        elif kind == "train":
+            new = trained_copy(name, v.factory, v.metric, copied)
+        else:
+            new = rebuilt_copy(name, v.factory, v.dim, v.metric, copied, dead)
         del copied
         with self._snap_mutex:
             lock = snaps.SnapshotLock(self.path)
@@ -252,6 +281,11 @@ class Maintenance:
                     return  # closed meanwhile: the copy is dropped
                 disk = mf.read_manifest(self.path)
                 spec = disk["views"][name]
+                if choice is not None:
+                    if spec["factory"] != old_factory:
+                        LOG.info("view %s: re-chosen by another process meanwhile; this build is dropped", name)
+                        return
+                    spec = spec | {"factory": choice["factory"]}
                 with jr.read_lock:
                     rows = Journal.rows_after(jr.read, seq0)
                 if rows is None:
@@ -265,6 +299,9 @@ class Maintenance:
                 seq, number = (rows[-1][0] if rows else seq0), int(spec.get("builds", 0)) + 1
                 state = {"count": fresh.count, "pending_training": fresh.pending, "build": number, "builds": number,
                          "search_params": spec.get("search_params") or {}}
+                if choice is not None:  # the new type, why, and its measured nprobe (the old params do not apply)
+                    state |= {"factory": choice["factory"], "choice": choice,
+                              "search_params": {"nprobe": choice["nprobe"]} if choice.get("nprobe") else {}}
                 files = snaps.NewFiles(self.path, seq)
                 try:
                     files.write(name, fresh.write)  # `fresh` is this thread's alone: no store lock needed
@@ -274,7 +311,8 @@ class Maintenance:
                 del new, fresh
                 committed = self._commit_snapshot(disk, files, seq, {name: state})
                 LOG.info("view %s: %s build %d of this index committed at seq %d by pid %d", name,
-                         "training" if training else "rebuild", number, seq, os.getpid())
+                         {"train": "training", "rebuild": "rebuild", "retype": "re-chosen"}[kind], number, seq,
+                         os.getpid())
             finally:
                 lock.release()
         self._follow(committed)  # this process loads it as every other one does

@@ -137,6 +137,8 @@ class IndexStore(Writes, Loading, Maintenance):
         self._bad: set[tuple] = set()  # snapshot entries whose file is corrupt: never loaded, never kept as previous
         self._stop, self._wake = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
+        self._budget_mb: float | None = None  # overrides the manifest's memory_budget_mb when re-choosing views
+        self._retype_skip: dict[str, int] = {}  # view -> count below which it is not re-chosen again
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -207,12 +209,18 @@ class IndexStore(Writes, Loading, Maintenance):
     @classmethod
     def open(cls, path: str | os.PathLike, *, fingerprint: str | None = None, readonly: bool = False,
              recover: bool = False, snapshot_ops: int = 1000, snapshot_seconds: float = 300.0,
-             follow: bool = True, follow_interval: float = 0.2) -> "IndexStore":
+             follow: bool = True, follow_interval: float = 0.2,
+             memory_budget_mb: float | None = None) -> "IndexStore":
         """Open an index directory (any number of processes at once; see the module docstring).
 
         ``recover=True`` falls back to the previous snapshot of a missing or corrupt file; ``follow`` runs the
-        background thread (follow other processes' writes, snapshots, IVF training) in writable stores."""
+        background thread (follow other processes' writes, snapshots, IVF training) in writable stores;
+        ``memory_budget_mb`` (all views together) replaces the manifest's budget when this process re-chooses a
+        view that outgrew its type or its budget (``index.factory.retype_due``)."""
         p = Path(path)
+        if memory_budget_mb is not None and (isinstance(memory_budget_mb, bool)
+                                             or not isinstance(memory_budget_mb, (int, float)) or not memory_budget_mb > 0):
+            raise StoreError(f"memory_budget_mb must be a positive number of MiB, got {memory_budget_mb!r}")
         try:
             manifest = mf.read_manifest(p)
         except FileNotFoundError as e:
@@ -223,6 +231,7 @@ class IndexStore(Writes, Loading, Maintenance):
             raise StoreError(f"index at {p} was built with model space {manifest['fingerprint']}, this model is "
                              f"{fingerprint}; rebuild the index with this model")
         store = cls(p, readonly, snapshot_ops, snapshot_seconds, follow, follow_interval)
+        store._budget_mb = memory_budget_mb
         try:
             try:
                 store._journal = Journal(p, readonly)

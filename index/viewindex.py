@@ -20,6 +20,7 @@ import numpy as np
 
 from index import factory as fac
 from index import ondisk
+from index.choose import choose_trained, sample_size
 
 LOG = logging.getLogger(__name__)
 TOMBSTONE_REBUILD = 0.2  # background rebuild of an HNSW view past this fraction of tombstones
@@ -104,6 +105,13 @@ class _View:
             return
         self.index.add_with_ids(x, ids)
 
+    def retype_reason(self, memory_budget_mb: float) -> str | None:
+        """Why this view must be re-chosen within ``memory_budget_mb`` (``factory.retype_due``), or None (a view
+        waiting for training, an on-disk or a compressed one is never re-chosen)."""
+        if self.pending or self.disk is not None or self.tomb:
+            return None
+        return fac.retype_due(self.factory, self.count, self.dim, memory_budget_mb)
+
     @property
     def due_for_rebuild(self) -> bool:
         return fac.is_hnsw(self.index) and len(self.tomb) > TOMBSTONE_REBUILD * max(self.index.ntotal, 1)
@@ -142,6 +150,10 @@ def rebuilt_copy(name: str, factory: str, dim: int, metric: str, index: faiss.In
 
 
 def _chunks(index: faiss.Index, chunk: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(ids, vectors)`` of every item of an IDMap2 index, or of an IVF-Flat one (list by list)."""
+    if fac.is_ivf(index):
+        yield from _ivf_flat_lists(index)
+        return
     base, ids = fac.base_of(index), faiss.vector_to_array(index.id_map).astype(np.int64)
     for s in range(0, len(ids), chunk):
         e = min(s + chunk, len(ids))
@@ -162,3 +174,54 @@ def trained_copy(name: str, factory: str, metric: str, flat: faiss.Index) -> fai
         new.add_with_ids(x, ids)
     LOG.info("view %s: trained %s on %d of %d vectors in %.1fs", name, factory, size, n, time.perf_counter() - t0)
     return new
+
+
+def _ivf_flat_lists(index: faiss.Index) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(ids, vectors)`` of an in-RAM IVF-Flat index, one non-empty inverted list at a time (its codes are the
+    raw float32 vectors)."""
+    ivf = faiss.extract_index_ivf(index)
+    if not isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFlat):
+        raise TypeError(f"{type(ivf).__name__} does not hold raw vectors")
+    inv = ivf.invlists
+    for lno in range(ivf.nlist):
+        n = inv.list_size(lno)
+        if n == 0:
+            continue
+        ids = faiss.rev_swig_ptr(inv.get_ids(lno), n).astype(np.int64)  # copies: the list may be freed later
+        codes = faiss.rev_swig_ptr(inv.get_codes(lno), n * ivf.code_size)
+        yield ids, np.frombuffer(codes.tobytes(), dtype=np.float32).reshape(n, ivf.d)
+
+
+def retyped_copy(name: str, metric: str, raw: faiss.Index, memory_budget_mb: float,
+                 reason: str) -> tuple[dict[str, Any], faiss.Index]:
+    """``(choice, index)``: the type :func:`index.choose.choose_trained` picks for ``RETYPE_HEADROOM`` times the
+    items of ``raw`` (an IDMap2,Flat or IVF-Flat index: raw vectors) within ``memory_budget_mb``, measured on a
+    sample of them, holding every vector of ``raw``; built without touching any live index (no store lock)."""
+    dim, n = raw.d, int(raw.ntotal)
+    n_for = n * fac.RETYPE_HEADROOM
+    static = fac.static_choice(n_for, dim, memory_budget_mb)
+    want = min(n, sample_size(static["factory"], n_for, dim, memory_budget_mb, metric))  # as index.build samples
+    pos = np.sort(np.random.default_rng(0).choice(n, size=want, replace=False))
+    sample, seen = [], 0
+    for ids, x in _chunks(raw):  # the sample in the order the items are held (one pass, no id lookups)
+        lo, hi = np.searchsorted(pos, [seen, seen + len(ids)])
+        if hi > lo:
+            sample.append(x[pos[lo:hi] - seen])
+        seen += len(ids)
+    t0 = time.perf_counter()
+    choice, new = choose_trained(np.concatenate(sample) if sample else None, n_for, dim, memory_budget_mb, metric)
+    if new is None:
+        new = fac.make_index(choice["factory"], dim, metric)
+    for ids, x in _chunks(raw):
+        new.add_with_ids(np.ascontiguousarray(x), ids)
+    choice = choice | {"retyped_from": fac.normalize_factory(_factory_of(raw)), "retype_reason": reason,
+                       "retyped_at_count": n, "chosen_for_count": n_for}
+    LOG.info("view %s: re-chosen as %s at %d items (%s) in %.1fs", name, choice["factory"], n, reason,
+             time.perf_counter() - t0)
+    return choice, new
+
+
+def _factory_of(index: faiss.Index) -> str:
+    if fac.is_ivf(index):
+        return f"IVF{faiss.extract_index_ivf(index).nlist},Flat"
+    return "Flat"

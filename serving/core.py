@@ -65,15 +65,16 @@ class Core:
             raise RuntimeError(f"CMC_DEVICE={s.device}: {e}") from None
         # on CUDA every batch size the batcher can form (no per-shape stall on a first request); on CPU batch 1
         rt.warmup(s.max_batch_size if rt.providers[0] == "CUDAExecutionProvider" else None)
-        store, note = cls.open_index(s.index, rt.fingerprint)
+        store, note = cls.open_index(s.index, rt.fingerprint, s.index_memory_mb)
         core = cls(rt, store, s, note)
         LOG.info("CMC core ready: model %s, %s, %d intra-op threads", rt.path, note, s.threads)
         return core
 
     @staticmethod
-    def open_index(ref: str | None, fingerprint: str) -> tuple[Any, str]:
+    def open_index(ref: str | None, fingerprint: str, memory_budget_mb: int | None = None) -> tuple[Any, str]:
         """CMC_INDEX (a directory, or milvus://HOST:PORT[/DB]?collection=NAME; '' or 'none' for none) or else the
-        model's default index if it exists.
+        model's default index if it exists. ``memory_budget_mb`` (CMC_INDEX_MEMORY_MB) bounds a FAISS index's
+        views when they are re-chosen as they grow (``IndexStore.open``); Milvus sizes its own indexes.
 
         Every worker opens the index for writing: SQLite arbitrates the writers and each worker follows the
         others' committed writes (see index/store.py), so all workers serve every endpoint."""
@@ -90,7 +91,8 @@ class Core:
         if not ref and not index_manifest.exists(path):
             return None, f"no index: CMC_INDEX is unset and the model's default index {path} does not exist"
         try:
-            return IndexStore.open(path, fingerprint=fingerprint, follow=True), f"index {path}"
+            return (IndexStore.open(path, fingerprint=fingerprint, follow=True, memory_budget_mb=memory_budget_mb),
+                    f"index {path}")
         except StoreError as e:
             raise RuntimeError(f"cannot open the index {path}: {e}") from None
 
@@ -153,6 +155,7 @@ class Core:
             from index.store import IndexStore
             if isinstance(self.store, IndexStore):  # the FAISS backend: how each view's index type was chosen
                 index["choice"] = {v: s.get("choice") for v, s in self.store.manifest["views"].items()}
+                index["memory_budget_mb_per_view"] = round(self.store.view_budget_mb(), 3)  # for re-choosing views
         return {
             "card": rt.card.to_dict(),
             "fingerprint": rt.fingerprint,

@@ -56,6 +56,12 @@ class Settings:
         self.device = os.environ.get("CMC_DEVICE", "auto")
         self.model = os.environ.get("CMC_MODEL") or None
         self.index = os.environ.get("CMC_INDEX")
+        # MiB for all views of a FAISS index together, when the server re-chooses a view that outgrew its type or
+        # its budget (index.factory.retype_due); unset: the budget the index was built with (its manifest)
+        self.index_memory_mb = env_int("CMC_INDEX_MEMORY_MB", 0) or None
+        if self.index_memory_mb is not None and self.index_memory_mb < 1:
+            raise RuntimeError(f"environment variable CMC_INDEX_MEMORY_MB={self.index_memory_mb} must be a positive "
+                               "number of MiB")
         self.token = os.environ.get("CMC_API_TOKEN") or None
         # speed switches, handed to serving/fastjson.py and serving/observability.py by the service
         self.fast_json = env_flag("CMC_FAST_JSON", True)
