@@ -57,6 +57,24 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert a == b  # bit-for-bit on the CPU: data order, augmentation, negatives and states are all restored
 
 
+def test_a_budget_of_steps_decays_the_learning_rate_to_zero(tmp_path):
+    """``max_steps`` alone stops early on the epochs' schedule (resume continues it); ``schedule_steps`` spans the
+    decay over the steps run, as ``train.experiments`` budgets do (issue 20: its learning rate never decayed)."""
+    ds, _, specs, size = prepare(small_cfg(tmp_path), progress=False)
+    early = small_cfg(tmp_path / "early", epochs=10, max_steps=6)  # 4 steps per epoch: a schedule of 40
+    budget = replace(small_cfg(tmp_path / "budget", epochs=10, max_steps=6), schedule_steps=6)
+    for cfg in (early, budget):
+        pretrain.train(cfg, ds, specs, size, torch.device("cpu"))
+    lr_early = [m["lr"] for m in metrics(tmp_path / "early" / "run")]
+    lr_budget = [m["lr"] for m in metrics(tmp_path / "budget" / "run")]
+    assert len(lr_early) == len(lr_budget) == 6
+    expect = [step.lr_at(budget, i, 6) for i in range(6)]
+    assert lr_budget == pytest.approx(expect, rel=1e-5)
+    assert lr_budget[-1] < 0.2 * budget.lr and lr_early[-1] > 0.9 * early.lr  # decayed by the budget's end
+    with pytest.raises(ValueError, match="schedule-steps"):
+        replace(budget, schedule_steps=-1).validate()
+
+
 def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
     cfg = small_cfg(tmp_path, epochs=1)
     ds, _, specs, size = prepare(cfg, progress=False)

@@ -53,6 +53,7 @@ class Config:
     momentum: float = 0.9  # sgd momentum
     weight_decay: float = 1e-4  # weight decay
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); for smoke tests
+    schedule_steps: int = 0  # steps the cosine learning-rate decay spans (0 = epochs x steps per epoch); a budget of steps ends at lr 0
     seed: int = 0  # seed of initialisation, data order, augmentation and negatives
     val_fraction: float = -1.0  # training items held out to select the epoch with the best cross-view recall@1; -1 = auto (0.1 when every view is a vector view, else 0)
     patience: int = 0  # with validation: stop after this many epochs without a better recall (0 = run all epochs)
@@ -74,6 +75,7 @@ class Config:
             (self.graph in ("core", "full"), f"--graph must be core or full, not {self.graph!r}"),
             (self.negatives in ("batch", "memory"), f"--negatives must be batch or memory, not {self.negatives!r}"),
             (self.optimizer in ("adamw", "sgd"), f"--optimizer must be adamw or sgd, not {self.optimizer!r}"),
+            (self.schedule_steps >= 0, f"--schedule-steps must be >= 0, not {self.schedule_steps}"),
             (self.amp in ("auto", "bf16", "off"), f"--amp must be auto, bf16 or off, not {self.amp!r}"),
             (self.epochs >= 1, f"--epochs must be >= 1, not {self.epochs}"),
             (self.batch_size >= 2, f"--batch-size must be >= 2, not {self.batch_size}"),

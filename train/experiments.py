@@ -157,7 +157,8 @@ class Context:
         """The training config of one run: the equal step budget, cosine decay over exactly those steps."""
         b = self.budget
         epochs = max(1, math.ceil(b.steps / max(1, n_train // b.batch_size)))
-        return replace(self.base, data=b.data, batch_size=b.batch_size, max_steps=b.steps, epochs=epochs, seed=seed,
+        return replace(self.base, data=b.data, batch_size=b.batch_size, max_steps=b.steps, schedule_steps=b.steps,
+                       epochs=epochs, seed=seed,
                        warmup_steps=min(self.base.warmup_steps, max(1, b.steps // 10)),
                        out=str(self.out / "runs" / self.name / f"{run}_s{seed}"), device=str(self.device), **kw
                        ).validate()

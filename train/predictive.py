@@ -232,7 +232,7 @@ def train_supervised(cfg, ds, size: int, device: torch.device) -> CMCModel:
         g = step_generator(cfg.seed, step, device)
         batch = augment(data.batch(idx), crop_params(cfg.batch_size, cfg.crop_min, cfg.flip, g))
         for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step, total)
+            group["lr"] = lr_at(cfg, step, cfg.schedule_steps or total)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = clf.fc(view.features(batch["rgb"]))
         loss = F.cross_entropy(logits.float(), y[idx].to(device))

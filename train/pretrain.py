@@ -202,7 +202,7 @@ def train(cfg: Config, ds: Dataset, specs: list[ViewSpec], image_size: int, devi
                 if channels_last:
                     batch = to_channels_last(batch)
                 for group in opt.param_groups:
-                    group["lr"] = lr_at(cfg, step, total)
+                    group["lr"] = lr_at(cfg, step, cfg.schedule_steps or total)
                 loss, stats = train_step(ddp_model, opt, bank, batch, idx, cfg, world, g, amp, loss_fn)
                 # the step's one host synchronisation, after its update is queued: the loss and the statistics
                 stats = read_stats(stats | {"__loss__": loss.detach()})
