@@ -49,6 +49,44 @@ def test_card_records_views_hashes_and_parity(exported):
     assert load_card(out).fingerprint == card.fingerprint
 
 
+def test_export_checks_the_cuda_provider_when_a_gpu_is_usable_and_says_when_it_was_not_granted(tmp_path, monkeypatch):
+    """Issue 23: with a GPU present, export also runs every graph through onnxruntime's CUDA provider. Here (no
+    GPU, a CPU onnxruntime) the provider is asked for and not granted: the export still succeeds, the card says
+    the CUDA check did not run, and no number pretends it did. Without a GPU nothing is asked."""
+    import onnxruntime as ort
+    from train import export as ex
+    torch.manual_seed(0)
+    specs = parse_views("L,ab", {})
+    model = CMCModel(specs, "resnet10", 32, 32, 0.25).eval()
+    cfg = asdict(Config(image_size=32, feat_dim=32, views="L,ab"))
+    asked = []
+    real = ort.InferenceSession
+
+    def spy(path, providers=None, provider_options=None, **kw):
+        asked.append(list(providers))
+        if "CUDAExecutionProvider" in providers:
+            assert provider_options[0] == {"device_id": "0", "use_tf32": "0"}
+        return real(path, providers=["CPUExecutionProvider"], **kw)  # what a CPU build grants
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    monkeypatch.setattr(ex, "_gpu_usable", lambda: True)
+    ex.export_model(model, 32, tmp_path / "gpu", cfg)
+    raw = json.loads((tmp_path / "gpu" / "card.json").read_text())
+    for entry in raw["views"] + [raw["fused"]]:
+        assert entry["parity_max_abs"] <= 1e-4 and entry["parity_cuda"].startswith("not checked")
+    assert sum("CUDAExecutionProvider" in p for p in asked) == 3  # L, ab and the fused graph
+    asked.clear()
+    monkeypatch.setattr(ex, "_gpu_usable", lambda: False)
+    ex.export_model(model, 32, tmp_path / "cpu", cfg)
+    raw = json.loads((tmp_path / "cpu" / "card.json").read_text())
+    assert not any("parity_cuda" in v for v in raw["views"]) and asked == [["CPUExecutionProvider"]] * 3
+    # a granted CUDA provider whose numbers differ is an error, not a card field
+    monkeypatch.setattr(ex, "parity", lambda m, path, inputs, device="cpu": 0.0 if device == "cpu" else 5e-3)
+    monkeypatch.setattr(ex, "_gpu_usable", lambda: True)
+    with pytest.raises(ex.ExportError, match="CUDA provider differs"):
+        ex.export_model(model, 32, tmp_path / "bad", cfg)
+
+
 def test_onnx_equals_torch_on_fresh_inputs_every_view(exported):
     model, out, _ = exported
     rt = Runtime(out)
