@@ -53,6 +53,7 @@ LOG = logging.getLogger(__name__)
 def factory_for(kind: str, n: int, dim: int, budget_mb: int) -> str:
     nlist, m = nlist_for(n), max(1, dim // 4)
     table = {"flat": "Flat", "hnsw": "HNSW32,Flat", "ivf": f"IVF{nlist},Flat", "ivfsq8": f"IVF{nlist},SQ8",
+             "ivfsqfp16": f"IVF{nlist},SQfp16", "ivfsq6": f"IVF{nlist},SQ6", "ivfsq4": f"IVF{nlist},SQ4",
              "ivfpq": f"IVF{nlist},PQ{m}x8", "ivfpq_rf": f"IVF{nlist},PQ{m}x8,Refine(SQ8)",
              "opq_rf": f"OPQ{m},IVF{nlist},PQ{m}x8,Refine(SQ8)"}
     if kind == "auto":

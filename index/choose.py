@@ -44,7 +44,7 @@ def expected_cost(factory: str, n: int, dim: int, nprobe: int) -> float:
     if not m:
         return float(n * dim)
     nlist, kind = int(m.group(1)), m.group(2)
-    per_code = {"Flat": dim, "SQ8": dim}.get(kind) or int(m.group(3))
+    per_code = int(m.group(3)) if kind.startswith("PQ") else dim  # a PQ code: m table look-ups; else d products
     tables = 256 * dim if kind.startswith("PQ") else 0
     return float(nlist * dim + tables + min(nprobe, nlist) * (n / nlist) * per_code)
 
@@ -91,7 +91,7 @@ def choose_trained(sample: np.ndarray | None, n: int, dim: int, memory_budget_mb
         choice = fac.static_choice(n, dim, memory_budget_mb)
         choice.pop("kind", None)
         compressed = [c for c in fac.candidates(n, dim, memory_budget_mb)
-                      if c["fits"] and c["kind"] in ("ivf-sq8", "ivf-pq")]
+                      if c["fits"] and c["kind"] in fac.COMPRESSED_KINDS]
         raw_fits = fac.IVF_RE.match(choice["factory"]) is None or choice["factory"].endswith(",Flat")
         if not raw_fits and sample is not None and len(sample) > QUERIES * 2 and compressed:
             return _measure(sample, n, dim, memory_budget_mb, metric, target, k, compressed, choice)
@@ -116,12 +116,12 @@ def _measure(sample: np.ndarray, n: int, dim: int, memory_budget_mb: float, metr
     keep[qpos] = False
     xq, xb = sample[qpos], sample[keep]
     gt = exact_knn(xq, xb, k, metric)[1]
-    sq8 = [c for c in compressed if c["kind"] == "ivf-sq8"]
+    sqs = [c for c in compressed if c["kind"] != "ivf-pq"]  # every scalar quantizer that fits (cheap to train)
     pqs = [c for c in compressed if c["kind"] == "ivf-pq"]
-    tried = sq8 + pqs[:1]
+    tried = sqs + pqs[:1]
     m0 = _pq_m(pqs[0]["factory"]) if pqs else 0
     for c in pqs[1:]:  # halving sizes below the largest that fits
-        if len(tried) - len(sq8) < MAX_PQ and _pq_m(c["factory"]) * 2 ** (len(tried) - len(sq8)) == m0:
+        if len(tried) - len(sqs) < MAX_PQ and _pq_m(c["factory"]) * 2 ** (len(tried) - len(sqs)) == m0:
             tried.append(c)
     nlist = int(fac.IVF_RE.match(compressed[0]["factory"]).group(1))
     coarse = fac.make_index(f"IVF{nlist},Flat", dim, metric)
@@ -142,13 +142,13 @@ def _measure(sample: np.ndarray, n: int, dim: int, memory_budget_mb: float, metr
         cost = expected_cost(c["factory"], n, dim, nprobe)
         rows.append({"factory": c["factory"], "est_bytes": c["est_bytes"], "recall": round(rec, 4),
                      "nprobe": nprobe, "cost": cost})
-        key = (rec >= target, -cost if rec >= target else rec)
+        key = (rec >= target, -cost if rec >= target else rec, rec)  # equal cost (the SQs): the higher recall
         if best is None or key > best[0]:
             best = (key, c, rec, nprobe, idx)
         else:
             del idx
     assert best is not None
-    (reached, _), c, rec, nprobe, idx = best
+    (reached, _, _), c, rec, nprobe, idx = best
     idx.reset()  # keeps the quantizer and codebooks: a trained, empty index
     raw_mib = n * 4 * dim / 2**20
     if reached:

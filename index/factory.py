@@ -19,7 +19,8 @@ snapshots serialized the view first). Candidates, cheapest search first when the
   (measured at 1M on 2 cores: IVF4096,Flat built in 44 s, 171x the exact QPS at recall@10 0.975).
 * ``IDMap2,HNSW32,Flat`` above that: HNSW32 takes over 10 minutes to build at 1M here and can only
   tombstone removals (``viewindex.py``), so it is kept for the sizes IVF-Flat is not.
-* when the raw vectors do not fit: the compressed IVF candidates, ``IVF{nlist},SQ8`` (d bytes a vector) and
+* when the raw vectors do not fit: the compressed IVF candidates, the scalar quantizers ``IVF{nlist},SQfp16``,
+  ``,SQ8``, ``,SQ6`` and ``,SQ4`` (2d, d, 3d/4 and d/2 bytes a vector: each dimension in 16, 8, 6 or 4 bits) and
   ``IVF{nlist},PQ{m}x8np`` (m bytes; ``m`` divides d, up to 64; ``np``: without the polysemous training
   FAISS's factory adds by default, which costs minutes and serves no search here), all with native ids. Statically
   (:func:`choose_factory`) the largest codes that fit win. :func:`index.choose.measure` (used by
@@ -99,7 +100,15 @@ def hnsw_bytes(n: int, dim: int, m: int = HNSW_M) -> int:
     return int(n * (4 * dim + 2 * m * 4 * 1.1 + 8 + MAP_BYTES))
 
 
-IVF_RE = re.compile(r"^IVF(\d+),(Flat|SQ8|PQ(\d+)(?:x8)?(?:np)?)$")
+IVF_RE = re.compile(r"^IVF(\d+),(Flat|SQfp16|SQ8|SQ6|SQ4|PQ(\d+)(?:x8)?(?:np)?)$")
+SQ_KINDS = {"SQfp16": "ivf-sqfp16", "SQ8": "ivf-sq8", "SQ6": "ivf-sq6", "SQ4": "ivf-sq4"}  # largest codes first
+COMPRESSED_KINDS = tuple(SQ_KINDS.values()) + ("ivf-pq",)
+
+
+def code_bytes(kind: str, dim: int, m: int | None = None) -> int:
+    """Bytes of one vector's code in an IVF list: ``kind`` as ``IVF_RE`` reads it (``m``: PQ sub-quantizers)."""
+    per = {"Flat": 4 * dim, "SQfp16": 2 * dim, "SQ8": dim, "SQ6": (6 * dim + 7) // 8, "SQ4": (dim + 1) // 2}
+    return per[kind] if kind in per else int(m)
 
 
 def est_bytes(factory: str, n: int, dim: int) -> int:
@@ -115,8 +124,8 @@ def est_bytes(factory: str, n: int, dim: int) -> int:
     if not mi:
         raise ValueError(f"no memory estimate for index factory {factory!r}")
     nlist, kind = int(mi.group(1)), mi.group(2)
-    code = {"Flat": 4 * dim, "SQ8": dim}.get(kind) or int(mi.group(3))
-    extra = 256 * dim * 4 if kind.startswith("PQ") else 2 * dim * 4  # PQ codebooks / SQ8 ranges
+    code = code_bytes(kind, dim, mi.group(3))
+    extra = 256 * dim * 4 if kind.startswith("PQ") else 2 * dim * 4  # PQ codebooks / SQ ranges
     return int(n * (code + 8) * LIST_SLACK + nlist * dim * 4 + extra)
 
 
@@ -153,7 +162,7 @@ def candidates(n: int, dim: int, memory_budget_mb: float) -> list[dict[str, Any]
     preference (see the module docstring; PQ largest codes first)."""
     nlist = nlist_for(n, min(max(n, 1), sample_cap(dim, memory_budget_mb)))
     out = [("flat", ID_PREFIX + "Flat"), ("ivf-flat", f"IVF{nlist},Flat"),
-           ("hnsw", f"{ID_PREFIX}HNSW{HNSW_M},Flat"), ("ivf-sq8", f"IVF{nlist},SQ8")]
+           ("hnsw", f"{ID_PREFIX}HNSW{HNSW_M},Flat")] + [(k, f"IVF{nlist},{q}") for q, k in SQ_KINDS.items()]
     out += [("ivf-pq", f"IVF{nlist},PQ{m}x8np") for m in pq_ms(dim)]
     return [{"factory": f, "kind": k, "est_bytes": est_bytes(f, n, dim), "fits": fits(f, n, dim, memory_budget_mb)}
             for k, f in out]
@@ -180,7 +189,9 @@ def static_choice(n: int, dim: int, memory_budget_mb: float) -> dict[str, Any]:
         return pick(hnsw, f"{n} raw vectors and an HNSW graph fit the budget")
     if ivf["fits"]:
         return pick(ivf, f"{n} raw vectors fit the budget, not an HNSW graph: IVF over raw vectors")
-    for c in by_kind["ivf-sq8"] + by_kind["ivf-pq"]:
+    # the largest codes first; at equal bytes PQ (its codebooks adapt to the data) before SQ
+    for c in sorted([c for k in COMPRESSED_KINDS for c in by_kind[k]],
+                    key=lambda c: (-c["est_bytes"], c["kind"] != "ivf-pq")):
         if c["fits"]:
             return pick(c, f"{n} raw vectors ({raw_mib:.1f} MiB) exceed the budget: the largest codes that fit")
     c = by_kind["ivf-pq"][-1]
