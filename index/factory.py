@@ -23,11 +23,13 @@ snapshots serialized the view first). Candidates, cheapest search first when the
   ``,SQ8``, ``,SQ6`` and ``,SQ4`` (2d, d, 3d/4 and d/2 bytes a vector: each dimension in 16, 8, 6 or 4 bits) and
   ``IVF{nlist},PQ{m}x8np`` (m bytes; ``m`` divides d, up to 64; ``np``: without the polysemous training
   FAISS's factory adds by default, which costs minutes and serves no search here), all with native ids. Statically
-  (:func:`choose_factory`) the largest codes that fit win. :func:`index.choose.measure` (used by
+  (:func:`choose_factory`) the largest codes that fit win (PQ before SQ at equal bytes: its codebooks adapt to
+  the data). :func:`index.choose.choose_trained` (used by
   ``index.build``, where a training sample is at hand) instead trains each fitting compressed candidate on the
   sample, measures recall@10 of held-out sample queries against exact search while raising nprobe, and picks
   the one reaching the target (default 0.95) at the lowest expected search cost at ``n`` (quantizer + nprobe
-  lists of n / nlist codes); when none reaches it, the one with the highest recall, and the reason says so.
+  lists of n / nlist codes; the scalar quantizers cost the same, so among them the higher recall wins); when
+  none reaches it, the one with the highest recall, and the reason says so.
   Re-ranking on full or SQ8 vectors (FAISS ``IndexRefine``, ``Refine(SQ8)``) and OPQ are not candidates yet:
   neither takes ids natively, and ``IndexIDMap2`` over IVF is wrong after ``remove_ids``, so they would need
   tombstones, and training for their rebuilds, that the store does not give them.
