@@ -33,7 +33,8 @@ def world(tmp_path_factory):
     common = {"CMC_MODEL": str(base / "model"), "BENTOML_HOME": str(base / "bentoml"), "CMC_HOME": str(base / "cmc"),
               "CMC_THREADS": "1"}
     main = Server(common | {"CMC_INDEX": str(base / "index"), "CMC_API_TOKEN": TOKEN, "CMC_MAX_ITEMS": "8",
-                            "CMC_MAX_PIXELS": "1000000", "CMC_MAX_BODY_MB": "1"}, base / "main.log")
+                            "CMC_MAX_PIXELS": "1000000", "CMC_MAX_BODY_MB": "1", "CMC_INDEX_MEMORY_MB": "400"},
+                  base / "main.log")
     bare = Server(common | {"CMC_INDEX": "none", "CMC_BATCHING": "0"}, base / "bare.log")
     try:
         main.wait_ready()
@@ -87,6 +88,9 @@ def test_info(world):
     assert set(d["views"]) == {"L", "ab", "depth", "fou"}
     assert d["views"]["fou"]["source"] == "vector" and d["views"]["L"]["input"]
     assert d["index"]["counts"]["L"] >= N_INDEXED - 1
+    # CMC_INDEX_MEMORY_MB reaches the store: shared by the index's views when one is re-chosen as it grows
+    assert d["settings"]["index_memory_mb"] == 400
+    assert d["index"]["memory_budget_mb_per_view"] == pytest.approx(400 / len(d["index"]["views"]), abs=1e-3)
     assert d["batching"]["enabled"] and d["card"]["tau"] == pytest.approx(d["tau"])
     bare = ok(post(world["bare"], "/info", headers={}))
     assert not bare["index"]["available"] and not bare["batching"]["enabled"]
