@@ -134,7 +134,8 @@ def est_bytes(factory: str, n: int, dim: int) -> int:
 def holds_raw(factory: str) -> bool:
     """Whether ``factory``'s index keeps the raw vectors (so it can be re-chosen without loss)."""
     f = normalize_factory(factory)
-    return f == ID_PREFIX + "Flat" or bool(re.match(r"^IVF\d+,Flat$", f))
+    m = IVF_RE.match(f)
+    return f == ID_PREFIX + "Flat" or (m is not None and m.group(2) == "Flat")
 
 
 def retype_due(factory: str, count: int, dim: int, memory_budget_mb: float) -> str | None:

@@ -262,7 +262,7 @@ class Maintenance:
         del blob  # not held through the build: memory is the live index, the copy and the new one
         choice = None
         if kind == "retype":
-            choice, new = retyped_copy(name, v.metric, copied, self.view_budget_mb(), str(reason))
+            choice, new = retyped_copy(name, old_factory, v.metric, copied, self.view_budget_mb(), str(reason))
             if choice["factory"] == old_factory:  # nothing better: look again when the view has doubled
                 self._retype_skip[name] = 2 * int(copied.ntotal)
                 LOG.info("view %s: re-chosen as its own type %s; kept", name, old_factory)

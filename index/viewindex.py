@@ -192,10 +192,10 @@ def _ivf_flat_lists(index: faiss.Index) -> Iterator[tuple[np.ndarray, np.ndarray
         yield ids, np.frombuffer(codes.tobytes(), dtype=np.float32).reshape(n, ivf.d)
 
 
-def retyped_copy(name: str, metric: str, raw: faiss.Index, memory_budget_mb: float,
+def retyped_copy(name: str, factory: str, metric: str, raw: faiss.Index, memory_budget_mb: float,
                  reason: str) -> tuple[dict[str, Any], faiss.Index]:
     """``(choice, index)``: the type :func:`index.choose.choose_trained` picks for ``RETYPE_HEADROOM`` times the
-    items of ``raw`` (an IDMap2,Flat or IVF-Flat index: raw vectors) within ``memory_budget_mb``, measured on a
+    items of ``raw`` (the view's index of type ``factory``: an IDMap2,Flat or IVF-Flat, raw vectors) within ``memory_budget_mb``, measured on a
     sample of them, holding every vector of ``raw``; built without touching any live index (no store lock)."""
     dim, n = raw.d, int(raw.ntotal)
     n_for = n * fac.RETYPE_HEADROOM
@@ -214,14 +214,8 @@ def retyped_copy(name: str, metric: str, raw: faiss.Index, memory_budget_mb: flo
         new = fac.make_index(choice["factory"], dim, metric)
     for ids, x in _chunks(raw):
         new.add_with_ids(np.ascontiguousarray(x), ids)
-    choice = choice | {"retyped_from": fac.normalize_factory(_factory_of(raw)), "retype_reason": reason,
+    choice = choice | {"retyped_from": fac.normalize_factory(factory), "retype_reason": reason,
                        "retyped_at_count": n, "chosen_for_count": n_for}
     LOG.info("view %s: re-chosen as %s at %d items (%s) in %.1fs", name, choice["factory"], n, reason,
              time.perf_counter() - t0)
     return choice, new
-
-
-def _factory_of(index: faiss.Index) -> str:
-    if fac.is_ivf(index):
-        return f"IVF{faiss.extract_index_ivf(index).nlist},Flat"
-    return "Flat"
