@@ -98,9 +98,27 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, logging_level=logging.WARNING,
-                 include_dashboard=False)
+        start_with_retry(lambda: ray.init(num_cpus=num_cpus or os.cpu_count() or 1,
+                                          logging_level=logging.WARNING, include_dashboard=False),
+                         ray.shutdown)
     return True
+
+
+START_TRIES = 3  # a local Ray's raylet has a fixed 30 s to register (ray/_private/node.py); on a loaded machine
+
+
+def start_with_retry(start, stop, tries: int = START_TRIES):
+    """``start()``, retried after ``stop()`` when Ray's own startup times out ("The current node timed out during
+    startup": the raylet did not register with the GCS in Ray's fixed 30 s, seen on 2 cores under load). Any other
+    error, or the last try's, is raised as it is."""
+    for attempt in range(1, tries + 1):
+        try:
+            return start()
+        except Exception as e:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == tries:
+                raise
+            LOG.warning("Ray's startup timed out (try %d of %d); starting it again", attempt, tries)
+            stop()
 
 
 def embed_chunks(rt: Runtime, chunks: Iterable[Dataset], views: list[str], *, address: str | None = None,

@@ -15,6 +15,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from index.build import build_index  # noqa: E402
+from index.ray_engine import start_with_retry  # noqa: E402
 from index.store import IndexStore  # noqa: E402
 from models.data import load  # noqa: E402
 from models.runtime import Runtime  # noqa: E402
@@ -48,6 +49,32 @@ def _same_index(a: Path, b: Path) -> None:
     assert set(va) == set(vb)
     for v in va:
         np.testing.assert_allclose(va[v], vb[v], atol=1e-5, rtol=0)
+
+
+def test_start_with_retry():
+    """Ray's startup timeout is retried after a stop, up to the limit; any other error is raised at once."""
+    calls = {"start": 0, "stop": 0}
+
+    def flaky(fail: int, msg: str = "The current node timed out during startup. This could happen ..."):
+        def start():
+            calls["start"] += 1
+            if calls["start"] <= fail:
+                raise Exception(msg)
+            return "up"
+        return start
+
+    def stop():
+        calls["stop"] += 1
+
+    assert start_with_retry(flaky(2), stop, tries=3) == "up" and calls == {"start": 3, "stop": 2}
+    calls.update(start=0, stop=0)
+    with pytest.raises(Exception, match="timed out during startup"):
+        start_with_retry(flaky(3), stop, tries=3)
+    assert calls == {"start": 3, "stop": 2}
+    calls.update(start=0, stop=0)
+    with pytest.raises(Exception, match="port in use"):
+        start_with_retry(flaky(1, "port in use"), stop, tries=3)
+    assert calls == {"start": 1, "stop": 0}
 
 
 def test_embed_chunks_equal_local(model_dir):
@@ -89,9 +116,19 @@ def two_node_build(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("raybuild")
     build_index(model_dir, DATA, VIEWS, tmp / "local", split="train", batch_size=24, progress=False)
     state_err = _state_api_error()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": state_err is None})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
+    def start() -> Cluster:
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": state_err is None})
+        started.append(c)
+        c.add_node(num_cpus=1)
+        c.wait_for_nodes()
+        return c
+
+    def stop() -> None:  # a head that failed inside Cluster() left nothing to hold on to
+        if started:
+            started.pop().shutdown()
+
+    started: list = []
+    cluster = start_with_retry(start, stop)
     ray.init(address=cluster.address)
     try:
         nodes: Counter = Counter()
