@@ -37,6 +37,7 @@ from .milvus import is_milvus
 from .recall import exact_knn
 from .store import IndexStore, StoreError
 from .thumbs import ThumbStore
+from .vector_files import VectorChunk, VectorFiles, is_vectors
 
 LOG = logging.getLogger(__name__)
 
@@ -95,7 +96,9 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
     views = views or list(rt.views)
     for v in views:
         rt.view(v)  # unknown view -> InputError naming it
-    make_chunks, total = _chunk_source(data, split, batch_size, rt.image_size)
+    if is_vectors(data) and engine != "local":
+        raise InputError(f"{data}: vectors: are embedded already; --engine {engine} has nothing to do", "engine")
+    make_chunks, total = _chunk_source(data, split, batch_size, rt.image_size, views, rt.dim, progress)
     n = n_hint or total or 0
     cls = store_class(out)
     if storage != "ram" and cls is not IndexStore:
@@ -103,7 +106,8 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
     head: list[dict[str, np.ndarray] | None] = []  # the sample's chunks, embedded once: added first below
     plan: dict = {}
     if cls is IndexStore:
-        head, plan = _plan(rt, views, make_chunks, n, factory, memory_budget_mb)
+        head, plan = _plan(lambda c: _embed(rt, views, c), views, rt.dim, make_chunks, n, factory,
+                           memory_budget_mb)
     store = cls.create(out, views={v: rt.dim for v in views}, fingerprint=rt.fingerprint,
                        model_ref=str(model_ref or rt.path), factory=plan.get("factory", factory), n_hint=n,
                        memory_budget_mb=memory_budget_mb, snapshot_ops=10**9, snapshot_seconds=10**9,
@@ -120,13 +124,13 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
         from .ray_engine import embed_chunks
         rest = embed_chunks(rt, chunks, views, **(ray_options or {}))
     else:
-        rest = ((c, {v: rt.embed_sources(v, c.sources) for v in views}) for c in chunks)
+        rest = ((c, _embed(rt, views, c)) for c in chunks)
     embedded = itertools.chain(replayed, rest)
     try:
         with tqdm(total=total, desc="index", unit="item", disable=not progress, dynamic_ncols=True) as bar:
             for chunk, vec in embedded:
                 keys = chunk_keys(chunk, done)  # keyless data: numbered across chunks, not from 0 in each
-                ids = store.add(keys, vec, item_metadata(chunk, split))
+                ids = store.add(keys, vec, item_metadata(chunk, None if isinstance(chunk, VectorChunk) else split))
                 done += len(keys)
                 if th is not None:
                     th.add_sources(keys, chunk.sources, sources, ids=ids, vectors=vec)
@@ -145,11 +149,23 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
     return out if is_milvus(str(out)) else Path(out)
 
 
-def _chunk_source(data: Dataset | str, split: str, batch_size: int,
-                  image_size: int | None) -> tuple[Callable[[], Iterator[Dataset]], int | None]:
+def _embed(rt: Runtime, views: list[str], chunk: Dataset | VectorChunk) -> dict[str, np.ndarray]:
+    """A chunk's vectors per view: embedded through the model, or as read (``vectors:DIR``)."""
+    if isinstance(chunk, VectorChunk):
+        return chunk.vectors
+    return {v: rt.embed_sources(v, chunk.sources) for v in views}
+
+
+def _chunk_source(data: Dataset | str, split: str, batch_size: int, image_size: int | None,
+                  views: list[str] | None = None, dim: int | None = None, progress: bool = False
+                  ) -> tuple[Callable[[], Iterator[Dataset | VectorChunk]], int | None]:
     """A function making a fresh iterator over the data's chunks, and the number of items when the data can say
     without decoding it: a dataset's length (non-folder specs are loaded whole by ``iter_batches`` anyway), a
-    folder's files (an upper bound: unreadable files are skipped when decoded)."""
+    folder's files (an upper bound: unreadable files are skipped when decoded), the rows of ``vectors:DIR``."""
+    if is_vectors(data):
+        vf = VectorFiles(data, views or [], dim or 0)
+        vf.check(progress=progress)  # a bad row fails the build before it writes anything
+        return (lambda: vf.chunks(batch_size)), len(vf)
     if isinstance(data, str) and datasets.parse_spec(data)[0] not in ("imagefolder", "paired"):
         data = datasets.load(data, split, image_size=image_size)
     if isinstance(data, Dataset):
@@ -171,26 +187,26 @@ def _count_files(spec: str, split: str) -> int | None:
         return None  # the build reports the data error itself when it reads the items
 
 
-def _plan(rt: Runtime, views: list[str], make_chunks: Callable[[], Iterator[Dataset]], n: int,
+def _plan(embed: Callable, views: list[str], dim: int, make_chunks: Callable[[], Iterator[Dataset]], n: int,
           factory: str | None, memory_budget_mb: int) -> tuple[list, dict]:
     """Each view's index type for ``n`` items within its share of the budget, trained on a sample of the first
     items where it needs training: ``(head, plan)``, ``head`` the embedded chunks of the sample (added to the
     store first, not embedded again), ``plan`` the store's ``factory``, ``trained`` and ``choice`` per view."""
     budget = memory_budget_mb / len(views)
-    static = {v: factory or fac.static_choice(n, rt.dim, budget)["factory"] for v in views}
-    need = max(sample_size(static[v], n, rt.dim, budget) for v in views)
+    static = {v: factory or fac.static_choice(n, dim, budget)["factory"] for v in views}
+    need = max(sample_size(static[v], n, dim, budget) for v in views)
     head: list[dict[str, np.ndarray] | None] = []
     got = 0
     if need:
         for chunk in make_chunks():
-            head.append({v: rt.embed_sources(v, chunk.sources) for v in views})
+            head.append(embed(chunk))
             got += len(chunk)
             if got >= need:
                 break
     plan: dict = {"factory": {}, "trained": {}, "choice": {}}
     for v in views:
         sample = np.concatenate([h[v] for h in head])[:need] if head else None  # (S, D)
-        choice, index = choose_trained(sample, n, rt.dim, budget, factory=factory)
+        choice, index = choose_trained(sample, n, dim, budget, factory=factory)
         plan["factory"][v], plan["choice"][v] = choice["factory"], choice
         if index is not None:
             plan["trained"][v] = index
@@ -322,7 +338,9 @@ def _ray_options(a: argparse.Namespace) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m index.build", description="Build a cross-view FAISS index.")
     p.add_argument("--model", default=None, help="model reference: BentoML tag (default cmc:latest) or directory")
-    p.add_argument("--data", required=True, help="data spec (scenes, cifar10:PATH, imagefolder:PATH, paired:PATH, npz:PATH)")
+    p.add_argument("--data", required=True,
+                   help="data spec (scenes, cifar10:PATH, imagefolder:PATH, paired:PATH, npz:PATH), or vectors:DIR: "
+                        "this model's embeddings computed elsewhere, one <view>.npy per view (index/vector_files.py)")
     p.add_argument("--split", default="test", choices=["train", "test"], help="which split to index")
     p.add_argument("--views", default=None, help="comma-separated views to index (default: every view of the model)")
     p.add_argument("--out", required=True,
