@@ -34,7 +34,7 @@ from . import factory as fac
 from . import manifest as mf
 from .choose import choose_trained, sample_size
 from .milvus import is_milvus
-from .recall import exact_knn
+from .recall import exact_knn, without_own
 from .store import IndexStore, StoreError
 from .thumbs import ThumbStore
 from .vector_files import VectorChunk, VectorFiles, is_vectors
@@ -265,7 +265,7 @@ class _Truths:
         ids = np.concatenate([i for i, _ in self.buf])
         for v in self.views:
             x = np.concatenate([c[v] for _, c in self.buf])  # (<= nq + a chunk, D)
-            self.views_truth[v] = _Truth(x[:self.nq], self.store.manifest["views"][v])
+            self.views_truth[v] = _Truth(x[:self.nq], ids[:self.nq], self.store.manifest["views"][v])
             self.views_truth[v].add(x, ids)
         self.buf = []
 
@@ -278,21 +278,24 @@ class _Truths:
 
 
 class _Truth:
-    """Exact top-``k`` neighbours of ``nq`` stored items among every item added so far (a running merge of
+    """Exact top-``k`` neighbours of ``nq`` stored items among every other item added so far (a running merge of
     ``faiss.knn`` over each chunk: nq x n x dim work, nq x k memory), to tune and measure the built index against
-    exact search without keeping the collection's vectors."""
+    exact search without keeping the collection's vectors. Leave-one-out: each query's own item is left out of
+    its neighbours and of the index's answers (``IndexStore.tune_search(exclude=...)``), so the tuned nprobe is
+    the one a query that is not in the index needs."""
 
-    def __init__(self, xq: np.ndarray, spec: dict, k: int = 10) -> None:
+    def __init__(self, xq: np.ndarray, qids: np.ndarray, spec: dict, k: int = 10) -> None:
         self.xq = np.ascontiguousarray(xq, dtype=np.float32)  # (nq, D)
+        self.qids = np.asarray(qids, np.int64)
         self.k, self.metric, self.factory = k, spec.get("metric", "ip"), spec["factory"]
-        self.D = np.full((len(self.xq), k), -np.inf if self.metric == "ip" else np.inf, np.float32)
-        self.I = np.full((len(self.xq), k), -1, np.int64)
+        self.D = np.full((len(self.xq), k + 1), -np.inf if self.metric == "ip" else np.inf, np.float32)
+        self.I = np.full((len(self.xq), k + 1), -1, np.int64)
         self.result: dict = {}
 
     def add(self, x: np.ndarray, ids: np.ndarray) -> None:
-        D, pos = exact_knn(self.xq, x, min(self.k, len(x)), self.metric)
+        D, pos = exact_knn(self.xq, x, min(self.k + 1, len(x)), self.metric)
         D, I = np.hstack([self.D, D]), np.hstack([self.I, ids[pos]])
-        order = np.argsort(-D if self.metric == "ip" else D, axis=1, kind="stable")[:, :self.k]
+        order = np.argsort(-D if self.metric == "ip" else D, axis=1, kind="stable")[:, :self.k + 1]
         self.D, self.I = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
 
     def tune(self, store: IndexStore, view: str) -> None:
@@ -300,7 +303,8 @@ class _Truth:
         store's default from now on), and the recall it reaches, recorded in the view's choice."""
         if ("IVF" not in self.factory and "HNSW" not in self.factory) or len(self.xq) < 20:
             return
-        best = store.tune_search(view, self.xq, self.I, k=self.k)
+        gt = without_own(self.I, self.qids, self.k)
+        best = store.tune_search(view, self.xq, gt, k=self.k, exclude=self.qids)
         self.result = {"built_recall": round(float(best["recall"]), 4), "built_queries": len(self.xq),
                        **{f"built_{n}": int(v) for n, v in best.items() if n != "recall"}}
 

@@ -22,3 +22,13 @@ def overlap(I: np.ndarray, gt: np.ndarray, k: int | None = None) -> float:
     ``k`` that the search returned (the first ``k`` columns of both; ``k`` defaults to ``gt``'s width)."""
     k = gt.shape[1] if k is None else k
     return float(knn_intersection_measure(np.asarray(I)[:, :k], np.asarray(gt)[:, :k]))
+
+
+def without_own(I: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """Each row of ids without its ``own`` id (a query that is a stored item), cut to ``k``; -1 fills a row
+    that held neither ``k`` other ids."""
+    out = np.full((len(I), k), -1, np.int64)
+    for r, (row, o) in enumerate(zip(I, own)):
+        kept = row[row != o][:k]
+        out[r, :len(kept)] = kept
+    return out

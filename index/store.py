@@ -99,7 +99,7 @@ from index.durable import _RWLock
 from index.errors import (DuplicateKeyError, NotWritableError, StoreError, UnknownKeyError,  # noqa: F401 - re-exported
                           WriteFailed)
 from index.inputs import check_vectors
-from index.recall import overlap
+from index.recall import overlap, without_own
 from index.journal import Journal
 from index.loading import Loading
 from index.maintenance import Maintenance, Schedule
@@ -338,9 +338,12 @@ class IndexStore(Writes, Loading, Maintenance):
         return out
 
     def tune_search(self, view: str, xq: np.ndarray, gt_I: np.ndarray, *, k: int = 10,
-                    target_recall: float = 0.95) -> dict[str, Any]:
+                    target_recall: float = 0.95, exclude: np.ndarray | None = None) -> dict[str, Any]:
         """Smallest nprobe / efSearch reaching ``target_recall`` @k against exact ids ``gt_I`` (nq, >=k);
-        stored as the view's default (persisted at the next snapshot). Trains a due IVF view (rebuilds a due HNSW view) first."""
+        stored as the view's default (persisted at the next snapshot). Trains a due IVF view (rebuilds a due HNSW view) first.
+        ``exclude`` (nq,): an id dropped from each query's answers, the query's own item when the queries are
+        stored items (leave-one-out; ``gt_I`` must leave it out too): an item finds itself in its own inverted list
+        at any nprobe, so self-queries would tune for a recall that held-out queries do not get."""
         self._views_due()
         v = self._views[view]
         if fac.is_hnsw(v.index):
@@ -353,7 +356,11 @@ class IndexStore(Writes, Loading, Maintenance):
             return {"recall": 1.0}
         best: dict[str, Any] = {}
         for val in grid:
-            _, I = self.search(xq, view, k, **{name: val})
+            if exclude is None:
+                _, I = self.search(xq, view, k, **{name: val})
+            else:
+                _, I = self.search(xq, view, k + 1, **{name: val})
+                I = without_own(I, np.asarray(exclude), k)
             rec = overlap(I, np.asarray(gt_I), k)
             best = {name: val, "recall": rec}
             if rec >= target_recall:
@@ -404,3 +411,4 @@ class IndexStore(Writes, Loading, Maintenance):
     def index_of(self, view: str) -> faiss.Index:
         """The live FAISS index of a view (read-only use; for benchmarks and inspection)."""
         return self._views[view].index
+
