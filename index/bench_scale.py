@@ -177,7 +177,7 @@ def search(out: Path, xq: np.ndarray, gt: np.ndarray, k: int = K) -> dict:
             store.search(xq[lo:lo + 64], VIEW, k)
         qps64 = len(xq) / (time.perf_counter() - t0)
         size = store.count(VIEW)
-        view_bytes = sum(p.stat().st_size for p in out.glob(f"**/{VIEW}*.faiss"))
+        view_bytes = (out / spec["snapshot"]["file"]).stat().st_size  # the current snapshot (a previous is kept)
     finally:
         store.close()
     return {"items": size, "factory": spec["factory"], "choice": spec.get("choice"), "recall_at_10": round(rec, 4),
