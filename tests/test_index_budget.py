@@ -159,3 +159,39 @@ def test_info_states_each_views_choice(tmp_path):
             assert "exceed the budget" in got["reason"]
     finally:
         store.close()
+
+
+def _copies(nc: int, copies: int, dim: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``nc`` random unit centres, each repeated ``copies`` times with noise of expected norm ``noise`` (the
+    centre-major order of index.bench_scale's expanded file), and the centres."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((nc, dim), dtype=np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    x = np.tile(c, (copies, 1)) + rng.standard_normal((nc * copies, dim), dtype=np.float32) * noise / np.sqrt(dim)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), c
+
+
+def test_sample_recall_is_measured_at_the_collections_density():
+    """Near-copies (400 centres x 100 noisy copies): on a sample of a tenth, recall@10 is easy for any code (a
+    query's 10 neighbours there are its ~10 copies, all of them), while at the full size the 10 neighbours are a
+    fine ranking among 99 copies. The chooser measures recall@1 on the tenth (``density_k``), and for every
+    candidate that recall predicts held-out recall@10 over the whole collection at the same nprobe within 0.15."""
+    from index.choose import density_k
+    faiss.omp_set_num_threads(1)
+    dim = 64
+    x, c = _copies(400, 100, dim, 0.3, 0)
+    n = len(x)
+    rng = np.random.default_rng(9)
+    q = c[:200] + rng.standard_normal((200, dim), dtype=np.float32) * np.float32(0.3 / np.sqrt(dim))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    gt = exact_knn(q, x, 10)[1]
+    choice, idx = choose_trained(x[:4000], n, dim, 4)
+    assert choice["measured_at_k"] == density_k(10, 3800, n) == 1
+    for row in choice["candidates"]:
+        cand = fac.make_index(row["factory"], dim)
+        cand.train(x[:4000])
+        cand.add(x)
+        p = faiss.SearchParametersIVF()
+        p.nprobe = row["nprobe"]
+        held = overlap(cand.search(q, 10, params=p)[1], gt, 10)
+        assert abs(row["recall"] - held) <= 0.15, (row, held)
