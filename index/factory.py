@@ -26,7 +26,8 @@ snapshots serialized the view first). Candidates, cheapest search first when the
   (:func:`choose_factory`) the largest codes that fit win (PQ before SQ at equal bytes: its codebooks adapt to
   the data). :func:`index.choose.choose_trained` (used by
   ``index.build``, where a training sample is at hand) instead trains each fitting compressed candidate on the
-  sample, measures recall@10 of held-out sample queries against exact search while raising nprobe, and picks
+  sample, measures recall of held-out sample queries against exact search while raising nprobe (recall@k at the
+  collection's density: ``index.choose.density_k``), and picks
   the one reaching the target (default 0.95) at the lowest expected search cost at ``n`` (quantizer + nprobe
   lists of n / nlist codes; the scalar quantizers cost the same, so among them the higher recall wins); when
   none reaches it, the one with the highest recall, and the reason says so.
