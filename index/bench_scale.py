@@ -119,12 +119,15 @@ def ground_truth(xq: np.ndarray, vectors: Path, path: Path, k: int = K, progress
     return I
 
 
-def build(vectors: Path, out: Path, model: str | None, memory_mb: int, batch: int, log: Path) -> dict:
+def build(vectors: Path, out: Path, model: str | None, memory_mb: int, batch: int, log: Path,
+          factory: str | None = None) -> dict:
     """``python -m index.build --data vectors:...`` as a child: wall seconds, peak RSS, its printed choice."""
     cmd = [sys.executable, "-m", "index.build", "--data", f"vectors:{vectors}", "--views", VIEW, "--memory-mb",
            str(memory_mb), "--no-thumbs", "--batch-size", str(batch), "--out", str(out)]
     if model:
         cmd += ["--model", model]
+    if factory:
+        cmd += ["--index-factory", factory]
     t0 = time.perf_counter()
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
@@ -216,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-mb", type=int, default=4096, help="the build's memory budget (index.build --memory-mb)")
     p.add_argument("--model", default=None, help="model reference (default: the default model)")
+    p.add_argument("--index-factory", default=None, help="a given index type instead of the budget's choice")
     p.add_argument("--cache", default=None, help="embeddings cache (index.bench_data)")
     p.add_argument("--work", required=True, help="directory for the vectors, ground truth and index")
     p.add_argument("--batch-size", type=int, default=65_536, help="rows per add of the build")
@@ -234,12 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     vectors = expand(real[NQ + NTUNE:], a.n, a.noise, a.seed, work / "vectors")
     gt_all = ground_truth(xqt, vectors, work / "gt.npy")
     xq, gt, xt, gt_t = xqt[:NQ], gt_all[:NQ], xqt[NQ:], gt_all[NQ:]
-    params = {"n": a.n, "real": a.real, "noise": a.noise, "seed": a.seed, "memory_mb": a.memory_mb}
+    params = {"n": a.n, "real": a.real, "noise": a.noise, "seed": a.seed, "memory_mb": a.memory_mb,
+              "factory": a.index_factory}
     index = work / "index"
     if not _done(work / "build.json", params) or not index.exists():
         if index.exists():
             raise SystemExit(f"{index} exists from another build; remove it to rebuild")
-        built = build(vectors, index, a.model, a.memory_mb, a.batch_size, work / "build.log")
+        built = build(vectors, index, a.model, a.memory_mb, a.batch_size, work / "build.log", a.index_factory)
         _mark(work / "build.json", params, **built)
     built = json.loads((work / "build.json").read_text())
     if not _done(work / "tune.json", params):

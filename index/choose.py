@@ -10,9 +10,12 @@ trained, empty index.
 Recall is measured at the density of ``n``, not of the sample: a sample of S items is S/n as dense, so a query's
 10th neighbour among all ``n`` items lies about as close as its (10 S / n)-th neighbour in the sample, and a code
 whose error is small against the sample's 10-neighbour radius can be large against the collection's. The sample
-recall is therefore recall@k' with ``k' = max(1, round(k S / n))`` (:func:`density_k`). Measured on 10M items of
-real embeddings, each with 99 noisy near-copies: recall@10 on a 1M sample chose IVF-PQ64 at 0.951 (nprobe 2),
-which reached 0.77 on held-out queries at every nprobe (BENCHMARKS.md, "A 10M-item view within 4 GB"). Bounded: the sample is bounded by the budget (``factory.sample_cap``), the queries by
+recall is therefore recall@k' with ``k' = max(1, round(k S / n))`` (:func:`density_k`). On 40k near-copies (400
+centres x 100 noisy copies, ``tests/test_index_budget.py``) recall@10 on a tenth put IVF-SQ4 at 0.94, which
+reaches 0.40 over the whole; recall@1 puts it at 0.38. What a sample cannot show is a query distribution unlike
+the data's: on index.bench_scale's 10M rows (real embeddings with noise-free originals and their noisy copies)
+both measures chose IVF-PQ64 for held-out real queries, which it serves at recall@10 0.77 at most (BENCHMARKS.md,
+"A 10M-item view within 4 GB"). Bounded: the sample is bounded by the budget (``factory.sample_cap``), the queries by
 ``QUERIES``, and at most ``MAX_PQ`` PQ sizes are tried.
 """
 from __future__ import annotations
