@@ -23,8 +23,9 @@ re-ranking (``Refine``) indexes; the IVF types share one coarse quantizer, train
 is counted in each of their build times. Each row records the process's peak RSS during the build (VmHWM, reset
 before it; the input vectors, held in RAM, are part of it) and what the build added to the RSS before it.
 ``--types auto --budgets 0.5,0.25,0.125`` gives one ``auto`` row per memory budget, as a fraction of the raw
-vectors' size, chosen by ``factory.choose_factory(n, dim, budget_mb)``; budgets choosing the same factory share
-one build.
+vectors' size, chosen as ``index.build`` chooses (:func:`auto_choice`: the candidates measured on a sample, which
+the row's ``choice`` records beside what the built index reached); budgets choosing the same factory share one
+build.
 """
 from __future__ import annotations
 
@@ -308,22 +309,23 @@ def run_embeddings(args: argparse.Namespace, spec: str, tmp: Path,
             stats[str(n)]["clustered"] = neighbour_stats(sq, sb, exact_knn(sq, sb, args.k)[0])
             del sb, sq
         print(json.dumps({"n": n, "neighbour_stats": stats[str(n)]}), flush=True)
-        kinds: list[tuple[str, str, int | None]] = []
+        kinds: list[tuple[str, str, int | None, dict | None]] = []
         for t in args.types.split(","):
             if t == "auto" and args.budgets:
                 for frac in [float(b) for b in args.budgets.split(",")]:
                     mb = max(1, int(frac * n * dim * 4 / 2**20))
-                    kinds.append((f"auto@{frac:g}", auto_factory(xb, mb, args.target_recall, args.k), mb))
+                    choice = auto_choice(xb, mb, args.target_recall, args.k)
+                    kinds.append((f"auto@{frac:g}", choice["factory"], mb, choice))
             else:
                 kinds.append((t, factory_for(t, n, dim, args.memory_budget_mb),
-                              args.memory_budget_mb if t == "auto" else None))
+                              args.memory_budget_mb if t == "auto" else None, None))
         nlist = nlist_for(n)
         coarse = None
-        if any(f"IVF{nlist}," in f and "OPQ" not in f for _, f, _ in kinds):
+        if any(f"IVF{nlist}," in f and "OPQ" not in f for _, f, _, _ in kinds):
             coarse = train_coarse(nlist, xb)
             LOG.warning("coarse quantizer IVF%d trained in %.1f s", nlist, coarse[1])
         built: dict[str, dict] = {}
-        for kind, fstr, mb in kinds:
+        for kind, fstr, mb, choice in kinds:
             if kind == "hnsw" and n > args.hnsw_max:
                 LOG.warning("skipping hnsw at n=%d (> --hnsw-max %d): its build does not fit the time here",
                             n, args.hnsw_max)
@@ -338,6 +340,8 @@ def run_embeddings(args: argparse.Namespace, spec: str, tmp: Path,
             if mb is not None:
                 row["budget_mb"] = mb
                 row["budget_fraction_of_raw"] = round(mb * 2**20 / (n * dim * 4), 4)
+            if choice is not None:  # what the chooser measured on its sample, beside what the index reached
+                row["choice"] = {k: v for k, v in choice.items() if k != "factory"}
             rows.append(row)
             print(json.dumps(row), flush=True)
             if on_row is not None:  # results so far on disk: a long run stopped early keeps its rows
@@ -345,9 +349,10 @@ def run_embeddings(args: argparse.Namespace, spec: str, tmp: Path,
     return rows, stats
 
 
-def auto_factory(xb: np.ndarray, budget_mb: int, target: float, k: int = 10) -> str:
-    """The type ``index.build`` chooses for ``xb`` (n, dim) within ``budget_mb``: the static choice when the raw
-    vectors fit, else the fitting compressed candidates measured on a budget-bounded random sample
+def auto_choice(xb: np.ndarray, budget_mb: int, target: float, k: int = 10) -> dict:
+    """The choice ``index.build`` makes for ``xb`` (n, dim) within ``budget_mb`` (its ``factory``, ``reason`` and,
+    when measured, ``candidates``, ``measured_at_k``, ``sample``): the static choice when the raw vectors fit,
+    else the fitting compressed candidates measured on a budget-bounded random sample
     (``index.choose.choose_trained``, as the build does)."""
     from index import choose
     from index import factory as fac
@@ -357,7 +362,7 @@ def auto_factory(xb: np.ndarray, budget_mb: int, target: float, k: int = 10) -> 
     sample = np.ascontiguousarray(xb[np.sort(np.random.default_rng(0).choice(n, size, replace=False))])
     choice, _ = choose.choose_trained(sample, n, dim, budget_mb, target=target, k=k)
     LOG.warning("auto within %d MB: %s (%s)", budget_mb, choice["factory"], choice.get("reason"))
-    return choice["factory"]
+    return choice
 
 
 def backend_argv(args: argparse.Namespace) -> list[str]:

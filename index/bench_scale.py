@@ -20,7 +20,7 @@
 5. **Tuning on held-out queries**: the build tunes nprobe leave-one-out on stored items, which here have
    noisy copies of themselves in the index (held-out queries have none), so nprobe is tuned again on the 500
    tuning queries (``IndexStore.tune_search``, the store's default from then on, committed by a snapshot).
-6. **Search in process**: the store opened read-only as the server opens it (RSS before and after), recall@10
+6. **Search in process**: the store opened read-only as the server opens it, recall@10
    of the timed queries at the tuned nprobe, single-query QPS on one thread, batch-64 QPS; exact search's
    single-query QPS is measured on the first ``EXACT_SLICE`` rows and scaled by ``n / EXACT_SLICE`` (exact
    search is linear in n; holding all ``n`` raw rows is what the budget forbids).
@@ -43,9 +43,8 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from .bench import rss_bytes
 from .bench_data import embeddings
-from .recall import exact_knn, overlap
+from .recall import exact_knn, merge_topk, overlap
 from .store import IndexStore
 from .vector_files import VectorFiles, write_npy_header
 
@@ -110,9 +109,7 @@ def ground_truth(xq: np.ndarray, vectors: Path, path: Path, k: int = K, progress
         for lo in range(0, vf.n, CHUNK):
             hi = min(lo + CHUNK, vf.n)
             d, i = exact_knn(xq, vf.read(VIEW, lo, hi), k)
-            D2, I2 = np.hstack([D, d]), np.hstack([I, i + lo])
-            order = np.argsort(-D2, axis=1, kind="stable")[:, :k]
-            D, I = np.take_along_axis(D2, order, 1), np.take_along_axis(I2, order, 1)
+            D, I = merge_topk(D, I, d, i + lo, k)
             bar.update(hi - lo)
     np.save(path, I)
     _mark(path.with_suffix(".json"), params)
@@ -160,11 +157,9 @@ def _ids(store: IndexStore, rows: np.ndarray) -> np.ndarray:
 def search(out: Path, xq: np.ndarray, gt: np.ndarray, k: int = K) -> dict:
     """Recall@k and QPS of the built store, opened as the server opens it."""
     faiss.omp_set_num_threads(1)
-    before = rss_bytes()
     t0 = time.perf_counter()
-    store = IndexStore.open(out, readonly=True)
+    store = IndexStore.open(out, readonly=True)  # its memory: serving.measure.scale, in a fresh process
     open_s = time.perf_counter() - t0
-    opened = rss_bytes()
     try:
         spec = store.manifest["views"][VIEW]
         _, ids = store.search(xq, VIEW, k)
@@ -185,8 +180,7 @@ def search(out: Path, xq: np.ndarray, gt: np.ndarray, k: int = K) -> dict:
         store.close()
     return {"items": size, "factory": spec["factory"], "choice": spec.get("choice"), "recall_at_10": round(rec, 4),
             "qps_batch1": round(qps1, 1), "qps_batch64": round(qps64, 1), "open_seconds": round(open_s, 1),
-            "rss_before_open_mib": round(before / 2**20), "rss_open_mib": round(opened / 2**20),
-            "rss_added_mib": round((opened - before) / 2**20), "view_file_mib": round(view_bytes / 2**20)}
+            "view_file_mib": round(view_bytes / 2**20)}
 
 
 def _rows(store: IndexStore, ids: np.ndarray) -> np.ndarray:

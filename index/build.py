@@ -34,7 +34,7 @@ from . import factory as fac
 from . import manifest as mf
 from .choose import choose_trained, sample_size
 from .milvus import is_milvus
-from .recall import exact_knn, without_own
+from .recall import exact_knn, merge_topk, without_own
 from .store import IndexStore, StoreError
 from .thumbs import ThumbStore
 from .vector_files import VectorChunk, VectorFiles, is_vectors
@@ -65,7 +65,7 @@ def add_chunk(store: IndexStore, rt: Runtime, chunk: Dataset, views: list[str], 
               keys: list[str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Embed one chunk in every view and add it under ``keys`` (default: ``chunk_keys(chunk, 0)``); returns
     the ids and the vectors per view."""
-    vectors = {v: rt.embed_sources(v, chunk.sources) for v in views}  # (n, D) per view
+    vectors = _embed(rt, views, chunk)  # (n, D) per view
     ids = store.add(keys or chunk_keys(chunk, 0), vectors, item_metadata(chunk, split))
     return ids, vectors
 
@@ -294,9 +294,7 @@ class _Truth:
 
     def add(self, x: np.ndarray, ids: np.ndarray) -> None:
         D, pos = exact_knn(self.xq, x, min(self.k + 1, len(x)), self.metric)
-        D, I = np.hstack([self.D, D]), np.hstack([self.I, ids[pos]])
-        order = np.argsort(-D if self.metric == "ip" else D, axis=1, kind="stable")[:, :self.k + 1]
-        self.D, self.I = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+        self.D, self.I = merge_topk(self.D, self.I, D, ids[pos], self.k + 1, self.metric)
 
     def tune(self, store: IndexStore, view: str) -> None:
         """ANN views: the smallest nprobe / efSearch reaching recall@10 >= 0.95 against exact search (the

@@ -42,6 +42,7 @@ import numpy as np
 
 from index import factory as fac
 from index.errors import StoreError
+from index.recall import merge_topk
 
 STORAGE = ("ram", "disk")
 # FAISS's OnDiskInvertedLists starts 32 threads per search to fault in the probed lists; for one query on a warm
@@ -145,11 +146,8 @@ class Mapped:
         if not self.delta.ntotal:
             return D, I
         Dd, Id = self.delta.search(xq, k, params=fac.search_params(self.delta, nprobe=nprobe))
-        D, I = np.concatenate([D, Dd], axis=1), np.concatenate([I, Id], axis=1)  # (nq, 2k)
-        ip = self.base.metric_type == faiss.METRIC_INNER_PRODUCT
-        key = np.where(I < 0, np.inf, -D if ip else D)  # smaller is better; padding last
-        order = np.argsort(key, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
+        metric = "ip" if self.base.metric_type == faiss.METRIC_INNER_PRODUCT else "l2"
+        return merge_topk(D, I, Dd, Id, k, metric)
 
     def write(self, fp: Path) -> int:
         """Write base minus tombstones plus delta as a new FAISS IVF file at ``fp`` (a new name), one inverted

@@ -32,3 +32,13 @@ def without_own(I: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
         kept = row[row != o][:k]
         out[r, :len(kept)] = kept
     return out
+
+
+def merge_topk(D: np.ndarray, I: np.ndarray, D2: np.ndarray, I2: np.ndarray, k: int,
+               metric: str = "ip") -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of two result sets of the same queries (D, I side by side, ids -1 for padding, which sorts
+    last): a running top-k over chunks of a collection, or over an index and its delta."""
+    D, I = np.concatenate([D, D2], axis=1), np.concatenate([I, I2], axis=1)
+    key = np.where(I < 0, np.inf, -D if metric == "ip" else D)  # smaller is better
+    order = np.argsort(key, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)

@@ -35,12 +35,10 @@ def is_vectors(spec: object) -> bool:
 
 @dataclass
 class VectorChunk:
-    """Rows ``start`` .. ``start + len`` of the files: keys and vectors per view (float32, unit norm); the
-    attributes a build reads of a Dataset chunk (keys, y, classes, sources) are there, without labels or
-    sources."""
+    """Consecutive rows of the files: keys and vectors per view (float32, unit norm); the attributes a build
+    reads of a Dataset chunk (keys, y, classes, sources) are there, without labels or sources."""
     keys: list[str]
     vectors: dict[str, np.ndarray]
-    start: int
     y: None = None
     classes: None = None
     sources: dict = field(default_factory=dict)
@@ -147,7 +145,7 @@ class VectorFiles:
         for lo in range(0, self.n, batch_size):
             hi = min(lo + batch_size, self.n)
             keys = self.keys[lo:hi] if self.keys is not None else [f"vec-{i}" for i in range(lo, hi)]
-            yield VectorChunk(keys, {v: self.read(v, lo, hi) for v in self.files}, lo)
+            yield VectorChunk(keys, {v: self.read(v, lo, hi) for v in self.files})
 
 
 def write_npy_header(f, rows: int, dim: int, dtype=np.float32) -> None:

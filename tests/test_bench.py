@@ -184,6 +184,7 @@ def test_holdout_disjoint_and_bench_cli(random_model, tmp_path):
     assert rows["flat"]["recall@10"] == 1.0 and rows["flat"]["n"] == 250
     assert rows["ivf"]["recall@10"] >= 0.95 and rows["ivf"]["target_reached"]
     assert rows["auto@0.5"]["budget_mb"] >= 1 and rows["ivf"]["build_peak_rss_bytes"] >= 0
+    assert rows["auto@0.5"]["choice"]["budget_mb"] == rows["auto@0.5"]["budget_mb"] and "choice" not in rows["ivf"]
     st = doc["neighbour_stats"][spec]["250"]["data"]
     assert st["top1_mean"] >= st["top10_mean"] > st["random_mean"]
 

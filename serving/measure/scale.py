@@ -7,7 +7,7 @@ the first ``--queries`` held-out query scenes of the benchmark (the same rows ``
 its timed queries: ``index.bench_data``'s scenes, seed ``BENCH_SEED``), and sends each as a PNG to ``/search``
 (view L, k = 10) over one sequential keep-alive connection: recall@10 of the answers against the exact ground
 truth over the 10M rows (keys ``vec-<row>``), latency percentiles, the server's start time and resident
-memory (the whole process tree, from /proc).
+memory (its whole process group, ``index.bench_backends.group_rss_bytes``).
 """
 from __future__ import annotations
 
@@ -24,34 +24,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from index.bench_backends import group_rss_bytes
 from index.bench_data import iter_scenes, scenes_options
 from models.runtime import Runtime
 from serving.measure.launch import ServerProcess
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-
-
-def tree_rss_mib(pid: int) -> float:
-    """VmRSS of ``pid`` and every descendant, in MiB (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        todo += children.get(p, [])
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024
 
 
 def query_pngs(n: int, image_size: int) -> list[str]:
@@ -74,14 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     work = Path(a.work)
     gt = np.load(work / "gt.npy")[:a.queries]
-    rt = Runtime(a.model) if a.model else Runtime(os.environ.get("CMC_MODEL", "cmc:latest"))
+    rt = Runtime(a.model)  # None: CMC_MODEL, else cmc:latest (models.artifact), as the server resolves it
     pngs = query_pngs(a.queries, rt.image_size)
     env = {"CMC_INDEX": str(work / "index"), "CMC_WORKERS": "1"} | ({"CMC_MODEL": a.model} if a.model else {})
     t0 = time.perf_counter()
     server = ServerProcess(env, work / "server.log").wait_ready(timeout=900)
     ready_s = time.perf_counter() - t0
     try:
-        rss_ready = tree_rss_mib(server.proc.pid)
+        rss_ready = group_rss_bytes(server.proc.pid) / 2**20  # the server leads its own process group
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
         lat, got = [], []
         for b64 in pngs:
@@ -94,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             if r.status != 200:
                 raise RuntimeError(f"/search answered {r.status}: {data[:500]!r}")
             got.append([int(h["key"][4:]) for h in json.loads(data)["results"]])
-        rss_after = tree_rss_mib(server.proc.pid)
+        rss_after = group_rss_bytes(server.proc.pid) / 2**20
     finally:
         server.stop()
     rows = np.array(got)
