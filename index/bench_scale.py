@@ -163,7 +163,7 @@ def search(out: Path, xq: np.ndarray, gt: np.ndarray, k: int = K) -> dict:
     try:
         spec = store.manifest["views"][VIEW]
         _, ids = store.search(xq, VIEW, k)
-        rows = _rows(store, ids)
+        rows = rows_of(store, ids)
         rec = overlap(rows, gt, k)
         t0 = time.perf_counter()
         for q in xq:
@@ -183,7 +183,7 @@ def search(out: Path, xq: np.ndarray, gt: np.ndarray, k: int = K) -> dict:
             "view_file_mib": round(view_bytes / 2**20)}
 
 
-def _rows(store: IndexStore, ids: np.ndarray) -> np.ndarray:
+def rows_of(store: IndexStore, ids: np.ndarray) -> np.ndarray:
     """Stored ids -> the rows of the vectors file they came from (keys ``vec-<row>``)."""
     flat = [int(i) for i in ids.ravel()]
     meta = store.lookup([i for i in flat if i >= 0])

@@ -45,16 +45,6 @@ def scratch_index(out: Path) -> dict:
     return {"CMC_INDEX": str(dst)}
 
 
-def rss_of_tree(pid: int) -> int:
-    """Resident memory (bytes) of a process and its children."""
-    import psutil
-    try:
-        p = psutil.Process(pid)
-        return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)])
-    except psutil.Error:
-        return 0
-
-
 def table(stats_csv: Path) -> tuple[str, list[dict]]:
     rows = list(csv.DictReader(open(stats_csv)))
     out = [f"{'endpoint':<22} {'requests':>9} {'failures':>9} {'RPS':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}",
@@ -117,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             def sample():
                 t0 = time.time()
                 while not stop_flag.wait(1.0):
-                    rss.append((time.time() - t0, rss_of_tree(server.proc.pid)))
+                    rss.append((time.time() - t0, server.rss_bytes()))
             threading.Thread(target=sample, daemon=True).start()
         env = os.environ.copy() | {"PYTHONPATH": str(ROOT), "CMC_LOAD_REPORT": str(out / "views.json"),
                                    "CMC_LOAD_STATS": str(out / "locust_final_stats.csv")} \

@@ -58,6 +58,16 @@ class ServerProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and every process below it (BentoML's workers do not stay in its
+        process group, so the group's sum misses them); 0 once it is gone."""
+        import psutil  # bentoml's dependency
+        try:
+            p = psutil.Process(self.proc.pid)
+            return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)])
+        except psutil.Error:
+            return 0
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             try:

@@ -6,8 +6,9 @@ Starts ``bentoml serve`` (one worker: ``CMC_WORKERS=1``, the default model, ``CM
 the first ``--queries`` held-out query scenes of the benchmark (the same rows ``index.bench_scale`` embedded as
 its timed queries: ``index.bench_data``'s scenes, seed ``BENCH_SEED``), and sends each as a PNG to ``/search``
 (view L, k = 10) over one sequential keep-alive connection: recall@10 of the answers against the exact ground
-truth over the 10M rows (keys ``vec-<row>``), latency percentiles, the server's start time and resident
-memory (its whole process group, ``index.bench_backends.group_rss_bytes``).
+truth over the 10M rows (keys ``vec-<row>``), beside the store's own recall on the same queries' cached embeddings
+(in this process, after the server stops), latency percentiles, the server's start time and resident
+memory (the server and every process below it, ``ServerProcess.rss_bytes``).
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from index.bench_backends import group_rss_bytes
 from index.bench_data import iter_scenes, scenes_options
+from index.bench_scale import VIEW, rows_of
+from index.recall import overlap
+from index.store import IndexStore
 from models.runtime import Runtime
 from serving.measure.launch import ServerProcess
 
@@ -59,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     server = ServerProcess(env, work / "server.log").wait_ready(timeout=900)
     ready_s = time.perf_counter() - t0
     try:
-        rss_ready = group_rss_bytes(server.proc.pid) / 2**20  # the server leads its own process group
+        rss_ready = server.rss_bytes() / 2**20
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
         lat, got = [], []
         for b64 in pngs:
-            body = json.dumps({"query": {"view": "L", "image": b64}, "target_view": "L", "k": 10})
+            body = json.dumps({"query": {"view": VIEW, "image": b64}, "target_view": VIEW, "k": 10})
             t = time.perf_counter()
             conn.request("POST", "/search", body, {"Content-Type": "application/json"})
             r = conn.getresponse()
@@ -72,13 +75,16 @@ def main(argv: list[str] | None = None) -> int:
             if r.status != 200:
                 raise RuntimeError(f"/search answered {r.status}: {data[:500]!r}")
             got.append([int(h["key"][4:]) for h in json.loads(data)["results"]])
-        rss_after = group_rss_bytes(server.proc.pid) / 2**20
+        rss_after = server.rss_bytes() / 2**20
     finally:
         server.stop()
-    rows = np.array(got)
-    recall = float(np.mean([len(set(r) & set(g)) / 10 for r, g in zip(rows, gt)]))
+    recall = overlap(np.array(got), gt, 10)
+    with IndexStore.open(work / "index", readonly=True) as store:  # the same queries' cached embeddings, in process
+        q = np.load(work / "queries.npy")[:len(gt)]
+        store_recall = overlap(rows_of(store, store.search(q, VIEW, 10)[1]), gt, 10)
     ms = np.array(lat) * 1000
-    res = {"queries": len(pngs), "recall_at_10": round(recall, 4), "ready_seconds": round(ready_s, 1),
+    res = {"queries": len(pngs), "recall_at_10": round(recall, 4), "store_recall_at_10": round(store_recall, 4),
+           "ready_seconds": round(ready_s, 1),
            "latency_ms": {"p50": round(float(np.median(ms)), 2), "p90": round(float(np.percentile(ms, 90)), 2),
                           "p99": round(float(np.percentile(ms, 99)), 2)},
            "rss_ready_mib": round(rss_ready), "rss_after_mib": round(rss_after), "workers": 1,
