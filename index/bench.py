@@ -55,7 +55,8 @@ def factory_for(kind: str, n: int, dim: int, budget_mb: int) -> str:
     nlist, m = nlist_for(n), max(1, dim // 4)
     table = {"flat": "Flat", "hnsw": "HNSW32,Flat", "ivf": f"IVF{nlist},Flat", "ivfsq8": f"IVF{nlist},SQ8",
              "ivfsqfp16": f"IVF{nlist},SQfp16", "ivfsq6": f"IVF{nlist},SQ6", "ivfsq4": f"IVF{nlist},SQ4",
-             "ivfpq": f"IVF{nlist},PQ{m}x8", "ivfpq_rf": f"IVF{nlist},PQ{m}x8,Refine(SQ8)",
+             "ivfpq": f"IVF{nlist},PQ{m}x8", "ivfopq": f"OPQ{m},IVF{nlist},PQ{m}x8np",
+             "ivfpq_rf": f"IVF{nlist},PQ{m}x8,Refine(SQ8)",
              "opq_rf": f"OPQ{m},IVF{nlist},PQ{m}x8,Refine(SQ8)"}
     if kind == "auto":
         return choose_factory(n, dim, budget_mb)

@@ -107,7 +107,7 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
     plan: dict = {}
     if cls is IndexStore:
         head, plan = _plan(lambda c: _embed(rt, views, c), views, rt.dim, make_chunks, n, factory,
-                           memory_budget_mb)
+                           memory_budget_mb, opq=storage == "ram")
     store = cls.create(out, views={v: rt.dim for v in views}, fingerprint=rt.fingerprint,
                        model_ref=str(model_ref or rt.path), factory=plan.get("factory", factory), n_hint=n,
                        memory_budget_mb=memory_budget_mb, snapshot_ops=10**9, snapshot_seconds=10**9,
@@ -188,10 +188,11 @@ def _count_files(spec: str, split: str) -> int | None:
 
 
 def _plan(embed: Callable, views: list[str], dim: int, make_chunks: Callable[[], Iterator[Dataset]], n: int,
-          factory: str | None, memory_budget_mb: int) -> tuple[list, dict]:
+          factory: str | None, memory_budget_mb: int, opq: bool = True) -> tuple[list, dict]:
     """Each view's index type for ``n`` items within its share of the budget, trained on a sample of the first
     items where it needs training: ``(head, plan)``, ``head`` the embedded chunks of the sample (added to the
-    store first, not embedded again), ``plan`` the store's ``factory``, ``trained`` and ``choice`` per view."""
+    store first, not embedded again), ``plan`` the store's ``factory``, ``trained`` and ``choice`` per view
+    (``opq``: whether OPQ candidates may be chosen; on-disk views map plain IVF files only)."""
     budget = memory_budget_mb / len(views)
     static = {v: factory or fac.static_choice(n, dim, budget)["factory"] for v in views}
     need = max(sample_size(static[v], n, dim, budget) for v in views)
@@ -206,7 +207,7 @@ def _plan(embed: Callable, views: list[str], dim: int, make_chunks: Callable[[],
     plan: dict = {"factory": {}, "trained": {}, "choice": {}}
     for v in views:
         sample = np.concatenate([h[v] for h in head])[:need] if head else None  # (S, D)
-        choice, index = choose_trained(sample, n, dim, budget, factory=factory)
+        choice, index = choose_trained(sample, n, dim, budget, factory=factory, opq=opq)
         plan["factory"][v], plan["choice"][v] = choice["factory"], choice
         if index is not None:
             plan["trained"][v] = index

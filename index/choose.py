@@ -16,7 +16,9 @@ reaches 0.40 over the whole; recall@1 puts it at 0.38. What a sample cannot show
 the data's: on index.bench_scale's 10M rows (real embeddings with noise-free originals and their noisy copies)
 both measures chose IVF-PQ64 for held-out real queries, which it serves at recall@10 0.77 at most (BENCHMARKS.md,
 "A 10M-item view within 4 GB"). Bounded: the sample is bounded by the budget (``factory.sample_cap``), the queries by
-``QUERIES``, and at most ``MAX_PQ`` PQ sizes are tried.
+``QUERIES``, and at most ``MAX_PQ`` PQ sizes are tried; when no SQ or PQ candidate reaches the target, the same
+PQ sizes again behind an OPQ rotation (trained on the sample, up to a minute at 1M; the shared coarse centroids
+are rotated with it).
 """
 from __future__ import annotations
 
@@ -53,14 +55,24 @@ def expected_cost(factory: str, n: int, dim: int, nprobe: int) -> float:
     m = fac.IVF_RE.match(f)
     if not m:
         return float(n * dim)
-    nlist, kind = int(m.group(1)), m.group(2)
-    per_code = int(m.group(3)) if kind.startswith("PQ") else dim  # a PQ code: m table look-ups; else d products
+    nlist, kind = int(m["nlist"]), m["kind"]
+    per_code = int(m["m"]) if kind.startswith("PQ") else dim  # a PQ code: m table look-ups; else d products
     tables = 256 * dim if kind.startswith("PQ") else 0
-    return float(nlist * dim + tables + min(nprobe, nlist) * (n / nlist) * per_code)
+    rotation = dim * dim if m["opq"] else 0
+    return float(rotation + nlist * dim + tables + min(nprobe, nlist) * (n / nlist) * per_code)
 
 
 def _pq_m(factory: str) -> int:
-    return int(fac.IVF_RE.match(fac.normalize_factory(factory)).group(3))
+    return int(fac.IVF_RE.match(fac.normalize_factory(factory))["m"])
+
+
+def _pq_sizes(pqs: list[dict]) -> list[dict]:
+    """Of PQ candidates that fit (largest codes first), the largest and its halvings, at most ``MAX_PQ``."""
+    out = pqs[:1]
+    for c in pqs[1:]:
+        if len(out) < MAX_PQ and _pq_m(c["factory"]) * 2 ** len(out) == _pq_m(pqs[0]["factory"]):
+            out.append(c)
+    return out
 
 
 def density_k(k: int, sample: int, n: int) -> int:
@@ -89,12 +101,13 @@ def _recall_curve(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int, ta
 
 
 def choose_trained(sample: np.ndarray | None, n: int, dim: int, memory_budget_mb: float, metric: str = "ip",
-                   target: float = 0.95, k: int = 10, factory: str | None = None) -> tuple[dict[str, Any], faiss.Index | None]:
+                   target: float = 0.95, k: int = 10, factory: str | None = None,
+                   opq: bool = True) -> tuple[dict[str, Any], faiss.Index | None]:
     """``(choice, index)`` for a view of ``n`` items: the choice (``factory``, ``reason``, ``budget_mb``,
     ``est_bytes``, and after a measurement ``measured_recall``, ``nprobe``, ``candidates``) and a trained empty
     index of it (None when it needs no training). ``sample`` (S, dim): vectors of the view (at least
     :func:`sample_size` of the static choice's factory when it needs training); ``factory``: a given type
-    (trained, not chosen)."""
+    (trained, not chosen); ``opq``: whether OPQ candidates are tried (not for on-disk views)."""
     if factory is not None:
         f = fac.normalize_factory(factory)
         choice = {"factory": f, "reason": "given (--index-factory)", "budget_mb": memory_budget_mb}
@@ -106,7 +119,7 @@ def choose_trained(sample: np.ndarray | None, n: int, dim: int, memory_budget_mb
         choice = fac.static_choice(n, dim, memory_budget_mb)
         choice.pop("kind", None)
         compressed = [c for c in fac.candidates(n, dim, memory_budget_mb)
-                      if c["fits"] and c["kind"] in fac.COMPRESSED_KINDS]
+                      if c["fits"] and c["kind"] in fac.COMPRESSED_KINDS and (opq or c["kind"] != "ivf-opq")]
         raw_fits = fac.IVF_RE.match(choice["factory"]) is None or choice["factory"].endswith(",Flat")
         if not raw_fits and sample is not None and len(sample) > QUERIES * 2 and compressed:
             return _measure(sample, n, dim, memory_budget_mb, metric, target, k, compressed, choice)
@@ -132,27 +145,35 @@ def _measure(sample: np.ndarray, n: int, dim: int, memory_budget_mb: float, metr
     xq, xb = sample[qpos], sample[keep]
     k_s = density_k(k, len(xb), n)  # recall@k at n items ~ recall@k_s at the sample's density
     gt = exact_knn(xq, xb, k_s, metric)[1]
-    sqs = [c for c in compressed if c["kind"] != "ivf-pq"]  # every scalar quantizer that fits (cheap to train)
-    pqs = [c for c in compressed if c["kind"] == "ivf-pq"]
-    tried = sqs + pqs[:1]
-    m0 = _pq_m(pqs[0]["factory"]) if pqs else 0
-    for c in pqs[1:]:  # halving sizes below the largest that fits
-        if len(tried) - len(sqs) < MAX_PQ and _pq_m(c["factory"]) * 2 ** (len(tried) - len(sqs)) == m0:
-            tried.append(c)
-    nlist = int(fac.IVF_RE.match(compressed[0]["factory"]).group(1))
+    tried = [c for c in compressed if c["kind"] in fac.SQ_KINDS.values()]  # every SQ that fits (cheap to train)
+    tried += _pq_sizes([c for c in compressed if c["kind"] == "ivf-pq"])
+    rotated = _pq_sizes([c for c in compressed if c["kind"] == "ivf-opq"])  # only if the others fall short
+    nlist = int(fac.IVF_RE.match(compressed[0]["factory"])["nlist"])
     coarse = fac.make_index(f"IVF{nlist},Flat", dim, metric)
     coarse.train(xb)  # one coarse quantizer for every candidate
     centroids = faiss.extract_index_ivf(coarse).quantizer.reconstruct_n(0, nlist)  # (nlist, dim)
     del coarse
     rows: list[dict[str, Any]] = []
     best: tuple | None = None
-    for c in tried:
+    for c in tried + rotated:
+        if c["kind"] == "ivf-opq" and best is not None and best[0][0]:
+            break  # an OPQ rotation trains for up to a minute; tried only when no cheaper code reached the target
         idx = fac.make_index(c["factory"], dim, metric)
         ivf = faiss.downcast_index(faiss.extract_index_ivf(idx))
-        ivf.quantizer.add(centroids)
-        if c["kind"] == "ivf-pq":
+        if isinstance(idx, faiss.IndexPreTransform):  # OPQ: k-means commutes with the rotation, so the shared
+            opq = faiss.downcast_VectorTransform(idx.chain.at(0))  # centroids, rotated, are the rotated data's
+            pq = faiss.ProductQuantizer(dim, opq.M, 8)  # OPQ's own PQ, quiet on a sample below 39 x 256 (the
+            pq.cp.min_points_per_centroid = 1  # budget's), where FAISS would warn at every one of its iterations
+            opq.pq = pq
+            opq.train(xb)
+            opq.pq = None
+            ivf.quantizer.add(opq.apply(centroids))
+        else:
+            ivf.quantizer.add(centroids)
+        if c["kind"] in ("ivf-pq", "ivf-opq"):
             ivf.pq.cp.niter, ivf.pq.cp.max_points_per_centroid = PQ_NITER, PQ_POINTS
-        idx.train(xb)
+            ivf.pq.cp.min_points_per_centroid = 1  # quiet on a small sample (the budget's)
+        idx.train(xb)  # the PQ or SQ codes (a trained rotation and quantizer are kept)
         idx.add(xb)
         rec, nprobe = _recall_curve(idx, xq, gt, k_s, target)
         cost = expected_cost(c["factory"], n, dim, nprobe)

@@ -31,9 +31,14 @@ snapshots serialized the view first). Candidates, cheapest search first when the
   the one reaching the target (default 0.95) at the lowest expected search cost at ``n`` (quantizer + nprobe
   lists of n / nlist codes; the scalar quantizers cost the same, so among them the higher recall wins); when
   none reaches it, the one with the highest recall, and the reason says so.
-  Re-ranking on full or SQ8 vectors (FAISS ``IndexRefine``, ``Refine(SQ8)``) and OPQ are not candidates yet:
-  neither takes ids natively, and ``IndexIDMap2`` over IVF is wrong after ``remove_ids``, so they would need
-  tombstones, and training for their rebuilds, that the store does not give them.
+  The measured chooser also tries ``OPQ{m},IVF{nlist},PQ{m}x8np``: PQ codes behind a learned rotation (FAISS
+  ``IndexPreTransform``, which passes ids, removals and search parameters through), at the PQ sizes it tries; the
+  rotation costs d^2 floats and training (seconds to a minute on the sample), and on the default model's
+  embeddings it lifts PQ's recall the most of any change (BENCHMARKS.md). Static choices never pick it (a view
+  the store creates would train it on the request path's schedule), and neither do on-disk views (their
+  mapping reads a plain IVF file). Re-ranking on full or SQ8 vectors (FAISS ``IndexRefine``, ``Refine(SQ8)``)
+  is not a candidate: it takes no ids (``add_with_ids``, ``remove_ids`` are not implemented), and its refine
+  codes cost as much as the SQ codes that serve the same budgets without a second pass.
 * nothing fits: the smallest PQ, and the reason says the budget is exceeded.
 
 Views that grow (the server's ``/index/add``): a store chooses a view's type when it is created, from
@@ -103,9 +108,14 @@ def hnsw_bytes(n: int, dim: int, m: int = HNSW_M) -> int:
     return int(n * (4 * dim + 2 * m * 4 * 1.1 + 8 + MAP_BYTES))
 
 
-IVF_RE = re.compile(r"^IVF(\d+),(Flat|SQfp16|SQ8|SQ6|SQ4|PQ(\d+)(?:x8)?(?:np)?)$")
+# IVF views (named groups: ``opq`` the OPQ rotation's sub-quantizers or None, ``nlist``, ``kind`` of codes, ``m``
+# the PQ sub-quantizers or None); OPQ only in front of PQ codes (its rotation balances the PQ sub-spaces)
+IVF_RE = re.compile(r"^(?:OPQ(?P<opq>\d+),(?=IVF\d+,PQ))?IVF(?P<nlist>\d+),"
+                    r"(?P<kind>Flat|SQfp16|SQ8|SQ6|SQ4|PQ(?P<m>\d+)(?:x8)?(?:np)?)$")
+IVF_START = re.compile(r"^(?:OPQ\d+,)?IVF")  # a factory whose index is an IVF one (possibly behind a rotation)
 SQ_KINDS = {"SQfp16": "ivf-sqfp16", "SQ8": "ivf-sq8", "SQ6": "ivf-sq6", "SQ4": "ivf-sq4"}  # largest codes first
-COMPRESSED_KINDS = tuple(SQ_KINDS.values()) + ("ivf-pq",)
+COMPRESSED_KINDS = tuple(SQ_KINDS.values()) + ("ivf-pq", "ivf-opq")
+STATIC_KINDS = tuple(SQ_KINDS.values()) + ("ivf-pq",)  # static choices: no OPQ (its training costs minutes)
 
 
 def code_bytes(kind: str, dim: int, m: int | None = None) -> int:
@@ -126,9 +136,11 @@ def est_bytes(factory: str, n: int, dim: int) -> int:
     mi = IVF_RE.match(f)
     if not mi:
         raise ValueError(f"no memory estimate for index factory {factory!r}")
-    nlist, kind = int(mi.group(1)), mi.group(2)
-    code = code_bytes(kind, dim, mi.group(3))
+    nlist, kind = int(mi["nlist"]), mi["kind"]
+    code = code_bytes(kind, dim, mi["m"])
     extra = 256 * dim * 4 if kind.startswith("PQ") else 2 * dim * 4  # PQ codebooks / SQ ranges
+    if mi["opq"]:
+        extra += dim * dim * 4  # the rotation
     return int(n * (code + 8) * LIST_SLACK + nlist * dim * 4 + extra)
 
 
@@ -136,7 +148,7 @@ def holds_raw(factory: str) -> bool:
     """Whether ``factory``'s index keeps the raw vectors (so it can be re-chosen without loss)."""
     f = normalize_factory(factory)
     m = IVF_RE.match(f)
-    return f == ID_PREFIX + "Flat" or (m is not None and m.group(2) == "Flat")
+    return f == ID_PREFIX + "Flat" or (m is not None and m["kind"] == "Flat")
 
 
 def retype_due(factory: str, count: int, dim: int, memory_budget_mb: float) -> str | None:
@@ -168,6 +180,7 @@ def candidates(n: int, dim: int, memory_budget_mb: float) -> list[dict[str, Any]
     out = [("flat", ID_PREFIX + "Flat"), ("ivf-flat", f"IVF{nlist},Flat"),
            ("hnsw", f"{ID_PREFIX}HNSW{HNSW_M},Flat")] + [(k, f"IVF{nlist},{q}") for q, k in SQ_KINDS.items()]
     out += [("ivf-pq", f"IVF{nlist},PQ{m}x8np") for m in pq_ms(dim)]
+    out += [("ivf-opq", f"OPQ{m},IVF{nlist},PQ{m}x8np") for m in pq_ms(dim)]
     return [{"factory": f, "kind": k, "est_bytes": est_bytes(f, n, dim), "fits": fits(f, n, dim, memory_budget_mb)}
             for k, f in out]
 
@@ -194,7 +207,7 @@ def static_choice(n: int, dim: int, memory_budget_mb: float) -> dict[str, Any]:
     if ivf["fits"]:
         return pick(ivf, f"{n} raw vectors fit the budget, not an HNSW graph: IVF over raw vectors")
     # the largest codes first; at equal bytes PQ (its codebooks adapt to the data) before SQ
-    for c in sorted([c for k in COMPRESSED_KINDS for c in by_kind[k]],
+    for c in sorted([c for k in STATIC_KINDS for c in by_kind[k]],
                     key=lambda c: (-c["est_bytes"], c["kind"] != "ivf-pq")):
         if c["fits"]:
             return pick(c, f"{n} raw vectors ({raw_mib:.1f} MiB) exceed the budget: the largest codes that fit")
@@ -210,17 +223,18 @@ def choose_factory(n: int, dim: int, memory_budget_mb: float = 2048) -> str:
 
 
 def normalize_factory(factory: str) -> str:
-    """Canonical form: ``IDMap2,<factory>`` for Flat/HNSW; bare ``IVF...`` for IVF.
+    """Canonical form: ``IDMap2,<factory>`` for Flat/HNSW; bare ``IVF...`` (or ``OPQ{m},IVF...``) for IVF.
 
     IVF indexes take ids natively, and ``IndexIDMap2`` over IVF is *wrong* after ``remove_ids``: the
     wrapper compacts its id map as if the sub-index shifted its entries (true for Flat, not for IVF), so
-    later results come back with shifted ids. IVF views are therefore stored unwrapped.
+    later results come back with shifted ids. IVF views are therefore stored unwrapped; an OPQ rotation in front
+    (FAISS ``IndexPreTransform``) passes ids, removals and ``SearchParametersIVF`` through to its IVF index.
     """
     f = factory.strip()
     for prefix in ("IDMap2,", "IDMap,"):
         if f.startswith(prefix):
             f = f[len(prefix):]
-    return f if f.startswith("IVF") else ID_PREFIX + f
+    return f if IVF_START.match(f) else ID_PREFIX + f
 
 
 def make_index(factory: str, dim: int, metric: str = "ip") -> faiss.Index:

@@ -95,7 +95,9 @@ class Loading:
         return recovered
 
     def _check_index(self, v: _View, index: faiss.Index, fname: str) -> None:
-        if not isinstance(index, (faiss.IndexIDMap2, faiss.IndexIVF)) or index.d != v.dim:
+        ok = isinstance(index, (faiss.IndexIDMap2, faiss.IndexIVF)) or (  # or an IVF behind a rotation (OPQ)
+            isinstance(index, faiss.IndexPreTransform) and faiss.try_extract_index_ivf(index) is not None)
+        if not ok or index.d != v.dim:
             raise StoreError(f"index file {self.path / fname} does not hold an IDMap2/IVF index of dim {v.dim}")
 
     def _load_error(self, spec: dict[str, Any], recover: bool) -> str:

@@ -255,14 +255,15 @@ class Maintenance:
             kind = None if self._dirty else self._due(v)
             if kind is None:
                 return
-            seq0, dead, old_factory = self._applied, v.tomb, v.factory
+            seq0, dead, old_factory, storage = self._applied, v.tomb, v.factory, v.storage
             reason = v.retype_reason(self.view_budget_mb()) if kind == "retype" else None
             blob = faiss.serialize_index(v.index)
         copied = faiss.deserialize_index(blob)  # tomb sets are replaced, never changed in place
         del blob  # not held through the build: memory is the live index, the copy and the new one
         choice = None
         if kind == "retype":
-            choice, new = retyped_copy(name, old_factory, v.metric, copied, self.view_budget_mb(), str(reason))
+            choice, new = retyped_copy(name, old_factory, v.metric, copied, self.view_budget_mb(), str(reason),
+                                       opq=storage == "ram")
             if choice["factory"] == old_factory:  # nothing better: look again when the view has doubled
                 self._retype_skip[name] = 2 * int(copied.ntotal)
                 LOG.info("view %s: re-chosen as its own type %s; kept", name, old_factory)

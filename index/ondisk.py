@@ -59,8 +59,8 @@ def check_storage(view: str, storage: Any, factory: str) -> str:
     if s not in STORAGE:
         raise StoreError(f"view {view!r}: unknown storage {storage!r}; expected one of {list(STORAGE)}")
     if s == "disk" and not fac.normalize_factory(factory).startswith("IVF"):
-        raise StoreError(f"view {view!r}: storage 'disk' needs an IVF index factory (its inverted lists are "
-                         f"memory-mapped), got {factory!r}")
+        raise StoreError(f"view {view!r}: storage 'disk' needs a plain IVF index factory (IVF{{nlist}},...: its "
+                         f"inverted lists are memory-mapped; no HNSW, Flat or OPQ rotation), got {factory!r}")
     return s
 
 

@@ -78,8 +78,9 @@ def test_merge_writes_faiss_format_byte_for_byte(tmp_path, factory):
 def test_bad_storage_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="view 'v': unknown storage 'ssd'"):
         make(tmp_path / "ix", "ssd")
-    with pytest.raises(StoreError, match="view 'v': storage 'disk' needs an IVF index factory"):
-        make(tmp_path / "ix", "disk", "HNSW32,Flat")
+    for f in ("HNSW32,Flat", "OPQ8,IVF32,PQ8x8np"):  # an OPQ rotation's file is not a plain IVF file to map
+        with pytest.raises(StoreError, match="view 'v': storage 'disk' needs a plain IVF index factory"):
+            make(tmp_path / "ix", "disk", f)
     assert not (tmp_path / "ix").exists()
 
 
