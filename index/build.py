@@ -83,7 +83,8 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
                 model_ref: str | None = None, split: str = "test", factory: str | None = None,
                 batch_size: int = 256, memory_budget_mb: int = 2048, n_hint: int = 0,
                 progress: bool = True, tune_sample: int = 200, thumbs: bool = True,
-                engine: str = "local", ray_options: dict | None = None, storage: str = "ram") -> Path:
+                engine: str = "local", ray_options: dict | None = None, storage: str = "ram",
+                queries: str | dict[str, np.ndarray] | None = None) -> Path:
     """Build an index directory at ``out`` (which must not hold an index yet) within ``memory_budget_mb`` (see the
     module docstring). ANN views get their nprobe / efSearch tuned to recall@10 >= 0.95 against exact search for
     the first ``tune_sample`` items as queries (their exact neighbours among all items, merged chunk by chunk
@@ -91,7 +92,10 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
     ``thumbs``: also keep each item's thumbnails and indexed vectors for the web page (index/thumbs.py).
     ``storage="disk"``: IVF views memory-map their snapshot's lists instead of holding them (index/ondisk.py).
     ``engine="ray"``: embed on a Ray cluster (index/ray_engine.py; ``ray_options`` are its keyword arguments:
-    address, num_cpus, actors, batch_size, ...); the store is written here either way."""
+    address, num_cpus, actors, batch_size, ...); the store is written here either way.
+    ``queries``: what the served queries look like, when they differ from the indexed items (a data spec, read
+    from its test split and embedded, or ``vectors:DIR``; or vectors per view): the first ``QUERY_CAP`` are
+    measured by the index choice (``index.choose``) and tune nprobe / efSearch, in place of indexed items."""
     rt = model if isinstance(model, Runtime) else Runtime(model)
     views = views or list(rt.views)
     for v in views:
@@ -99,6 +103,7 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
     if is_vectors(data) and engine != "local":
         raise InputError(f"{data}: vectors: are embedded already; --engine {engine} has nothing to do", "engine")
     make_chunks, total = _chunk_source(data, split, batch_size, rt.image_size, views, rt.dim, progress)
+    qv = _queries(rt, views, queries, batch_size) if queries is not None else None
     n = n_hint or total or 0
     cls = store_class(out)
     if storage != "ram" and cls is not IndexStore:
@@ -107,13 +112,13 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
     plan: dict = {}
     if cls is IndexStore:
         head, plan = _plan(lambda c: _embed(rt, views, c), views, rt.dim, make_chunks, n, factory,
-                           memory_budget_mb, opq=storage == "ram")
+                           memory_budget_mb, opq=storage == "ram", queries=qv)
     store = cls.create(out, views={v: rt.dim for v in views}, fingerprint=rt.fingerprint,
                        model_ref=str(model_ref or rt.path), factory=plan.get("factory", factory), n_hint=n,
                        memory_budget_mb=memory_budget_mb, snapshot_ops=10**9, snapshot_seconds=10**9,
                        **({"trained": plan["trained"], "choice": plan["choice"]} if plan else {}),
                        **({"storage": storage} if storage != "ram" else {}))
-    truth = _Truths(store, views, tune_sample) if isinstance(store, IndexStore) else None  # Milvus: tuned by size
+    truth = _Truths(store, views, tune_sample, qv) if isinstance(store, IndexStore) else None  # Milvus: by size
     tuned: dict[str, dict] = {}
     done = 0
     th = ThumbStore(out) if thumbs and not is_milvus(str(out)) else None  # a Milvus collection keeps none
@@ -156,6 +161,35 @@ def _embed(rt: Runtime, views: list[str], chunk: Dataset | VectorChunk) -> dict[
     return {v: rt.embed_sources(v, chunk.sources) for v in views}
 
 
+QUERY_CAP = 1000  # given queries read (index.build --queries)
+
+
+def _queries(rt: Runtime, views: list[str], spec: str | dict[str, np.ndarray], batch_size: int
+             ) -> dict[str, np.ndarray]:
+    """The first ``QUERY_CAP`` queries per view: given as vectors, read from ``vectors:DIR``, or a data spec's test
+    split embedded by the model; an InputError when there are none or a view is missing."""
+    if isinstance(spec, dict):
+        missing = [v for v in views if v not in spec]
+        if missing:
+            raise InputError(f"queries: no vectors for view(s) {missing}", "queries")
+        out = {v: np.ascontiguousarray(spec[v][:QUERY_CAP], dtype=np.float32) for v in views}
+    elif is_vectors(spec):
+        vf = VectorFiles(spec, views, rt.dim)
+        out = {v: vf.read(v, 0, min(len(vf), QUERY_CAP)) for v in views}
+    else:
+        make, _ = _chunk_source(spec, "test", batch_size, rt.image_size, views, rt.dim)
+        got: list[dict[str, np.ndarray]] = []
+        for chunk in make():
+            got.append(_embed(rt, views, chunk))
+            if sum(len(g[views[0]]) for g in got) >= QUERY_CAP:
+                break
+        out = {v: np.concatenate([g[v] for g in got])[:QUERY_CAP] for v in views} if got else {}
+    if not out or any(len(x) == 0 or x.ndim != 2 or x.shape[1] != rt.dim for x in out.values()):
+        raise InputError(f"queries {spec if isinstance(spec, str) else '(vectors)'}: no query vectors of dim "
+                         f"{rt.dim} for views {views}", "queries")
+    return out
+
+
 def _chunk_source(data: Dataset | str, split: str, batch_size: int, image_size: int | None,
                   views: list[str] | None = None, dim: int | None = None, progress: bool = False
                   ) -> tuple[Callable[[], Iterator[Dataset | VectorChunk]], int | None]:
@@ -188,11 +222,13 @@ def _count_files(spec: str, split: str) -> int | None:
 
 
 def _plan(embed: Callable, views: list[str], dim: int, make_chunks: Callable[[], Iterator[Dataset]], n: int,
-          factory: str | None, memory_budget_mb: int, opq: bool = True) -> tuple[list, dict]:
+          factory: str | None, memory_budget_mb: int, opq: bool = True,
+          queries: dict[str, np.ndarray] | None = None) -> tuple[list, dict]:
     """Each view's index type for ``n`` items within its share of the budget, trained on a sample of the first
     items where it needs training: ``(head, plan)``, ``head`` the embedded chunks of the sample (added to the
     store first, not embedded again), ``plan`` the store's ``factory``, ``trained`` and ``choice`` per view
-    (``opq``: whether OPQ candidates may be chosen; on-disk views map plain IVF files only)."""
+    (``opq``: whether OPQ candidates may be chosen; on-disk views map plain IVF files only; ``queries``: the
+    user's queries per view, measured in place of held-out sample items)."""
     budget = memory_budget_mb / len(views)
     static = {v: factory or fac.static_choice(n, dim, budget)["factory"] for v in views}
     need = max(sample_size(static[v], n, dim, budget) for v in views)
@@ -207,7 +243,8 @@ def _plan(embed: Callable, views: list[str], dim: int, make_chunks: Callable[[],
     plan: dict = {"factory": {}, "trained": {}, "choice": {}}
     for v in views:
         sample = np.concatenate([h[v] for h in head])[:need] if head else None  # (S, D)
-        choice, index = choose_trained(sample, n, dim, budget, factory=factory, opq=opq)
+        choice, index = choose_trained(sample, n, dim, budget, factory=factory, opq=opq,
+                                       queries=queries[v] if queries else None)
         plan["factory"][v], plan["choice"][v] = choice["factory"], choice
         if index is not None:
             plan["trained"][v] = index
@@ -237,19 +274,24 @@ def describe(spec: dict) -> str:
             line += f"; recall@10 {c['measured_recall']:.3f} at nprobe {c.get('nprobe')} on the training sample"
         if c.get("built_recall") is not None:
             got = ", ".join(f"{k[6:]} {v}" for k, v in c.items() if k.startswith("built_") and k not in
-                            ("built_recall", "built_queries"))
-            line += f"; recall@10 {c['built_recall']:.3f} on the built index ({got}, {c['built_queries']} queries)"
+                            ("built_recall", "built_queries", "built_queries_from"))
+            given = " given" if c.get("built_queries_from") == "given" else ""
+            line += f"; recall@10 {c['built_recall']:.3f} on the built index ({got}, {c['built_queries']}{given} queries)"
         line += ")"
     return line
 
 
 class _Truths:
-    """Each view's :class:`_Truth`; the queries are the first ``nq`` items, buffered until there are that many."""
+    """Each view's :class:`_Truth`; the queries are the first ``nq`` items, buffered until there are that many, or
+    the ``queries`` given per view (``index.build --queries``)."""
 
-    def __init__(self, store: IndexStore, views: list[str], nq: int) -> None:
+    def __init__(self, store: IndexStore, views: list[str], nq: int,
+                 queries: dict[str, np.ndarray] | None = None) -> None:
         self.store, self.views, self.nq = store, views, nq
         self.buf: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
         self.views_truth: dict[str, _Truth] = {}
+        if queries:
+            self.views_truth = {v: _Truth(queries[v], None, store.manifest["views"][v]) for v in views}
 
     def add(self, vec: dict[str, np.ndarray], ids: np.ndarray) -> None:
         if self.views_truth:
@@ -283,11 +325,11 @@ class _Truth:
     ``faiss.knn`` over each chunk: nq x n x dim work, nq x k memory), to tune and measure the built index against
     exact search without keeping the collection's vectors. Leave-one-out: each query's own item is left out of
     its neighbours and of the index's answers (``IndexStore.tune_search(exclude=...)``), so the tuned nprobe is
-    the one a query that is not in the index needs."""
+    the one a query that is not in the index needs. ``qids`` None: the queries are not stored items (given)."""
 
-    def __init__(self, xq: np.ndarray, qids: np.ndarray, spec: dict, k: int = 10) -> None:
+    def __init__(self, xq: np.ndarray, qids: np.ndarray | None, spec: dict, k: int = 10) -> None:
         self.xq = np.ascontiguousarray(xq, dtype=np.float32)  # (nq, D)
-        self.qids = np.asarray(qids, np.int64)
+        self.qids = None if qids is None else np.asarray(qids, np.int64)
         self.k, self.metric, self.factory = k, spec.get("metric", "ip"), spec["factory"]
         self.D = np.full((len(self.xq), k + 1), -np.inf if self.metric == "ip" else np.inf, np.float32)
         self.I = np.full((len(self.xq), k + 1), -1, np.int64)
@@ -302,9 +344,10 @@ class _Truth:
         store's default from now on), and the recall it reaches, recorded in the view's choice."""
         if ("IVF" not in self.factory and "HNSW" not in self.factory) or len(self.xq) < 20:
             return
-        gt = without_own(self.I, self.qids, self.k)
+        gt = self.I[:, :self.k] if self.qids is None else without_own(self.I, self.qids, self.k)
         best = store.tune_search(view, self.xq, gt, k=self.k, exclude=self.qids)
         self.result = {"built_recall": round(float(best["recall"]), 4), "built_queries": len(self.xq),
+                       "built_queries_from": "given" if self.qids is None else "indexed items",
                        **{f"built_{n}": int(v) for n, v in best.items() if n != "recall"}}
 
 
@@ -352,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256, help="items embedded and added per chunk")
     p.add_argument("--memory-mb", type=_positive_mb, default=2048,
                    help="memory budget in MiB for the index, shared by the views (chooses each view's index type)")
+    p.add_argument("--queries", default=None,
+                   help="what the served queries look like, when unlike the indexed items: a data spec (its test "
+                        "split, embedded) or vectors:DIR; the index choice and the nprobe tuning measure these "
+                        f"(the first {QUERY_CAP}) instead of indexed items")
     p.add_argument("--on-disk", action="store_true",
                    help="IVF views keep their inverted lists on disk, memory-mapped (views larger than RAM)")
     p.add_argument("--n-hint", type=int, default=0, help="expected item count (streamed folders)")
@@ -368,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         out = build_index(a.model, a.data, views, a.out, model_ref=a.model, split=a.split, factory=a.index_factory,
                           batch_size=a.batch_size, memory_budget_mb=a.memory_mb, n_hint=a.n_hint,
                           thumbs=not a.no_thumbs, engine=a.engine, ray_options=_ray_options(a),
-                          storage="disk" if a.on_disk else "ram")
+                          storage="disk" if a.on_disk else "ram", queries=a.queries)
     except (DataError, StoreError, CardError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

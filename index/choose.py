@@ -15,7 +15,8 @@ centres x 100 noisy copies, ``tests/test_index_budget.py``) recall@10 on a tenth
 reaches 0.40 over the whole; recall@1 puts it at 0.38. What a sample cannot show is a query distribution unlike
 the data's: on index.bench_scale's 10M rows (real embeddings with noise-free originals and their noisy copies)
 both measures chose IVF-PQ64 for held-out real queries, which it serves at recall@10 0.77 at most (BENCHMARKS.md,
-"A 10M-item view within 4 GB"). Bounded: the sample is bounded by the budget (``factory.sample_cap``), the queries by
+"A 10M-item view within 4 GB"). A user who holds such queries passes them (``queries``; ``index.build
+--queries SPEC``): they are measured against the whole sample instead, at the same density. Bounded: the sample is bounded by the budget (``factory.sample_cap``), the queries by
 ``QUERIES``, and at most ``MAX_PQ`` PQ sizes are tried; when no SQ or PQ candidate reaches the target, the same
 PQ sizes again behind an OPQ rotation (trained on the sample, up to a minute at 1M; the shared coarse centroids
 are rotated with it).
@@ -34,6 +35,7 @@ from index.recall import exact_knn, overlap
 
 LOG = logging.getLogger(__name__)
 QUERIES = 200  # held out from the sample
+GIVEN_QUERIES = 1000  # of the user's queries (index.build --queries)
 MAX_PQ = 2  # PQ sizes tried: the largest that fit, and half of it
 PQ_NITER = 10  # k-means iterations of each PQ sub-quantizer (FAISS's default 25 costs 2.5x for little)
 PQ_POINTS = 32  # ... on at most 32 x 256 vectors of the sample
@@ -101,13 +103,15 @@ def _recall_curve(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int, ta
 
 
 def choose_trained(sample: np.ndarray | None, n: int, dim: int, memory_budget_mb: float, metric: str = "ip",
-                   target: float = 0.95, k: int = 10, factory: str | None = None,
-                   opq: bool = True) -> tuple[dict[str, Any], faiss.Index | None]:
+                   target: float = 0.95, k: int = 10, factory: str | None = None, opq: bool = True,
+                   queries: np.ndarray | None = None) -> tuple[dict[str, Any], faiss.Index | None]:
     """``(choice, index)`` for a view of ``n`` items: the choice (``factory``, ``reason``, ``budget_mb``,
     ``est_bytes``, and after a measurement ``measured_recall``, ``nprobe``, ``candidates``) and a trained empty
     index of it (None when it needs no training). ``sample`` (S, dim): vectors of the view (at least
     :func:`sample_size` of the static choice's factory when it needs training); ``factory``: a given type
-    (trained, not chosen); ``opq``: whether OPQ candidates are tried (not for on-disk views)."""
+    (trained, not chosen); ``opq``: whether OPQ candidates are tried (not for on-disk views); ``queries`` (Q, dim):
+    vectors like the queries the view will serve, measured in place of sample items held out as queries (at most
+    ``GIVEN_QUERIES`` of them)."""
     if factory is not None:
         f = fac.normalize_factory(factory)
         choice = {"factory": f, "reason": "given (--index-factory)", "budget_mb": memory_budget_mb}
@@ -122,7 +126,7 @@ def choose_trained(sample: np.ndarray | None, n: int, dim: int, memory_budget_mb
                       if c["fits"] and c["kind"] in fac.COMPRESSED_KINDS and (opq or c["kind"] != "ivf-opq")]
         raw_fits = fac.IVF_RE.match(choice["factory"]) is None or choice["factory"].endswith(",Flat")
         if not raw_fits and sample is not None and len(sample) > QUERIES * 2 and compressed:
-            return _measure(sample, n, dim, memory_budget_mb, metric, target, k, compressed, choice)
+            return _measure(sample, n, dim, memory_budget_mb, metric, target, k, compressed, choice, queries)
     idx = fac.make_index(choice["factory"], dim, metric)
     if idx.is_trained:
         return choice, None
@@ -135,14 +139,19 @@ def choose_trained(sample: np.ndarray | None, n: int, dim: int, memory_budget_mb
 
 
 def _measure(sample: np.ndarray, n: int, dim: int, memory_budget_mb: float, metric: str, target: float, k: int,
-             compressed: list[dict], static: dict) -> tuple[dict[str, Any], faiss.Index]:
+             compressed: list[dict], static: dict, queries: np.ndarray | None = None) -> tuple[dict[str, Any], faiss.Index]:
     t0 = time.perf_counter()
     sample = np.ascontiguousarray(sample, dtype=np.float32)
-    rng = np.random.default_rng(0)
-    qpos = rng.choice(len(sample), QUERIES, replace=False)
-    keep = np.ones(len(sample), bool)
-    keep[qpos] = False
-    xq, xb = sample[qpos], sample[keep]
+    if queries is not None and len(queries):  # the user's queries against the whole sample
+        xq, xb = np.ascontiguousarray(queries[:GIVEN_QUERIES], dtype=np.float32), sample
+        asked = f"{len(xq)} given queries"
+    else:  # sample items held out as queries: the data's own distribution
+        rng = np.random.default_rng(0)
+        qpos = rng.choice(len(sample), QUERIES, replace=False)
+        keep = np.ones(len(sample), bool)
+        keep[qpos] = False
+        xq, xb = sample[qpos], sample[keep]
+        asked = f"{len(xq)} queries held out of the sample"
     k_s = density_k(k, len(xb), n)  # recall@k at n items ~ recall@k_s at the sample's density
     gt = exact_knn(xq, xb, k_s, metric)[1]
     tried = [c for c in compressed if c["kind"] in fac.SQ_KINDS.values()]  # every SQ that fits (cheap to train)
@@ -191,13 +200,15 @@ def _measure(sample: np.ndarray, n: int, dim: int, memory_budget_mb: float, metr
     if reached:
         why = (f"{n} raw vectors ({raw_mib:.1f} MiB) exceed the budget; of {len(rows)} compressed candidates "
                f"that fit, the fastest reaching recall@{k_s} {target} on the training sample of {len(xb)} (the "
-               f"density of recall@{k} at {n}; nprobe {nprobe})")
+               f"density of recall@{k} at {n}; {asked}; nprobe {nprobe})")
     else:
         why = (f"{n} raw vectors ({raw_mib:.1f} MiB) exceed the budget; no compressed candidate that fits reaches "
-               f"recall@{k_s} {target} on the training sample of {len(xb)} (the density of recall@{k} at {n}): the "
-               f"highest recall ({rec:.3f} at nprobe {nprobe})")
+               f"recall@{k_s} {target} on the training sample of {len(xb)} (the density of recall@{k} at {n}; "
+               f"{asked}): the highest recall ({rec:.3f} at nprobe {nprobe})")
     choice = {"factory": c["factory"], "reason": why, "budget_mb": memory_budget_mb, "est_bytes": c["est_bytes"],
               "measured_recall": round(rec, 4), "measured_at_k": k_s, "nprobe": nprobe, "target_recall": target,
-              "sample": int(len(xb)), "static_choice": static["factory"], "candidates": rows}
+              "sample": int(len(xb)), "queries": int(len(xq)),
+              "queries_from": "given" if queries is not None and len(queries) else "sample",
+              "static_choice": static["factory"], "candidates": rows}
     LOG.info("chose %s in %.1fs: %s", c["factory"], time.perf_counter() - t0, why)
     return choice, idx

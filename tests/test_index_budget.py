@@ -261,3 +261,58 @@ def test_opq_is_measured_chosen_and_served_with_ids(tmp_path):
         again = s.search_items(xq[:20], "v", 10, nprobe=choice["nprobe"])
         assert [[h["key"] for h in row] for row in again] == [[h["key"] for h in row] for row in after]
         assert len(s) == s.count("v") == n - len(gone)
+
+
+def _expanded(dim: int, copies: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """index.bench_scale's 10M rows in small: 1,000 base items (clustered unit vectors), each indexed with its
+    ``copies - 1`` noisy copies (noise norm 0.3), shuffled; and 300 queries from the base items' distribution that
+    are not indexed. An indexed item's neighbours are its own copies, in its own IVF list; a query's are copies of
+    several other items, spread over lists: a sample's own items are not the queries the index will serve."""
+    rng = np.random.default_rng(seed)
+    cent = rng.standard_normal((50, dim), dtype=np.float32)
+
+    def base(m: int, s: int) -> np.ndarray:
+        r = np.random.default_rng(s)
+        x = cent[r.integers(0, 50, m)] + 0.6 * r.standard_normal((m, dim), dtype=np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    b = base(1000, seed + 1)
+    x = np.tile(b, (copies, 1))
+    x[len(b):] += rng.standard_normal((len(x) - len(b), dim), dtype=np.float32) * np.float32(0.3 / np.sqrt(dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x[rng.permutation(len(x))], base(300, seed + 2)
+
+
+def test_given_queries_predict_the_recall_that_sample_queries_miss():
+    """On rows unlike the queries (``_expanded``), recall measured with sample items as queries misses the served
+    queries' recall by more than 0.15 for some candidate (measured: SQ8 0.98 on the sample, 0.74 for the queries,
+    at nprobe 1); with 200 of the queries given, every candidate's measured recall is within 0.07 of the recall of
+    100 other queries over the whole collection at the same nprobe, and the choice serves them at the target within
+    that error, 0.1 above what the sample-query choice serves them (measured: 0.88 against 0.74)."""
+    faiss.omp_set_num_threads(1)
+    dim, mb = 64, 5
+    x, q = _expanded(dim)
+    n, sample = len(x), x[:4000]
+    gt = exact_knn(q[200:], x, 10)[1]
+
+    def held_out(row: dict) -> float:
+        cand = fac.make_index(row["factory"], dim)
+        cand.train(sample)
+        cand.add(x)
+        p = faiss.SearchParametersIVF()
+        p.nprobe = row["nprobe"]
+        return overlap(cand.search(q[200:], 10, params=p)[1], gt, 10)
+
+    own, _ = choose_trained(sample, n, dim, mb)
+    assert own["queries_from"] == "sample"
+    own_rows = {r["factory"]: (r["recall"], held_out(r)) for r in own["candidates"]}
+    own_err = max(abs(a - b) for a, b in own_rows.values())
+    given, _ = choose_trained(sample, n, dim, mb, queries=q[:200])
+    assert given["queries_from"] == "given" and given["queries"] == 200 and "200 given queries" in given["reason"]
+    errs = {r["factory"]: (r["recall"], held_out(r)) for r in given["candidates"]}
+    print("sample queries: worst error", round(own_err, 3), "; given queries:", errs)
+    assert own_err > 0.15, own_err  # the hard case this test is about
+    assert all(abs(a - b) <= 0.07 for a, b in errs.values()), errs
+    # the choice's recall for the queries: the target within that error, and well above the sample-query choice's
+    assert errs[given["factory"]][1] >= 0.95 - 0.07, (given["factory"], errs)
+    assert errs[given["factory"]][1] >= own_rows[own["factory"]][1] + 0.1, (given, own)

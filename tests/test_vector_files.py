@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
+from index import factory as fac
 from index.build import build_index
 from index.store import IndexStore
 from index.vector_files import VectorFiles, write_npy_header
@@ -193,3 +194,38 @@ def test_build_tunes_nprobe_for_queries_that_are_not_stored(trained_artifact, tm
         one = overlap(rows(s.search(q, "L", 10, nprobe=1)[1]), gt, 10)
     assert choice["built_nprobe"] > 1 and choice["built_recall"] >= 0.95, choice
     assert tuned >= 0.9 and one < 0.6, (tuned, one, choice)
+
+
+def test_given_queries_choose_and_tune_the_build(trained_artifact, tmp_path):
+    """``index.build --queries vectors:DIR``: rows unlike the queries (tests/test_index_budget.py's ``_expanded``:
+    each item indexed with its noisy copies) within 2 MiB. The choice and the nprobe tuning measure the 200 given
+    queries (recorded as such), the recall the build records is the given queries' recall through the store
+    against exact search, and 100 other queries of their distribution get it within 0.07 at the tuned default.
+    A query file of the wrong width is refused by name, before anything is written."""
+    from test_index_budget import _expanded
+    from index.recall import exact_knn, overlap
+    rt = Runtime(trained_artifact["dir"])
+    x, q = _expanded(rt.dim, copies=12)
+    data, qdir = _write(tmp_path / "rows", {"L": x}), _write(tmp_path / "queries", {"L": q[:200]})
+    out = build_index(rt, f"vectors:{data}", ["L"], tmp_path / "idx", memory_budget_mb=2, queries=f"vectors:{qdir}",
+                      batch_size=2000, progress=False)
+    with IndexStore.open(out, readonly=True) as s:
+        spec = s.manifest["views"]["L"]
+        c = spec["choice"]
+        assert not fac.holds_raw(spec["factory"]), spec  # 12k x 128 floats (6 MiB) over 2 MiB: compressed
+        assert c["queries_from"] == "given" and c["built_queries_from"] == "given" and c["built_queries"] == 200, c
+
+        def recall(qs: np.ndarray) -> float:  # at the store's default (tuned) nprobe; keys vec-<row> -> rows
+            ids = s.search(qs, "L", 10)[1]
+            got = np.array([int(m["key"][4:]) if m else -1 for m in s.lookup(ids.ravel())]).reshape(ids.shape)
+            return overlap(got, exact_knn(qs, x, 10)[1], 10)
+
+        mine, other = recall(q[:200]), recall(q[200:])
+    print(spec["factory"], c["built_recall"], "given", mine, "other", other)
+    assert abs(mine - c["built_recall"]) <= 0.01, (mine, c)
+    assert other >= c["built_recall"] - 0.07, (other, c)
+    bad = _write(tmp_path / "badq", {"L": q[:10, :rt.dim // 2]})
+    r = run_cli(["-m", "index.build", "--model", str(trained_artifact["dir"]), "--data", f"vectors:{data}",
+                 "--views", "L", "--queries", f"vectors:{bad}", "--out", str(tmp_path / "idx2")])
+    assert r.returncode == 2 and str(bad) in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "idx2").exists()
