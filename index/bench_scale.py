@@ -20,6 +20,8 @@
 5. **Tuning on held-out queries**: the build tunes nprobe leave-one-out on stored items, which here have
    noisy copies of themselves in the index (held-out queries have none), so nprobe is tuned again on the 500
    tuning queries (``IndexStore.tune_search``, the store's default from then on, committed by a snapshot).
+   ``--given-queries`` passes those 500 to the build itself (``index.build --queries``), so that the budget's
+   choice, not only the nprobe, is measured on queries like the timed ones (which it never sees).
 6. **Search in process**: the store opened read-only as the server opens it, recall@10
    of the timed queries at the tuned nprobe, single-query QPS on one thread, batch-64 QPS; exact search's
    single-query QPS is measured on the first ``EXACT_SLICE`` rows and scaled by ``n / EXACT_SLICE`` (exact
@@ -117,14 +119,17 @@ def ground_truth(xq: np.ndarray, vectors: Path, path: Path, k: int = K, progress
 
 
 def build(vectors: Path, out: Path, model: str | None, memory_mb: int, batch: int, log: Path,
-          factory: str | None = None) -> dict:
-    """``python -m index.build --data vectors:...`` as a child: wall seconds, peak RSS, its printed choice."""
+          factory: str | None = None, queries: Path | None = None) -> dict:
+    """``python -m index.build --data vectors:...`` as a child: wall seconds, peak RSS, its printed choice
+    (``queries``: a ``vectors:`` directory passed as ``--queries``)."""
     cmd = [sys.executable, "-m", "index.build", "--data", f"vectors:{vectors}", "--views", VIEW, "--memory-mb",
            str(memory_mb), "--no-thumbs", "--batch-size", str(batch), "--out", str(out)]
     if model:
         cmd += ["--model", model]
     if factory:
         cmd += ["--index-factory", factory]
+    if queries:
+        cmd += ["--queries", f"vectors:{queries}"]
     t0 = time.perf_counter()
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
@@ -214,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-mb", type=int, default=4096, help="the build's memory budget (index.build --memory-mb)")
     p.add_argument("--model", default=None, help="model reference (default: the default model)")
     p.add_argument("--index-factory", default=None, help="a given index type instead of the budget's choice")
+    p.add_argument("--given-queries", action="store_true",
+                   help="pass the 500 tuning queries to the build (index.build --queries): the choice and its "
+                        "nprobe tuning measure them instead of indexed rows")
     p.add_argument("--cache", default=None, help="embeddings cache (index.bench_data)")
     p.add_argument("--work", required=True, help="directory for the vectors, ground truth and index")
     p.add_argument("--batch-size", type=int, default=65_536, help="rows per add of the build")
@@ -233,12 +241,18 @@ def main(argv: list[str] | None = None) -> int:
     gt_all = ground_truth(xqt, vectors, work / "gt.npy")
     xq, gt, xt, gt_t = xqt[:NQ], gt_all[:NQ], xqt[NQ:], gt_all[NQ:]
     params = {"n": a.n, "real": a.real, "noise": a.noise, "seed": a.seed, "memory_mb": a.memory_mb,
-              "factory": a.index_factory}
+              "factory": a.index_factory, **({"queries": "given"} if a.given_queries else {})}
+    qdir = None
+    if a.given_queries:  # the tuning queries as a vectors: directory (the timed ones stay unseen)
+        qdir = work / "tune_queries"
+        qdir.mkdir(exist_ok=True)
+        np.save(qdir / f"{VIEW}.npy", xt)
     index = work / "index"
     if not _done(work / "build.json", params) or not index.exists():
         if index.exists():
             raise SystemExit(f"{index} exists from another build; remove it to rebuild")
-        built = build(vectors, index, a.model, a.memory_mb, a.batch_size, work / "build.log", a.index_factory)
+        built = build(vectors, index, a.model, a.memory_mb, a.batch_size, work / "build.log", a.index_factory,
+                      qdir)
         _mark(work / "build.json", params, **built)
     built = json.loads((work / "build.json").read_text())
     if not _done(work / "tune.json", params):

@@ -1,6 +1,7 @@
 """index.bench_scale and serving.measure.scale end to end at a small scale (the 10M figures are in BENCHMARKS.md):
 real embeddings expanded with noisy copies, built by index.build --data vectors: within a budget, nprobe tuned on
-held-out queries, and the same queries through a real `bentoml serve` finding what the store finds in process."""
+held-out queries (given to the build: --given-queries), and the same queries through a real `bentoml serve` finding
+what the store finds in process."""
 import json
 
 import numpy as np
@@ -14,7 +15,7 @@ def test_bench_scale_and_its_server(trained_artifact, tmp_path):
     model, work = str(trained_artifact["dir"]), tmp_path / "work"
     r = run_cli(["-m", "index.bench_scale", "--model", model, "--real", "1500", "--n", "6000", "--noise", "0.3",
                  "--memory-mb", "2", "--cache", str(tmp_path / "cache"), "--work", str(work), "--workers", "1",
-                 "--out", str(tmp_path / "res.json")])
+                 "--given-queries", "--out", str(tmp_path / "res.json")])
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "res.json").read_text())
     # the file: 1,500 real rows, then noisy unit copies of them
@@ -27,6 +28,8 @@ def test_bench_scale_and_its_server(trained_artifact, tmp_path):
     assert s["items"] == 6000 and ("SQ" in s["factory"] or "PQ" in s["factory"]), s["factory"]  # 2.9 MiB raw > 2 MB
     assert s["choice"]["est_bytes"] <= 2 * 2**20
     assert res["build"]["peak_rss_mib"] > 0 and res["tuned"]["queries"] == 500
+    c = s["choice"]  # --given-queries: the tuning queries chose the type and tuned it in the build itself
+    assert c["queries_from"] == c["built_queries_from"] == "given" and c["queries"] == c["built_queries"] == 500, c
     assert s["recall_at_10"] >= 0.85, s  # tuned to 0.95 on the 500 tuning queries; 1,000 other queries here
     r = run_cli(["-m", "serving.measure.scale", "--work", str(work), "--model", model, "--queries", "40",
                  "--json", str(tmp_path / "server.json")], timeout=600)
