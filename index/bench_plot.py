@@ -31,6 +31,9 @@ def plot_recall_qps(rows: list[dict], out: str | Path, *, k: int = 10, target: f
         ax.annotate(label, (qps, rec), textcoords="offset points", xytext=(6, 4 if not auto else -14), fontsize=7)
     ax.axhline(target, ls="--", color="grey", lw=1)
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    ax.xaxis.set_major_formatter(ScalarFormatter())  # 10, 100, 1000: plain numbers
+    ax.xaxis.set_minor_formatter(NullFormatter())  # no labels on the minor ticks (they overlap over one decade)
     ax.set_xlabel("single-query QPS (1 FAISS thread, log scale)")
     ax.set_ylabel(f"recall@{k} vs exact search")
     n = rows[0]["n"] if rows else 0
