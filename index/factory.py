@@ -112,7 +112,8 @@ def hnsw_bytes(n: int, dim: int, m: int = HNSW_M) -> int:
 # the PQ sub-quantizers or None); OPQ only in front of PQ codes (its rotation balances the PQ sub-spaces)
 IVF_RE = re.compile(r"^(?:OPQ(?P<opq>\d+),(?=IVF\d+,PQ))?IVF(?P<nlist>\d+),"
                     r"(?P<kind>Flat|SQfp16|SQ8|SQ6|SQ4|PQ(?P<m>\d+)(?:x8)?(?:np)?)$")
-IVF_START = re.compile(r"^(?:OPQ\d+,)?IVF")  # a factory whose index is an IVF one (possibly behind a rotation)
+# a factory whose index is an IVF one, possibly behind pre-transforms (OPQ16, OPQ16_64, PCA64, RR128, L2norm, ...)
+IVF_START = re.compile(r"^(?:[A-Za-z][A-Za-z0-9_]*,)*IVF\d")
 SQ_KINDS = {"SQfp16": "ivf-sqfp16", "SQ8": "ivf-sq8", "SQ6": "ivf-sq6", "SQ4": "ivf-sq4"}  # largest codes first
 COMPRESSED_KINDS = tuple(SQ_KINDS.values()) + ("ivf-pq", "ivf-opq")
 STATIC_KINDS = tuple(SQ_KINDS.values()) + ("ivf-pq",)  # static choices: no OPQ (its training costs minutes)

@@ -217,6 +217,9 @@ def test_opq_is_measured_chosen_and_served_with_ids(tmp_path):
     store (ids, removals, a snapshot and a reopen), and over the whole collection it beats plain PQ of the same
     size trained on the same sample, as the sample said it would."""
     faiss.omp_set_num_threads(1)
+    for f in ("OPQ8,IVF32,PQ8x8np", "OPQ8_16,IVF32,PQ8", "PCA16,IVF32,Flat", "IDMap2,OPQ8,IVF32,PQ8x8np"):
+        assert fac.normalize_factory(f) == f.removeprefix("IDMap2,")  # pre-transforms pass ids: never wrapped
+    assert fac.normalize_factory("HNSW32,Flat") == "IDMap2,HNSW32,Flat"
     n, dim, mb = 20_000, 32, 0.5
     x = _anisotropic(n, dim)
     choice, trained = choose_trained(x[:4000], n, dim, mb)
