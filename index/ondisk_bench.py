@@ -2,8 +2,9 @@
 memory-mapped, ``index/ondisk.py``) against the same view in RAM, through the store.
 
 One real store is built on disk (``IndexStore.create(..., storage="disk")``, IVF{nlist},Flat with nlist from
-``factory.nlist_for``, N clustered unit vectors from ``index.bench.make_data``, trained and committed by
-``snapshot()``); a copy of the directory whose manifest names no storage is the same view in RAM. Printed:
+``factory.nlist_for``, N clustered unit vectors from ``index.bench.make_data``, or with ``--data
+embeddings:MODEL:SPEC`` the real embeddings index.bench measures (its held-out queries, its indexed rows), trained
+and committed by ``snapshot()``); a copy of the directory whose manifest names no storage is the same view in RAM. Printed:
 
 * single-query QPS (``store.search`` one query at a time, ``nprobe`` P) of the on-disk view with a cold page cache
   (the view file's pages dropped with ``posix_fadvise(DONTNEED)`` after opening, which reads the whole file
@@ -30,9 +31,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from index import bench_data
 from index import manifest as mf
 from index import ondisk
-from index.bench import make_data
+from index.bench import holdout, make_data
 from index.factory import nlist_for
 from index.store import IndexStore
 
@@ -106,8 +108,33 @@ def snapshot_rise(path: Path, x: np.ndarray, n: int) -> tuple[int, str]:
     return rise, kind
 
 
+NTUNE = 500  # rows index.bench holds out for tuning after its queries: skipped here, so the items are its items
+
+
+def _source(a: argparse.Namespace) -> np.ndarray:
+    x = bench_data.embeddings(a.data, a.queries + NTUNE + a.n, ["L"], cache=a.cache, progress=False)["L"]
+    if x.shape[1] != a.dim:
+        raise SystemExit(f"error: {a.data} has {x.shape[1]} dimensions; pass --dim {x.shape[1]}")
+    return x
+
+
+def items(a: argparse.Namespace) -> np.ndarray:
+    """The ``n`` indexed vectors: clustered Gaussians, or real embeddings (``--data embeddings:MODEL:SPEC``, view
+    L, index.bench's indexed rows: after its timed and tuning queries)."""
+    if a.data == "clustered":
+        return make_data(a.n, a.dim, "clustered", seed=0)
+    return holdout(_source(a), a.queries, NTUNE, a.n)[2]
+
+
+def queries(a: argparse.Namespace) -> np.ndarray:
+    """The timed queries, never indexed: clustered Gaussians of another seed, or index.bench's timed rows."""
+    if a.data == "clustered":
+        return make_data(a.queries, a.dim, "clustered", seed=1)
+    return np.array(_source(a)[:a.queries])
+
+
 def build(a: argparse.Namespace, disk: Path, ram: Path) -> dict:
-    x = make_data(a.n, a.dim, "clustered", seed=0)  # (n, dim)
+    x = items(a)  # (n, dim)
     factory = f"IVF{nlist_for(a.n)},Flat"
     t0 = time.perf_counter()
     s = IndexStore.create(disk, views={"v": a.dim}, fingerprint="bench", model_ref="bench", factory=factory,
@@ -121,7 +148,7 @@ def build(a: argparse.Namespace, disk: Path, ram: Path) -> dict:
     man = mf.read_manifest(ram)
     man["views"]["v"].pop("storage")
     mf.commit_manifest(ram, man)
-    xq = make_data(a.queries, a.dim, "clustered", seed=1)  # (queries, dim), not in x
+    xq = queries(a)  # (queries, dim), not in x
     np.save(disk.parent / "gt.npy", faiss.knn(xq, x, 10, metric=faiss.METRIC_INNER_PRODUCT)[1])  # exact ids
     return {"n": a.n, "dim": a.dim, "factory": factory, "file_mb": view_file(disk).stat().st_size / 2**20,
             "build_s": build_s}
@@ -129,7 +156,7 @@ def build(a: argparse.Namespace, disk: Path, ram: Path) -> dict:
 
 def query(a: argparse.Namespace, path: Path, on_disk: bool) -> dict:
     """In a fresh process: RSS of opening, cold/warm (on disk) or in-RAM single-query QPS, recall@10."""
-    xq = make_data(a.queries, a.dim, "clustered", seed=1)
+    xq = queries(a)
     gt = np.load(path.parent / "gt.npy")
     fp, res = view_file(path), {}
     tag = ("disk" if a.prefetch == ondisk.PREFETCH_THREADS else f"disk_prefetch{a.prefetch}") if on_disk else "ram"
@@ -165,6 +192,10 @@ def main(argv: list[str] | None = None) -> None:
                     help=argparse.SUPPRESS)  # each measurement runs in a fresh process (clean RSS)
     ap.add_argument("--prefetch", type=int, default=ondisk.PREFETCH_THREADS,
                     help="FAISS prefetch threads per search of the on-disk view (measured beside 32, FAISS's)")
+    ap.add_argument("--data", default="clustered",
+                    help="clustered (Gaussians), or embeddings:MODEL:SPEC: real embeddings of view L through "
+                         "index.bench_data's cache (index.bench's held-out queries and indexed rows)")
+    ap.add_argument("--cache", default=None, help="embeddings: cache directory (index.bench_data)")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -178,12 +209,13 @@ def main(argv: list[str] | None = None) -> None:
                "snap-ram": lambda: {"ram_snapshot_rise_mb": snapshot_rise(ram, fresh, a.n)[0] / 1024}}[a.phase]()
         print(json.dumps(res))
         return
-    res: dict = {"nprobe": a.nprobe}
+    res: dict = {"nprobe": a.nprobe, "data": a.data}
     for phase, prefetch in (("build", a.prefetch), ("disk", a.prefetch), ("disk", 32), ("ram", a.prefetch),
                             ("snap-ram", a.prefetch), ("snap-disk", a.prefetch)):
         args = [sys.executable, "-m", "index.ondisk_bench", "--phase", phase, "--workdir", str(work),
                 f"--prefetch={prefetch}"]
-        args += [f"--{k}={getattr(a, k)}" for k in ("n", "dim", "nprobe", "queries", "cold")]
+        args += [f"--{k}={getattr(a, k)}" for k in ("n", "dim", "nprobe", "queries", "cold", "data")]
+        args += [f"--cache={a.cache}"] if a.cache else []
         out = subprocess.run(args, capture_output=True, text=True, check=True)
         res.update(json.loads(out.stdout.strip().splitlines()[-1]))
     res["same_ids_disk_ram"] = float((np.load(work / "I_disk.npy") == np.load(work / "I_ram.npy")).mean())
