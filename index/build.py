@@ -276,7 +276,8 @@ def describe(spec: dict) -> str:
             got = ", ".join(f"{k[6:]} {v}" for k, v in c.items() if k.startswith("built_") and k not in
                             ("built_recall", "built_queries", "built_queries_from"))
             given = " given" if c.get("built_queries_from") == "given" else ""
-            line += f"; recall@10 {c['built_recall']:.3f} on the built index ({got}, {c['built_queries']}{given} queries)"
+            line += (f"; recall@10 {c['built_recall']:.3f} on the built index ({got}, "
+                     f"{c['built_queries']}{given} queries)")
         line += ")"
     return line
 

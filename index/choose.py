@@ -16,10 +16,12 @@ reaches 0.40 over the whole; recall@1 puts it at 0.38. What a sample cannot show
 the data's: on index.bench_scale's 10M rows (real embeddings with noise-free originals and their noisy copies)
 both measures chose IVF-PQ64 for held-out real queries, which it serves at recall@10 0.77 at most (BENCHMARKS.md,
 "A 10M-item view within 4 GB"). A user who holds such queries passes them (``queries``; ``index.build
---queries SPEC``): they are measured against the whole sample instead, at the same density. Bounded: the sample is bounded by the budget (``factory.sample_cap``), the queries by
-``QUERIES``, and at most ``MAX_PQ`` PQ sizes are tried; when no SQ or PQ candidate reaches the target, the same
-PQ sizes again behind an OPQ rotation (trained on the sample, up to a minute at 1M; the shared coarse centroids
-are rotated with it).
+--queries SPEC``): they are measured against the whole sample instead, at the same density.
+
+Bounded: the sample is bounded by the budget (``factory.sample_cap``), the queries by ``QUERIES`` (or
+``GIVEN_QUERIES``), and at most ``MAX_PQ`` PQ sizes are tried; when no SQ or PQ candidate reaches the target, the
+same PQ sizes again behind an OPQ rotation (trained on the sample, up to a minute at 1M; the shared coarse
+centroids are rotated with it).
 """
 from __future__ import annotations
 
@@ -166,7 +168,7 @@ def _measure(sample: np.ndarray, n: int, dim: int, memory_budget_mb: float, metr
     best: tuple | None = None
     for c in tried + rotated:
         if c["kind"] == "ivf-opq" and best is not None and best[0][0]:
-            break  # an OPQ rotation trains for up to a minute; tried only when no cheaper code reached the target
+            break  # a rotation trains for up to a minute: tried only when no SQ or PQ candidate reached the target
         idx = fac.make_index(c["factory"], dim, metric)
         ivf = faiss.downcast_index(faiss.extract_index_ivf(idx))
         if isinstance(idx, faiss.IndexPreTransform):  # OPQ: k-means commutes with the rotation, so the shared
