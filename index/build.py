@@ -271,7 +271,9 @@ def describe(spec: dict) -> str:
         if c.get("est_bytes") is not None:
             line += f"; est {c['est_bytes'] / 2**20:.1f} MiB of a {c.get('budget_mb')} MB budget"
         if c.get("measured_recall") is not None:
-            line += f"; recall@10 {c['measured_recall']:.3f} at nprobe {c.get('nprobe')} on the training sample"
+            asked = " for the given queries" if c.get("queries_from") == "given" else ""
+            line += (f"; recall@{c.get('measured_at_k', 10)} {c['measured_recall']:.3f} at nprobe {c.get('nprobe')} on "
+                     f"the training sample{asked}")
         if c.get("built_recall") is not None:
             got = ", ".join(f"{k[6:]} {v}" for k, v in c.items() if k.startswith("built_") and k not in
                             ("built_recall", "built_queries", "built_queries_from"))
