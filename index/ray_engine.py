@@ -107,15 +107,19 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
 START_TRIES = 3  # a local Ray's raylet has a fixed 30 s to register (ray/_private/node.py); on a loaded machine
 
 
+STARTUP_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
+
+
 def start_with_retry(start, stop, tries: int = START_TRIES):
-    """``start()``, retried after ``stop()`` when Ray's own startup times out ("The current node timed out during
-    startup": the raylet did not register with the GCS in Ray's fixed 30 s, seen on 2 cores under load). Any other
-    error, or the last try's, is raised as it is."""
+    """``start()``, retried after ``stop()`` when Ray's own startup times out (``STARTUP_TIMEOUTS``: "The current
+    node timed out during startup", the raylet did not register with the GCS in Ray's fixed 30 s; "Timed out
+    waiting for file .../gcs_server_port_...", the GCS did not write its port in time; both seen on 2 cores under
+    load). Any other error, or the last try's, is raised as it is."""
     for attempt in range(1, tries + 1):
         try:
             return start()
-        except Exception as e:  # Ray raises a bare Exception for this
-            if "timed out during startup" not in str(e) or attempt == tries:
+        except Exception as e:  # Ray raises a bare Exception / RuntimeError for these
+            if not any(m in str(e) for m in STARTUP_TIMEOUTS) or attempt == tries:
                 raise
             LOG.warning("Ray's startup timed out (try %d of %d); starting it again", attempt, tries)
             stop()
