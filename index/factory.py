@@ -32,7 +32,7 @@ snapshots serialized the view first). Candidates, cheapest search first when the
   lists of n / nlist codes; the scalar quantizers cost the same, so among them the higher recall wins); when
   none reaches it, the one with the highest recall, and the reason says so.
   The measured chooser also tries ``OPQ{m},IVF{nlist},PQ{m}x8np``: PQ codes behind a learned rotation (FAISS
-  ``IndexPreTransform``, which passes ids, removals and search parameters through), at the PQ sizes it tries; the
+  ``IndexPreTransform``, which passes ids, removals and search parameters through), at the largest PQ size; the
   rotation costs d^2 floats and training (seconds to a minute on the sample), and on the default model's
   embeddings it lifts PQ's recall the most of any change (BENCHMARKS.md). Static choices never pick it (a view
   the store creates would train it on the request path's schedule), and neither do on-disk views (their
