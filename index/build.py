@@ -32,7 +32,7 @@ from models.data import DataError, Dataset
 from models.runtime import InputError, Runtime
 from . import factory as fac
 from . import manifest as mf
-from .choose import choose_trained, sample_size
+from .choose import GIVEN_QUERIES, choose_trained, sample_size
 from .milvus import is_milvus
 from .recall import exact_knn, merge_topk, without_own
 from .store import IndexStore, StoreError
@@ -84,7 +84,7 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
                 batch_size: int = 256, memory_budget_mb: int = 2048, n_hint: int = 0,
                 progress: bool = True, tune_sample: int = 200, thumbs: bool = True,
                 engine: str = "local", ray_options: dict | None = None, storage: str = "ram",
-                queries: str | dict[str, np.ndarray] | None = None) -> Path:
+                queries: str | None = None) -> Path:
     """Build an index directory at ``out`` (which must not hold an index yet) within ``memory_budget_mb`` (see the
     module docstring). ANN views get their nprobe / efSearch tuned to recall@10 >= 0.95 against exact search for
     the first ``tune_sample`` items as queries (their exact neighbours among all items, merged chunk by chunk
@@ -94,7 +94,7 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
     ``engine="ray"``: embed on a Ray cluster (index/ray_engine.py; ``ray_options`` are its keyword arguments:
     address, num_cpus, actors, batch_size, ...); the store is written here either way.
     ``queries``: what the served queries look like, when they differ from the indexed items (a data spec, read
-    from its test split and embedded, or ``vectors:DIR``; or vectors per view): the first ``QUERY_CAP`` are
+    from its test split and embedded, or ``vectors:DIR``): the first ``choose.GIVEN_QUERIES`` are
     measured by the index choice (``index.choose``) and tune nprobe / efSearch, in place of indexed items."""
     rt = model if isinstance(model, Runtime) else Runtime(model)
     views = views or list(rt.views)
@@ -112,7 +112,7 @@ def build_index(model: str | Path | Runtime, data: Dataset | str, views: list[st
     plan: dict = {}
     if cls is IndexStore:
         head, plan = _plan(lambda c: _embed(rt, views, c), views, rt.dim, make_chunks, n, factory,
-                           memory_budget_mb, opq=storage == "ram", queries=qv)
+                           memory_budget_mb, storage=storage, queries=qv)
     store = cls.create(out, views={v: rt.dim for v in views}, fingerprint=rt.fingerprint,
                        model_ref=str(model_ref or rt.path), factory=plan.get("factory", factory), n_hint=n,
                        memory_budget_mb=memory_budget_mb, snapshot_ops=10**9, snapshot_seconds=10**9,
@@ -161,32 +161,22 @@ def _embed(rt: Runtime, views: list[str], chunk: Dataset | VectorChunk) -> dict[
     return {v: rt.embed_sources(v, chunk.sources) for v in views}
 
 
-QUERY_CAP = 1000  # given queries read (index.build --queries)
-
-
-def _queries(rt: Runtime, views: list[str], spec: str | dict[str, np.ndarray], batch_size: int
-             ) -> dict[str, np.ndarray]:
-    """The first ``QUERY_CAP`` queries per view: given as vectors, read from ``vectors:DIR``, or a data spec's test
-    split embedded by the model; an InputError when there are none or a view is missing."""
-    if isinstance(spec, dict):
-        missing = [v for v in views if v not in spec]
-        if missing:
-            raise InputError(f"queries: no vectors for view(s) {missing}", "queries")
-        out = {v: np.ascontiguousarray(spec[v][:QUERY_CAP], dtype=np.float32) for v in views}
-    elif is_vectors(spec):
+def _queries(rt: Runtime, views: list[str], spec: str, batch_size: int) -> dict[str, np.ndarray]:
+    """The first ``GIVEN_QUERIES`` queries per view, read from ``vectors:DIR`` (checked like the data's rows) or a
+    data spec's test split embedded by the model; an InputError when there are none."""
+    if is_vectors(spec):
         vf = VectorFiles(spec, views, rt.dim)
-        out = {v: vf.read(v, 0, min(len(vf), QUERY_CAP)) for v in views}
+        out = {v: vf.read(v, 0, min(len(vf), GIVEN_QUERIES)) for v in views}
     else:
         make, _ = _chunk_source(spec, "test", batch_size, rt.image_size, views, rt.dim)
         got: list[dict[str, np.ndarray]] = []
         for chunk in make():
             got.append(_embed(rt, views, chunk))
-            if sum(len(g[views[0]]) for g in got) >= QUERY_CAP:
+            if sum(len(g[views[0]]) for g in got) >= GIVEN_QUERIES:
                 break
-        out = {v: np.concatenate([g[v] for g in got])[:QUERY_CAP] for v in views} if got else {}
-    if not out or any(len(x) == 0 or x.ndim != 2 or x.shape[1] != rt.dim for x in out.values()):
-        raise InputError(f"queries {spec if isinstance(spec, str) else '(vectors)'}: no query vectors of dim "
-                         f"{rt.dim} for views {views}", "queries")
+        out = {v: np.concatenate([g[v] for g in got])[:GIVEN_QUERIES] for v in views} if got else {}
+    if not out or not len(out[views[0]]):
+        raise InputError(f"queries {spec}: no queries there", "queries")
     return out
 
 
@@ -222,7 +212,7 @@ def _count_files(spec: str, split: str) -> int | None:
 
 
 def _plan(embed: Callable, views: list[str], dim: int, make_chunks: Callable[[], Iterator[Dataset]], n: int,
-          factory: str | None, memory_budget_mb: int, opq: bool = True,
+          factory: str | None, memory_budget_mb: int, storage: str = "ram",
           queries: dict[str, np.ndarray] | None = None) -> tuple[list, dict]:
     """Each view's index type for ``n`` items within its share of the budget, trained on a sample of the first
     items where it needs training: ``(head, plan)``, ``head`` the embedded chunks of the sample (added to the
@@ -243,7 +233,7 @@ def _plan(embed: Callable, views: list[str], dim: int, make_chunks: Callable[[],
     plan: dict = {"factory": {}, "trained": {}, "choice": {}}
     for v in views:
         sample = np.concatenate([h[v] for h in head])[:need] if head else None  # (S, D)
-        choice, index = choose_trained(sample, n, dim, budget, factory=factory, opq=opq,
+        choice, index = choose_trained(sample, n, dim, budget, factory=factory, storage=storage,
                                        queries=queries[v] if queries else None)
         plan["factory"][v], plan["choice"][v] = choice["factory"], choice
         if index is not None:
@@ -401,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", default=None,
                    help="what the served queries look like, when unlike the indexed items: a data spec (its test "
                         "split, embedded) or vectors:DIR; the index choice and the nprobe tuning measure these "
-                        f"(the first {QUERY_CAP}) instead of indexed items")
+                        f"(the first {GIVEN_QUERIES}) instead of indexed items")
     p.add_argument("--on-disk", action="store_true",
                    help="IVF views keep their inverted lists on disk, memory-mapped (views larger than RAM)")
     p.add_argument("--n-hint", type=int, default=0, help="expected item count (streamed folders)")

@@ -33,6 +33,7 @@ import faiss
 import numpy as np
 
 from index import factory as fac
+from index import ondisk
 from index.recall import exact_knn, overlap
 
 LOG = logging.getLogger(__name__)
@@ -106,13 +107,13 @@ def _recall_curve(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int, ta
 
 
 def choose_trained(sample: np.ndarray | None, n: int, dim: int, memory_budget_mb: float, metric: str = "ip",
-                   target: float = 0.95, k: int = 10, factory: str | None = None, opq: bool = True,
+                   target: float = 0.95, k: int = 10, factory: str | None = None, storage: str = "ram",
                    queries: np.ndarray | None = None) -> tuple[dict[str, Any], faiss.Index | None]:
     """``(choice, index)`` for a view of ``n`` items: the choice (``factory``, ``reason``, ``budget_mb``,
     ``est_bytes``, and after a measurement ``measured_recall``, ``nprobe``, ``candidates``) and a trained empty
     index of it (None when it needs no training). ``sample`` (S, dim): vectors of the view (at least
     :func:`sample_size` of the static choice's factory when it needs training); ``factory``: a given type
-    (trained, not chosen); ``opq``: whether OPQ candidates are tried (not for on-disk views); ``queries`` (Q, dim):
+    (trained, not chosen); ``storage``: the view's (``ondisk.can_hold``: no OPQ on disk); ``queries`` (Q, dim):
     vectors like the queries the view will serve, measured in place of sample items held out as queries (at most
     ``GIVEN_QUERIES`` of them)."""
     if factory is not None:
@@ -126,7 +127,7 @@ def choose_trained(sample: np.ndarray | None, n: int, dim: int, memory_budget_mb
         choice = fac.static_choice(n, dim, memory_budget_mb)
         choice.pop("kind", None)
         compressed = [c for c in fac.candidates(n, dim, memory_budget_mb)
-                      if c["fits"] and c["kind"] in fac.COMPRESSED_KINDS and (opq or c["kind"] != "ivf-opq")]
+                      if c["fits"] and c["kind"] in fac.COMPRESSED_KINDS and ondisk.can_hold(storage, c["factory"])]
         raw_fits = fac.IVF_RE.match(choice["factory"]) is None or choice["factory"].endswith(",Flat")
         if not raw_fits and sample is not None and len(sample) > QUERIES * 2 and compressed:
             return _measure(sample, n, dim, memory_budget_mb, metric, target, k, compressed, choice, queries)
@@ -145,7 +146,8 @@ def _measure(sample: np.ndarray, n: int, dim: int, memory_budget_mb: float, metr
              compressed: list[dict], static: dict, queries: np.ndarray | None = None) -> tuple[dict[str, Any], faiss.Index]:
     t0 = time.perf_counter()
     sample = np.ascontiguousarray(sample, dtype=np.float32)
-    if queries is not None and len(queries):  # the user's queries against the whole sample
+    source = "given" if queries is not None and len(queries) else "sample"
+    if source == "given":  # the user's queries against the whole sample
         xq, xb = np.ascontiguousarray(queries[:GIVEN_QUERIES], dtype=np.float32), sample
         asked = f"{len(xq)} given queries"
     else:  # sample items held out as queries: the data's own distribution
@@ -213,7 +215,7 @@ def _measure(sample: np.ndarray, n: int, dim: int, memory_budget_mb: float, metr
     choice = {"factory": c["factory"], "reason": why, "budget_mb": memory_budget_mb, "est_bytes": c["est_bytes"],
               "measured_recall": round(rec, 4), "measured_at_k": k_s, "nprobe": nprobe, "target_recall": target,
               "sample": int(len(xb)), "queries": int(len(xq)),
-              "queries_from": "given" if queries is not None and len(queries) else "sample",
+              "queries_from": source,
               "static_choice": static["factory"], "candidates": rows}
     LOG.info("chose %s in %.1fs: %s", c["factory"], time.perf_counter() - t0, why)
     return choice, idx

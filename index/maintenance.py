@@ -263,7 +263,7 @@ class Maintenance:
         choice = None
         if kind == "retype":
             choice, new = retyped_copy(name, old_factory, v.metric, copied, self.view_budget_mb(), str(reason),
-                                       opq=storage == "ram")
+                                       storage=storage)
             if choice["factory"] == old_factory:  # nothing better: look again when the view has doubled
                 self._retype_skip[name] = 2 * int(copied.ntotal)
                 LOG.info("view %s: re-chosen as its own type %s; kept", name, old_factory)

@@ -52,13 +52,19 @@ PREFETCH_THREADS = 0
 _ILAR = b"ilar"
 
 
+def can_hold(storage: str, factory: str) -> bool:
+    """Whether a view of ``storage`` can hold ``factory``: anything in RAM; on disk only a plain IVF index, whose
+    file's inverted lists are mapped (no HNSW, Flat or pre-transform such as an OPQ rotation)."""
+    return storage != "disk" or fac.normalize_factory(factory).startswith("IVF")
+
+
 def check_storage(view: str, storage: Any, factory: str) -> str:
     """The storage of a view (``"ram"`` or ``"disk"``), or a StoreError naming the bad value (``"disk"`` needs
     an IVF factory: only inverted lists can be memory-mapped)."""
     s = "ram" if storage is None else storage
     if s not in STORAGE:
         raise StoreError(f"view {view!r}: unknown storage {storage!r}; expected one of {list(STORAGE)}")
-    if s == "disk" and not fac.normalize_factory(factory).startswith("IVF"):
+    if not can_hold(s, factory):
         raise StoreError(f"view {view!r}: storage 'disk' needs a plain IVF index factory (IVF{{nlist}},...: its "
                          f"inverted lists are memory-mapped; no HNSW, Flat or OPQ rotation), got {factory!r}")
     return s

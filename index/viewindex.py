@@ -193,11 +193,11 @@ def _ivf_flat_lists(index: faiss.Index) -> Iterator[tuple[np.ndarray, np.ndarray
 
 
 def retyped_copy(name: str, factory: str, metric: str, raw: faiss.Index, memory_budget_mb: float,
-                 reason: str, opq: bool = True) -> tuple[dict[str, Any], faiss.Index]:
+                 reason: str, storage: str = "ram") -> tuple[dict[str, Any], faiss.Index]:
     """``(choice, index)``: the type :func:`index.choose.choose_trained` picks for ``RETYPE_HEADROOM`` times the
     items of ``raw`` (the view's index of type ``factory``: an IDMap2,Flat or IVF-Flat, raw vectors) within ``memory_budget_mb``, measured on a
     sample of them, holding every vector of ``raw``; built without touching any live index (no store lock).
-    ``opq``: whether an OPQ rotation may be chosen (not for on-disk views)."""
+    ``storage``: the view's, which bounds what it may become (``ondisk.can_hold``)."""
     dim, n = raw.d, int(raw.ntotal)
     n_for = n * fac.RETYPE_HEADROOM
     static = fac.static_choice(n_for, dim, memory_budget_mb)
@@ -211,7 +211,7 @@ def retyped_copy(name: str, factory: str, metric: str, raw: faiss.Index, memory_
         seen += len(ids)
     t0 = time.perf_counter()
     choice, new = choose_trained(np.concatenate(sample) if sample else None, n_for, dim, memory_budget_mb, metric,
-                                 opq=opq)
+                                 storage=storage)
     if new is None:
         new = fac.make_index(choice["factory"], dim, metric)
     for ids, x in _chunks(raw):

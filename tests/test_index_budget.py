@@ -232,7 +232,7 @@ def test_opq_is_measured_chosen_and_served_with_ids(tmp_path):
     assert choice["factory"] == max(rows.values(), key=lambda r: r["recall"])["factory"] == opq, choice
     assert rows[opq]["cost"] > rows[pq]["cost"] or rows[opq]["nprobe"] < rows[pq]["nprobe"]  # the rotation's d^2
     assert isinstance(trained, faiss.IndexPreTransform) and trained.ntotal == 0
-    plain_only, _ = choose_trained(x[:s_n], n, dim, mb, opq=False)  # an on-disk view maps plain IVF files only
+    plain_only, _ = choose_trained(x[:s_n], n, dim, mb, storage="disk")  # an on-disk view maps plain IVF only
     assert plain_only["factory"] == pq and not any("OPQ" in r["factory"] for r in plain_only["candidates"])
 
     xq = _anisotropic(300, dim, seed=5)
