@@ -159,7 +159,7 @@ def patches_plot(rows: list[dict], out: Path, b) -> Path:
     ax.set_ylabel("MI lower bound log(k) - L (nats)")
     ax2.set_ylabel("held-out top-1 of the patch encoder (%)")
     for a in (ax, ax2):
-        a.set_xlabel(f"offset d between the two {patch}px patches (px along the diagonal of a {size}px image)")
+        a.set_xlabel(f"offset d (px along the diagonal; {patch}px patches, {size}px image)")
         a.set_xticks(sorted(ds))
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
