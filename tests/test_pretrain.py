@@ -101,7 +101,8 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
     (["--data", "nosuchkind:x"], "nosuchkind"),
     (["--config", "{badcfg}"], "unknown field"),
 ])
-def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, message):
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, args, message):
+    """In process (the real CLI's exit code and stderr: test_wrong_types_exit_2_with_one_line_from_a_file_and_from_a_flag)."""
     npz = tmp_path / "c.npz"
     rng = np.random.default_rng(0)
     np.savez(npz, x_train=rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8), y_train=np.zeros(20, np.int64),
@@ -109,11 +110,15 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, message):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     (tmp_path / "bad.json").write_text('{"epochs": 1, "colour": "red"}')
     args = [a.format(npz=npz, empty=tmp_path / "empty", badcfg=tmp_path / "bad.json") for a in args]
-    r = run_cli(["-m", "train.pretrain", *args, "--out", str(tmp_path / "run"), "--epochs", "1"]
-                if "--epochs" not in args else ["-m", "train.pretrain", *args, "--out", str(tmp_path / "run")], timeout=120)
-    assert r.returncode == 2, r.stderr[-2000:]
-    lines = [l for l in r.stderr.splitlines() if l.strip() and not l.startswith(("INFO", "WARNING")) and "%|" not in l]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    argv = [*args, "--out", str(tmp_path / "run")] + ([] if "--epochs" in args else ["--epochs", "1"])
+    try:
+        code = pretrain.main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    lines = [l for l in err.splitlines() if l.strip() and not l.startswith(("INFO", "WARNING")) and "%|" not in l]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert message in lines[0]
 
 

@@ -34,7 +34,7 @@ def _train(out: Path):
     from train.config import Config
     from train.export import export_model
     from train.setup import prepare
-    cfg = Config(data=DATA, views="L,ab,depth", arch="resnet10", width=0.25, batch_size=16, epochs=100, lr=3e-3,
+    cfg = Config(data=DATA, views="L,ab,depth", arch="resnet10", width=0.25, batch_size=16, epochs=60, lr=3e-3,
                  warmup_steps=2, out=str(out / "run"), export=False, index=False, evaluate=False, threads=2,
                  crop_min=0.9, tau=0.2, flip=False).validate()
     ds, _, specs, size = prepare(cfg, progress=False)
