@@ -27,6 +27,11 @@ def server(tmp_path_factory):
 
 
 def test_fuzz_no_server_errors(server):
+    fuzz_server(server, EXAMPLES)
+
+
+def fuzz_server(server, examples: int) -> None:
+    """``examples`` generated requests per operation and mode against ``server``; none may be answered 5xx."""
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis.errors import Unsatisfiable
@@ -42,7 +47,7 @@ def test_fuzz_no_server_errors(server):
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             counts = stats.setdefault(f"{op.method.upper()} {op.path}", {"requests": 0, "5xx": 0})
 
-            @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+            @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
                       phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
             @given(case=op.as_strategy(generation_mode=mode))
             def fuzz(case):
