@@ -116,7 +116,7 @@ def test_pool_mi_bound_reference_and_ceiling():
     assert got <= math.log(k) and experiments.pool_mi_bound(za, za, pa, pa, k, 0.01) <= math.log(k) + 1e-9
 
 
-def test_bad_input_exits_2_with_one_line(tmp_path):
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     npz = tmp_path / "c.npz"
     rng = np.random.default_rng(0)
     np.savez(npz, x_train=rng.integers(0, 255, (40, 32, 32, 3), dtype=np.uint8), y_train=np.zeros(40, np.int64),
@@ -125,9 +125,10 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
                 timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "view 'depth' needs a 'depth' source" in r.stderr.strip().splitlines()[-1]
-    r = run_cli(["-m", "train.experiments", "patches", "--quick", "--data", f"cifar10:{npz}", "--patch", "40", "--batch-size", "8",
-                 "--out", str(tmp_path)], timeout=120)
-    assert r.returncode == 2 and "--patch must be in [8, 31]" in r.stderr
+    from train import experiments  # in process: the same exit path as the CLI above
+    assert experiments.main(["patches", "--quick", "--data", f"cifar10:{npz}", "--patch", "40", "--batch-size", "8",
+                             "--out", str(tmp_path)]) == 2
+    assert "--patch must be in [8, 31]" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------- pieces

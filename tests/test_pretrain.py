@@ -186,13 +186,13 @@ def test_config_file_of_a_wrong_type_names_the_field_and_the_file(tmp_path, text
     assert str(e.value) == f"config file {f}: {field}"
 
 
-def test_wrong_types_exit_2_with_one_line_from_a_file_and_from_a_flag(tmp_path):
+def test_wrong_types_exit_2_with_one_line_from_a_file_and_from_a_flag(tmp_path, capsys):
     f = tmp_path / "bad.json"
     f.write_text('{"epochs": "3", "flip": "sometimes"}')
     r = run_cli(["-m", "train.pretrain", "--config", str(f), "--out", str(tmp_path / "run")], timeout=60)
     assert r.returncode == 2 and r.stderr.strip() == f"error: config file {f}: field flip: expected true or false, not 'sometimes'"
-    r = run_cli(["-m", "train.pretrain", "--flip", "sometimes", "--out", str(tmp_path / "run")], timeout=60)
-    assert r.returncode == 2 and r.stderr.strip() == "error: --flip: expected true or false, not 'sometimes'"
+    assert pretrain.main(["--flip", "sometimes", "--out", str(tmp_path / "run")]) == 2  # in process: the same path
+    assert capsys.readouterr().err.strip() == "error: --flip: expected true or false, not 'sometimes'"
 
 
 def test_vector_bench_overrides_are_typed_by_the_config():
@@ -205,10 +205,11 @@ def test_vector_bench_overrides_are_typed_by_the_config():
         _overrides(["colour=red"])
 
 
-def test_help_prints_each_default_once():
-    r = run_cli(["-m", "train.pretrain", "--help"], timeout=60)
-    assert r.returncode == 0
-    text = " ".join(r.stdout.split())
+def test_help_prints_each_default_once(capsys):
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
     from dataclasses import fields
     assert text.count("(default:") == len(fields(Config))  # was twice per flag: "(default: 3) (default: None)"
     assert "(default: None)" not in text
@@ -226,19 +227,22 @@ def test_npz_without_views_trains_on_the_datas_vector_views(tmp_path):
     assert "views: fa,fb" in r.stderr
 
 
-def test_alexnet_run_twice_exports_and_replaces_its_gallery(tmp_path):
+def test_alexnet_run_twice_exports_and_replaces_its_gallery(tmp_path, capsys):
     """`--arch alexnet` below 224 px used to train and then crash at export; the same command run twice (same
     model fingerprint) used to end in a traceback at the gallery step."""
-    cmd = ["-m", "train.pretrain", "--data", "scenes:n=64,size=32,seed=4,test_n=24", "--views", "L,depth", "--arch", "alexnet",
-           "--batch-size", "16", "--max-steps", "3", "--threads", "2", "--out", str(tmp_path / "run")]
-    outs = [run_cli(cmd, timeout=300) for _ in range(2)]
-    for r in outs:
-        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
-        assert "model: " in r.stdout and "index: " in r.stdout, r.stdout
-        assert "re-estimated BN" in r.stdout
+    args = ["--data", "scenes:n=64,size=32,seed=4,test_n=24", "--views", "L,depth", "--arch", "alexnet",
+            "--batch-size", "16", "--max-steps", "3", "--threads", "2", "--out", str(tmp_path / "run")]
+    assert pretrain.main(args) == 0  # the first run in process, the second (the one that crashed) as the CLI
+    first = capsys.readouterr().out
+    outs = [run_cli(["-m", "train.pretrain", *args], timeout=300)]
+    for out, r in zip((first, outs[0].stdout), (None, outs[0])):
+        assert r is None or (r.returncode == 0 and "Traceback" not in r.stderr), r.stderr[-3000:]
+        assert "model: " in out and "index: " in out, out
+        assert "re-estimated BN" in out
     card = json.loads((tmp_path / "run" / "export" / "card.json").read_text())
     assert card["config"]["arch"] == "alexnet" and card["image_size"] == 32
-    idx = outs[1].stdout.split("index: ")[1].split(" ")[0]
+    idx = outs[0].stdout.split("index: ")[1].split(" ")[0]
+    assert idx == first.split("index: ")[1].split(" ")[0]  # the same gallery, replaced
     from index.store import IndexStore
     store = IndexStore.open(idx)
     try:
