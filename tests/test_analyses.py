@@ -70,6 +70,22 @@ def test_mi_bound_batches_draw_negatives_from_every_class(monkeypatch):
     assert tmet.mi_bound(za, zb, k, 0.1) == b  # seeded
 
 
+def test_limit_is_a_random_sample_of_every_class_the_same_for_every_seed(tmp_path):
+    """--limit on a class-sorted file (CIFAR-10's layout) takes a seeded random sample, not the first N rows
+    (which were one class here), and the same sample whatever the training seed."""
+    from train.config import Config
+    from train.setup import prepare
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 50)  # sorted by class
+    npz = tmp_path / "sorted.npz"
+    np.savez(npz, x_train=rng.integers(0, 256, (200, 8, 8, 3), dtype=np.uint8), y_train=y,
+             x_test=rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8), y_test=np.zeros(8, np.int64))
+    got = [prepare(Config(data=f"cifar10:{npz}", views="L,ab", limit=40, seed=s).validate(), progress=False)[0]
+           for s in (0, 1)]
+    assert len(got[0]) == 40 and set(got[0].y.tolist()) == {0, 1, 2, 3}  # the first 40 rows are all class 0
+    assert np.array_equal(got[0].sources["rgb"], got[1].sources["rgb"])
+
+
 def test_mi_bound_stays_under_the_known_mi_and_approaches_its_ceiling():
     """Correlated Gaussians, I = -(d/2) log(1 - rho^2): the project's loss and bound, trained for 300 steps, stay
     under min(I, log k) (a sampling margin of 0.05 nats) and reach at least 80% of it."""

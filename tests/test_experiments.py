@@ -96,6 +96,26 @@ def test_negatives_command(tmp_path, capsys):
         [("batch", k) for k in (16, 32, 64, 128)]
 
 
+def test_negatives_k_runs_a_subset_and_refuses_a_k_outside_the_plan(tmp_path, capsys):
+    """--k 16 keeps the rows of k = 16 (both kinds), each equal to its twin in the whole plan (the bound's pool is
+    the whole plan's); a k the plan lacks is refused by name with exit 2; --limit -1 likewise."""
+    args = ["negatives", *TINY_ARGS, "--data", "scenes:n=48,size=16,seed=3,test_n=64", "--out", str(tmp_path),
+            "--results", ""]
+    assert experiments.main([*args, "--k", "16"]) == 0
+    rows = json.loads((tmp_path / "negatives.json").read_text())
+    assert [(r["negatives"], r["k"]) for r in rows] == [("memory", 16), ("batch", 16)]
+    whole = [a if a != str(tmp_path) else str(tmp_path / "whole") for a in args]
+    assert experiments.main(whole) == 0  # a fresh cache: every row trained again
+    twins = {(r["negatives"], r["k"]): r for r in json.loads((tmp_path / "whole" / "negatives.json").read_text())}
+    for r in rows:
+        assert r["mi_bound"] == twins[(r["negatives"], r["k"])]["mi_bound"]
+    assert experiments.main([*args, "--k", "16,64"]) == 2
+    err = capsys.readouterr().err
+    assert "--k 64: not in this budget's plan" in err and "memory 16" in err
+    assert experiments.main([*args, "--k", "x"]) == 2 and "--k must be comma-separated integers" in capsys.readouterr().err
+    assert experiments.main([*args, "--limit", "-1"]) == 2 and "--limit >= 0" in capsys.readouterr().err
+
+
 def test_pool_mi_bound_reference_and_ceiling():
     """The held-out bound at k with negatives from a pool equals log k - L computed by hand, and stays under log k."""
     g = torch.Generator().manual_seed(0)

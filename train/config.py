@@ -25,7 +25,7 @@ class Config:
     data: str = "scenes"  # data spec: scenes[:n=..,seed=..], cifar10:PATH, imagefolder:PATH, paired:PATH, npz:PATH
     views: str = "auto"  # comma-separated views (the first is the core view of --graph core); auto = what the data provides: L,ab (+depth) for images, depth,normals for depth only, every vector view
     image_size: int = 0  # input size of image views; 0 = the data's native size (64 for scenes)
-    limit: int = 0  # use only the first N training samples (0 = all)
+    limit: int = 0  # use N training samples, a seeded random sample (the same for every seed; 0 = all)
     # --- model
     arch: str = "resnet10"  # encoder of image views: alexnet, resnet10, resnet18, resnet34 (vector views use mlp)
     width: float = 0.25  # channel width multiplier (0.5 = the paper's per-view "half" network; 0.25 keeps the default fast on CPU)

@@ -152,6 +152,7 @@ class Context:
     patch: int = 0  # patches: patch size (0 = half the image)
     n_distances: int = 5  # patches: number of offsets
     schemes: tuple[str, ...] = SCHEMES  # patches: anchor-position schemes
+    ks: tuple[int, ...] = ()  # negatives: the k values to run (empty = the whole plan)
 
     def config(self, run: str, seed: int, n_train: int, **kw) -> Config:
         """The training config of one run: the equal step budget, cosine decay over exactly those steps."""
@@ -349,6 +350,12 @@ def run_negatives(ctx: Context) -> list[dict]:
     ds, ev, test, specs, size = load_data(ctx, "L,ab")
     plan = negatives_plan(len(ds), ctx.budget.batch_size)
     pool_ds = ds.sample(max(k for _, k in plan), 0)  # training items whose embeddings are the bound's negatives
+    if ctx.ks:  # --k: a subset of the rows (the pool stays the whole plan's, so a row equals its full-plan twin)
+        missing = sorted(set(ctx.ks) - {k for _, k in plan})
+        if missing:
+            raise ConfigError(f"--k {','.join(map(str, missing))}: not in this budget's plan "
+                              f"({', '.join(f'{kind} {k}' for kind, k in plan)})")
+        plan = [(kind, k) for kind, k in plan if k in ctx.ks]
     rows = []
     for (kind, k), seed in tqdm([(p, s) for p in plan for s in ctx.budget.seeds], desc="negatives", unit="run"):
         if kind == "memory":
@@ -398,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="override the optimiser steps of every run")
     p.add_argument("--batch-size", type=int, default=None, help="override the batch (and the k of the MI bound)")
     p.add_argument("--probe-epochs", type=int, default=None, help="override the linear-probe epochs")
+    p.add_argument("--limit", type=int, default=None, help="override the training items used for pretraining "
+                   "(a seeded random sample; 0 = all): more passes over fewer images at the same steps")
+    p.add_argument("--k", default="", help="negatives: comma-separated k values to run (default: the whole plan; "
+                   "a k runs in every kind whose plan has it)")
     p.add_argument("--patch", type=int, default=0, help="patches: patch size in pixels (default: half the image)")
     p.add_argument("--distances", type=int, default=5, help="patches: number of offsets d (>= 2)")
     p.add_argument("--positions", default=",".join(SCHEMES),
@@ -410,11 +421,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     b = BUDGETS[a.name]["quick" if a.quick else "full"]
     over = {k: v for k, v in (("data", a.data), ("steps", a.steps), ("batch_size", a.batch_size),
-                              ("probe_epochs", a.probe_epochs)) if v is not None}
+                              ("probe_epochs", a.probe_epochs), ("limit", a.limit)) if v is not None}
     b = replace(b, **over, **({"seeds": tuple(a.seeds)} if a.seeds else {}))
     try:
-        if b.steps < 1 or b.batch_size < 2 or b.probe_epochs < 1 or a.distances < 2:
-            raise ConfigError("--steps and --probe-epochs must be >= 1, --batch-size and --distances >= 2")
+        if b.steps < 1 or b.batch_size < 2 or b.probe_epochs < 1 or a.distances < 2 or b.limit < 0:
+            raise ConfigError("--steps and --probe-epochs must be >= 1, --batch-size and --distances >= 2, "
+                              "--limit >= 0")
+        try:
+            ks = tuple(int(x) for x in a.k.split(",") if x.strip())
+        except ValueError:
+            raise ConfigError(f"--k must be comma-separated integers, not {a.k!r}") from None
         schemes = tuple(x.strip() for x in a.positions.split(",") if x.strip())
         if not schemes or any(x not in SCHEMES for x in schemes):
             raise ConfigError(f"--positions must be a comma-separated subset of {','.join(SCHEMES)}, not "
@@ -422,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.threads:
             torch.set_num_threads(a.threads)
         out = Path(a.out)
-        ctx = Context(a.name, b, out, resolve_device(a.device), BASE, a.fresh, a.patch, a.distances, schemes)
+        ctx = Context(a.name, b, out, resolve_device(a.device), BASE, a.fresh, a.patch, a.distances, schemes, ks)
         rows = RUNNERS[a.name](ctx)
     except (ConfigError, DataError, ViewError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 
 from models import data as datasets
 from models.data import DataError, Dataset
@@ -53,8 +52,8 @@ def prepare(cfg: Config, progress: bool = True) -> tuple[Dataset, Dataset | None
     ds = datasets.load(cfg.data, "train", image_size=size, progress=progress)
     if len(ds) == 0:
         raise DataError(f"data {cfg.data!r} has no training samples")
-    if cfg.limit:
-        ds = ds.subset(np.arange(min(cfg.limit, len(ds))))
+    if cfg.limit:  # a seeded random sample, the same for every --seed: never the first N (CIFAR-10's file is
+        ds = ds.sample(cfg.limit, 0)  # sorted by class, so its first 5,000 images are two classes)
     views = cfg.views
     if views == "auto":
         views = default_views(ds)
