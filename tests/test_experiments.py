@@ -114,6 +114,8 @@ def test_negatives_k_runs_a_subset_and_refuses_a_k_outside_the_plan(tmp_path, ca
     assert "--k 64: not in this budget's plan" in err and "memory 16" in err
     assert experiments.main([*args, "--k", "x"]) == 2 and "--k must be comma-separated integers" in capsys.readouterr().err
     assert experiments.main([*args, "--limit", "-1"]) == 2 and "--limit >= 0" in capsys.readouterr().err
+    assert experiments.main(["views", *args[1:], "--k", "16"]) == 2
+    assert "--k chooses rows of negatives, not of views" in capsys.readouterr().err
 
 
 def test_pool_mi_bound_reference_and_ceiling():

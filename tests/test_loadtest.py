@@ -55,7 +55,6 @@ def smoke(tmp_path, model_dir, index_dir, **env) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     rows = {e["endpoint"]: e for e in summary["endpoints"]}
     assert rows["TOTAL"]["failures"] == 0 and rows["TOTAL"]["requests"] > 20, rows["TOTAL"]
-    print("locust smoke:", {ep: rows[ep]["requests"] for ep in rows})
     for ep in ENDPOINTS:
         assert rows[ep]["requests"] > 0 and rows[ep]["failures"] == 0, ep
     assert (out / "report.html").stat().st_size > 1000

@@ -431,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             ks = tuple(int(x) for x in a.k.split(",") if x.strip())
         except ValueError:
             raise ConfigError(f"--k must be comma-separated integers, not {a.k!r}") from None
+        if ks and a.name != "negatives":
+            raise ConfigError(f"--k chooses rows of negatives, not of {a.name}")
         schemes = tuple(x.strip() for x in a.positions.split(",") if x.strip())
         if not schemes or any(x not in SCHEMES for x in schemes):
             raise ConfigError(f"--positions must be a comma-separated subset of {','.join(SCHEMES)}, not "

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 
-
 from models import data as datasets
 from models.data import DataError, Dataset
 from models.views import ViewError, ViewSpec, parse_views
